@@ -1,0 +1,482 @@
+"""The LiveAvatar DiT: Wan2.2-S2V-14B as LiveAvatar runs it (block-causal streaming).
+
+Parameter names follow the official checkpoint exactly (including the original's
+`casual_audio_encoder` spelling), so a real state dict loads with strict=True.
+
+Vocabulary (shapes use batch 1, which is all LiveAvatar generates):
+- latent frame: one 16-channel VAE latent frame = 4 video frames at 25 fps.
+- frame tokens (`ft`): tokens of one latent frame = (h/2) * (w/2) after the 1x2x2 patchify.
+- block: 3 latent frames denoised together; clip: `infer_frames / 4` latent frames.
+- sink: the tokens every block attends to besides its recent past: the reference
+  latent (cond-mask id 1) and the FramePack motion tokens (id 2). Their keys/values are
+  computed once ("prefill") with zero-timestep modulation and no audio.
+- ring: per denoising step, the keys/values of the last clip's worth of blocks at that
+  step's noise level, written at `frame_start * ft` modulo the ring length.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from . import rope
+from .layers import Linear, RMSNorm, attend, conv_fp32, layer_norm
+
+# Wan2.2-S2V constants that are code, not config, in the original.
+REFERENCE_TIME = 30  # RoPE time index of the reference frame at prefill
+MOTION_VIDEO_FRAMES = 73  # video frames of motion history; (73 + 3) // 4 = 19 latents
+MOTION_BUCKETS = (1, 2, 16)  # FramePack: newest 1 latent at 1x, next 2 at 2x, oldest 16 at 4x
+FRAMES_PER_BLOCK = 3
+MASK_NOISY, MASK_REFERENCE, MASK_MOTION = 0, 1, 2
+ADAIN_EPS = 1e-5  # diffusers AdaLayerNorm default
+
+# Behaviour switches of the original config that this implementation is (only) built for.
+REQUIRED_FLAGS = {
+    "enable_adain": True, "adain_mode": "attn_norm", "zero_timestep": True, "enable_motioner": False,
+    "add_last_motion": True, "enable_tsm": False, "enable_framepack": True, "model_type": "s2v",
+    "qk_norm": True, "cross_attn_norm": True, "trainable_token_pos_emb": False,
+}
+WAN_S2V_14B_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    text_len: int = 512
+    freq_dim: int = 256
+    cond_dim: int = 16
+    audio_dim: int = 1024
+    audio_layers: int = 25  # wav2vec2 hidden states mixed by the causal audio encoder
+    num_audio_token: int = 4
+    audio_inject_layers: tuple = WAN_S2V_14B_INJECT_LAYERS
+    patch_size: tuple = (1, 2, 2)
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def from_dict(cls, config: dict, audio_layers: int | None = None) -> "DiTConfig":
+        """From the original's transformer config (config.json / fixture manifest)."""
+        unsupported = {k: config[k] for k, want in REQUIRED_FLAGS.items() if k in config and config[k] != want}
+        if list(config.get("window_size", [-1, -1])) != [-1, -1]:
+            unsupported["window_size"] = config["window_size"]
+        if unsupported:
+            raise ValueError(f"unsupported Wan2.2-S2V variant, these settings differ from LiveAvatar's: {unsupported}")
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in config.items() if k in names}
+        for key in ("audio_inject_layers", "patch_size"):
+            if key in values:
+                values[key] = tuple(values[key])
+        if audio_layers is not None:
+            values["audio_layers"] = audio_layers
+        return cls(**values)
+
+
+def sinusoidal_embedding(dim: int, timesteps: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding [N, dim]: cos then sin of t * 10000^(-i/half), in float64."""
+    half = dim // 2
+    t = timesteps.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t, freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections with RMSNorm on q and k (self-, cross- and audio attention)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.norm_q(self.q(x)))
+
+    def key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
+
+    def out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(x.flatten(-2))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.cross_attn = Attention(cfg.dim, cfg.num_heads, cfg.eps)
+        self.ffn = nn.Sequential(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
+
+    def forward(self, x, time_mod, self_attention, text_kv):
+        """x [G, n, dim] fp32 residual stream (G frames of n tokens, or one group for the sink);
+        time_mod [G, 6, dim] fp32; self_attention(q, k, v) with [G*n, H, D] tensors does the
+        roping and caching; text_kv the layer's cross-attention keys/values."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + time_mod).unsqueeze(2).unbind(1)
+        h = (layer_norm(x, self.eps) * (1 + scale1) + shift1).flatten(0, 1)
+        q = self.self_attn.query(h)
+        k, v = self.self_attn.key_value(h)
+        y = self.self_attn.out(self_attention(q, k, v))
+        x = x + y.view_as(x).float() * gate1
+        x = x + self.cross_attention(x, *text_kv)
+        h = layer_norm(x, self.eps) * (1 + scale2) + shift2
+        return x + self.ffn(h).float() * gate2
+
+    def cross_attention(self, x, text_k, text_v):
+        normed = F.layer_norm(x.float(), (x.shape[-1],), self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
+        q = self.cross_attn.query(normed.flatten(0, 1))
+        return self.cross_attn.out(attend(q, text_k, text_v)).view_as(x).float()
+
+    def text_key_value(self, text: torch.Tensor):
+        return self.cross_attn.key_value(text)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+    def forward(self, x, time_emb):
+        """x [F, n, dim], time_emb [F, dim] (the un-projected timestep embedding)."""
+        shift, scale = (self.modulation.float() + time_emb.unsqueeze(1)).unsqueeze(2).unbind(1)
+        return self.head(layer_norm(x, self.eps) * (1 + scale) + shift).float()
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d left-padded in time by replicating the first frame (causal)."""
+
+    def __init__(self, chan_in: int, chan_out: int, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv1d(chan_in, chan_out, 3, stride=stride)
+
+    def forward(self, x):
+        return conv_fp32(self.conv, F.pad(x.float(), (2, 0), mode="replicate"))
+
+
+class MotionEncoder(nn.Module):
+    """Audio features [T, audio_dim] -> per-latent-frame audio tokens (local) and one
+    global token (for AdaIN), with 4x temporal downsampling by two stride-2 convs."""
+
+    def __init__(self, audio_dim: int, dim: int, num_tokens: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.conv1_local = CausalConv1d(audio_dim, dim // 4 * num_tokens)
+        self.conv1_global = CausalConv1d(audio_dim, dim // 4)
+        self.conv2 = CausalConv1d(dim // 4, dim // 2, stride=2)
+        self.conv3 = CausalConv1d(dim // 2, dim, stride=2)
+        self.final_linear = Linear(dim, dim)
+        self.padding_tokens = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def _downsample(self, x):
+        """x [B, C, T] after conv1 -> [B, T/4, dim]: (norm, SiLU, conv) x2, norm, SiLU."""
+        x = F.silu(F.layer_norm(x.transpose(1, 2), (x.shape[1],), eps=1e-6)).transpose(1, 2)
+        x = self.conv2(x)
+        x = F.silu(F.layer_norm(x.transpose(1, 2), (x.shape[1],), eps=1e-6)).transpose(1, 2)
+        x = self.conv3(x)
+        return F.silu(F.layer_norm(x.transpose(1, 2), (x.shape[1],), eps=1e-6))
+
+    def forward(self, features):
+        """features [T, audio_dim] -> local [T', num_tokens + 1, dim], global [T', dim]."""
+        x = features.float().t().unsqueeze(0)  # [1, C, T]
+        local = rearrange(self.conv1_local(x), "b (n c) t -> (b n) c t", n=self.num_tokens)
+        local = rearrange(self._downsample(local), "n t c -> t n c")
+        padding = self.padding_tokens.float()[0].expand(local.shape[0], 1, -1)
+        local = torch.cat([local, padding], dim=1)
+        global_ = self.final_linear.forward_fp32(self._downsample(self.conv1_global(x)))[0]
+        return local, global_
+
+
+class CausalAudioEncoder(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.weights = nn.Parameter(torch.full((1, cfg.audio_layers, 1, 1), 0.01))
+        self.encoder = MotionEncoder(cfg.audio_dim, cfg.dim, cfg.num_audio_token)
+
+    def forward(self, features):
+        """features [layers, audio_dim, T video frames] -> tokens of the last T/4 latent frames.
+
+        The encoder sees the block's frames left-padded with 73 copies of its first frame
+        (LiveAvatar's motion-history padding) and keeps the outputs past those 19 latents."""
+        pad = features[..., :1].expand(-1, -1, MOTION_VIDEO_FRAMES)
+        x = torch.cat([pad, features], dim=-1).float()
+        weights = F.silu(self.weights.float())[0]  # [layers, 1, 1]
+        mixed = (x * weights).sum(0) / weights.sum(0)  # [audio_dim, T]
+        local, global_ = self.encoder(mixed.t())
+        skip = (MOTION_VIDEO_FRAMES + 3) // 4
+        return local[skip:], global_[skip:]
+
+
+class AdaLayerNorm(nn.Module):
+    """diffusers' AdaLayerNorm(chunk_dim=1): LayerNorm(x) * (1 + scale) + shift."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = Linear(dim, 2 * dim)
+
+    def forward(self, x, emb):
+        shift, scale = self.linear(F.silu(emb)).float().unsqueeze(1).chunk(2, dim=-1)
+        return layer_norm(x, ADAIN_EPS) * (1 + scale) + shift
+
+
+class AudioInjector(nn.Module):
+    """Per-frame cross-attention from video tokens to that frame's audio tokens, added
+    after the configured DiT layers (`audio_inject_layers`)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        n = len(cfg.audio_inject_layers)
+        self.injector = nn.ModuleList(Attention(cfg.dim, cfg.num_heads, cfg.eps) for _ in range(n))
+        self.injector_adain_layers = nn.ModuleList(AdaLayerNorm(cfg.dim) for _ in range(n))
+
+    def forward(self, index, x, audio_tokens, audio_global):
+        """x [F, n, dim], audio_tokens [F, k, dim], audio_global [F, dim] -> residual [F, n, dim]."""
+        attn = self.injector[index]
+        h = self.injector_adain_layers[index](x, audio_global)
+        k, v = attn.key_value(audio_tokens)
+        return attn.out(attend(attn.query(h), k, v)).float()
+
+
+class FramePacker(nn.Module):
+    """FramePack motion tokens: the 19 motion latents, newest first, patchified at
+    1x (1 latent), 2x (2 latents, 2x4x4 patches) and 4x (16 latents, 4x8x8 patches)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.proj = nn.Conv3d(16, cfg.dim, (1, 2, 2), stride=(1, 2, 2))
+        self.proj_2x = nn.Conv3d(16, cfg.dim, (2, 4, 4), stride=(2, 4, 4))
+        self.proj_4x = nn.Conv3d(16, cfg.dim, (4, 8, 8), stride=(4, 8, 8))
+
+    def forward(self, motion_latents):
+        """motion [16, T, h, w] -> tokens [N, dim] and their RoPE positions [N, 3]."""
+        c, t, h, w = motion_latents.shape
+        total = sum(MOTION_BUCKETS)
+        padded = motion_latents.new_zeros(c, total, h, w)
+        keep = min(t, total)
+        if keep:
+            padded[:, total - keep:] = motion_latents[:, t - keep:]  # too little history: zeros first
+        oldest, older, newest = padded.unsqueeze(0).split(MOTION_BUCKETS[::-1], dim=2)
+        tokens, positions = [], []
+        hp, wp = h // 2, w // 2
+        time_start = 0
+        for proj, latents in ((self.proj, newest), (self.proj_2x, older), (self.proj_4x, oldest)):
+            frames = latents.shape[2]
+            time_start -= frames
+            out = proj(latents.to(proj.weight.dtype))  # [1, dim, t', h', w']
+            tokens.append(rearrange(out, "1 c t h w -> (t h w) c"))
+            positions.append(self._positions(time_start, frames, out.shape[2:], hp, wp))
+        return torch.cat(tokens), torch.cat(positions)
+
+    @staticmethod
+    def _positions(time_start, frames, grid, hp, wp):
+        """Down-sampled groups keep full-resolution RoPE coordinates: their t/h/w indices are
+        spread over the frames and the (h/2, w/2) grid they cover (negative times = past)."""
+        tg, hg, wg = grid
+        times = [-t for t in rope.spread(-time_start, -time_start - frames + 1, tg)]
+        return rope.grid_positions(times, rope.spread(0, hp - 1, hg), rope.spread(0, wp - 1, wg))
+
+
+@dataclass
+class Sink:
+    """Prefilled sink, shared by every denoising step: per layer the reference tokens'
+    un-roped keys (re-roped each forward at the rolling position) and, for all sink
+    tokens, the keys roped at fixed positions (motion part used) and the values."""
+
+    ref_len: int
+    ref_keys: list = field(default_factory=list)
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.values[0].shape[0]
+
+
+class StepCache:
+    """One denoising step's keys/values per layer, laid out [sink | ring] so that a block
+    attends to one contiguous slice: sink (S tokens) + the valid part of the ring (R)."""
+
+    def __init__(self, sink_len: int, ring_len: int, heads: int, head_dim: int, devices, dtype):
+        self.sink_len, self.ring_len = sink_len, ring_len
+        size = (sink_len + ring_len, heads, head_dim)
+        self.keys = [torch.zeros(size, dtype=dtype, device=d) for d in devices]
+        self.values = [torch.zeros(size, dtype=dtype, device=d) for d in devices]
+
+    def load_sink(self, sink: Sink):
+        for k, v, sink_k, sink_v in zip(self.keys, self.values, sink.keys, sink.values):
+            k[sink.ref_len:self.sink_len].copy_(sink_k[sink.ref_len:])
+            v[:self.sink_len].copy_(sink_v)
+
+    def attend(self, layer, q, k, v, ref_keys, token_start):
+        """Write this block's roped k/v into the ring at token_start (mod R), set the
+        re-roped reference keys, and attend over sink + valid ring."""
+        slot = token_start % self.ring_len
+        valid = self.ring_len if token_start >= self.ring_len else token_start + k.shape[0]
+        keys, values = self.keys[layer], self.values[layer]
+        ring = slice(self.sink_len + slot, self.sink_len + slot + k.shape[0])
+        keys[ring].copy_(k)
+        values[ring].copy_(v)
+        keys[:ref_keys.shape[0]].copy_(ref_keys)
+        end = self.sink_len + valid
+        return attend(q, keys[:end], values[:end])
+
+
+class LiveAvatarDiT(nn.Module):
+    """CausalWanModel_S2V (LiveAvatar) for streaming inference; see module docstring."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.cond_encoder = nn.Conv3d(cfg.cond_dim, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.casual_audio_encoder = CausalAudioEncoder(cfg)  # sic: the official key prefix
+        self.audio_injector = AudioInjector(cfg)
+        self.trainable_cond_mask = nn.Embedding(3, cfg.dim)
+        self.frame_packer = FramePacker(cfg)
+        self.injector_index = {layer: i for i, layer in enumerate(cfg.audio_inject_layers)}
+        self.placement = None  # set by liveavatar.placement; None = everything where it is
+
+    # ---- placement -------------------------------------------------------------------
+    def layer_device(self, layer: int) -> torch.device:
+        return self.placement.layer_device(layer) if self.placement else self.blocks[layer].modulation.device
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def _run_layers(self, x, layer_fn):
+        """The one loop over DiT layers; placement decides where each runs (sharded over
+        GPUs, streamed from CPU, or all in place)."""
+        for i, block in enumerate(self.blocks):
+            if self.placement:
+                with self.placement.on_layer(i) as device:
+                    x = layer_fn(i, block, x.to(device))
+            else:
+                x = layer_fn(i, block, x)
+        return x.to(self.device)
+
+    # ---- conditioning computed once per run / per step / per block --------------------
+    def text_context(self, context: torch.Tensor) -> list:
+        """Real-token text embeddings [L, text_dim] -> per-layer cross-attention (k, v);
+        zero-padded to text_len first, as the original does (padding is attended, unmasked)."""
+        length, dim = context.shape
+        if dim != self.cfg.text_dim:
+            raise ValueError(f"text embedding has width {dim}, this model expects {self.cfg.text_dim} (umt5-xxl)")
+        if length > self.cfg.text_len:
+            raise ValueError(f"prompt is {length} tokens long, the model takes at most {self.cfg.text_len}")
+        embed = self.text_embedding[0]
+        padded = torch.zeros(self.cfg.text_len, dim, device=self.device, dtype=embed.compute_dtype)
+        padded[:length] = context.to(padded)
+        text = self.text_embedding(padded)
+        return [block.text_key_value(text.to(self.layer_device(i))) for i, block in enumerate(self.blocks)]
+
+    def time_modulation(self, timesteps: torch.Tensor):
+        """Timesteps [F] -> (embedding [F, dim], six modulation vectors [F, 6, dim]), fp32."""
+        emb = sinusoidal_embedding(self.cfg.freq_dim, timesteps.to(self.device)).float()
+        emb = self.time_embedding[2].forward_fp32(F.silu(self.time_embedding[0].forward_fp32(emb)))
+        mod = self.time_projection[1].forward_fp32(F.silu(emb)).unflatten(1, (6, self.cfg.dim))
+        return emb, mod
+
+    def audio_condition(self, features: torch.Tensor):
+        """One block's audio features [layers, audio_dim, 4*F] -> (tokens [F, k, dim], global [F, dim])."""
+        if features.shape[0] != self.cfg.audio_layers or features.shape[1] != self.cfg.audio_dim:
+            raise ValueError(f"audio features have shape {tuple(features.shape)}, expected "
+                             f"[{self.cfg.audio_layers}, {self.cfg.audio_dim}, frames] (all wav2vec2 hidden states)")
+        tokens, global_ = self.casual_audio_encoder(features.to(self.device))
+        dtype = self.head.head.compute_dtype
+        return tokens.to(dtype), global_.to(dtype)
+
+    def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """[16, F, h, w] -> tokens [F*(h/2)*(w/2), dim] fp32."""
+        out = self.patch_embedding(latents.unsqueeze(0).to(self.device, self.patch_embedding.weight.dtype))
+        return rearrange(out, "1 c f h w -> (f h w) c").float()
+
+    # ---- sink prefill ------------------------------------------------------------------
+    def prefill_sink(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor, text_kv: list) -> Sink:
+        """Run the reference + motion tokens through all layers (zero-timestep modulation,
+        no audio) and keep every layer's keys/values."""
+        ref = self._patchify(ref_latent) + self.trainable_cond_mask.weight[MASK_REFERENCE].float()
+        hp, wp = ref_latent.shape[-2] // 2, ref_latent.shape[-1] // 2
+        ref_pos = rope.grid_positions([REFERENCE_TIME], range(hp), range(wp))
+        motion, motion_pos = self.frame_packer(motion_latents.to(self.device))
+        motion = motion.float() + self.trainable_cond_mask.weight[MASK_MOTION].float()
+        x = torch.cat([ref, motion]).unsqueeze(0)
+        cos, sin = rope.rope_tables(torch.cat([ref_pos, motion_pos]).to(self.device), self.cfg.head_dim)
+        _, zero_mod = self.time_modulation(torch.zeros(1))
+        sink = Sink(ref_len=ref.shape[0])
+
+        def layer(i, block, x):
+            c, s = cos.to(x.device), sin.to(x.device)
+
+            def self_attention(q, k, v):
+                sink.ref_keys.append(k[:sink.ref_len].clone())
+                k = rope.apply_rope(k, c, s)
+                sink.keys.append(k)
+                sink.values.append(v)
+                return attend(rope.apply_rope(q, c, s), k, v)
+
+            return block(x, zero_mod.to(x.device), self_attention, text_kv[i])
+
+        self._run_layers(x, layer)
+        return sink
+
+    # ---- one denoising step of one block ------------------------------------------------
+    def denoise_block(self, latents, time_mod, audio, text_kv, sink: Sink, cache: StepCache, frame_start: int, ref_time: int):
+        """Flow prediction for one block.
+
+        latents [16, F, h, w]; time_mod = time_modulation(t) for the F frames; audio =
+        audio_condition(block features); frame_start = absolute latent-frame index of the
+        block's first frame; ref_time = RoPE time index of the reference tokens now."""
+        frames, (h, w) = latents.shape[1], latents.shape[2:]
+        hp, wp = h // 2, w // 2
+        ft = hp * wp
+        x = self._patchify(latents) + self.cond_encoder.bias.float() + self.trainable_cond_mask.weight[MASK_NOISY].float()
+        # cond_encoder sees LiveAvatar's all-zero pose latents, so it contributes its bias only.
+        positions = rope.grid_positions(range(frame_start, frame_start + frames), range(hp), range(wp))
+        cos, sin = rope.rope_tables(positions.to(self.device), self.cfg.head_dim)
+        ref_cos, ref_sin = rope.rope_tables(rope.grid_positions([ref_time], range(hp), range(wp)).to(self.device), self.cfg.head_dim)
+        time_emb, mod = time_mod
+        token_start = frame_start * ft
+
+        def layer(i, block, x):
+            dev = x.device
+            c, s, rc, rs = cos.to(dev), sin.to(dev), ref_cos.to(dev), ref_sin.to(dev)
+
+            def self_attention(q, k, v):
+                ref_keys = rope.apply_rope(sink.ref_keys[i], rc, rs)
+                return cache.attend(i, rope.apply_rope(q, c, s), rope.apply_rope(k, c, s), v, ref_keys, token_start)
+
+            x = block(x, mod.to(dev), self_attention, text_kv[i])
+            if i in self.injector_index:
+                tokens, global_ = (a.to(dev) for a in audio)
+                x = x + self.audio_injector(self.injector_index[i], x, tokens, global_)
+            return x
+
+        x = self._run_layers(x.view(frames, ft, -1), layer)
+        out = self.head(x, time_emb.to(x.device)).flatten(0, 1)
+        p = self.cfg.patch_size
+        return rearrange(out, "(f h w) (p q r c) -> c (f p) (h q) (w r)", f=frames, h=hp, w=wp, p=p[0], q=p[1], r=p[2])

@@ -1,0 +1,324 @@
+"""Loading the LiveAvatar DiT from the files people have, tensor by tensor.
+
+Accepted checkpoints (all in the official Wan2.2-S2V parameter naming):
+- the official sharded folder: `diffusion_pytorch_model-*.safetensors` + its index json
+  (and `config.json`, the transformer config, when present);
+- one safetensors file, e.g. ComfyUI's repackaged `wan2.2_s2v_14B_bf16.safetensors`,
+  with or without a `model.diffusion_model.` / `diffusion_model.` prefix, including the
+  `fp8_scaled` variant (fp8 weights + per-tensor `<layer>.scale_weight`);
+- a `.pth`/`.pt`/`.bin` state dict, read with `torch.load(weights_only=True)`.
+
+The LiveAvatar LoRA (`liveavatar.safetensors`) is merged while loading:
+W <- W + strength * (alpha / rank) * B @ A, in float32, one tensor at a time. Nothing is
+ever held as a full-precision copy of the whole model, and any key problem is reported in
+one error before a single tensor is read.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .dit import WAN_S2V_14B_INJECT_LAYERS, DiTConfig, LiveAvatarDiT
+from .layers import FP8_DTYPES, Linear
+
+S2V_MARKER_KEY = "casual_audio_encoder.encoder.final_linear.weight"
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "")
+# ComfyUI's fp8_scaled bookkeeping, consumed here rather than loaded as parameters.
+FP8_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+FP8_MARKER = "scaled_fp8"
+HEAD_DIM = 128  # Wan's head size, used when no config.json gives num_heads
+STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+class CheckpointError(ValueError):
+    """A weights file that is not what it should be; the message says what and why."""
+
+
+# ---- reading tensors lazily ----------------------------------------------------------------
+class TensorSource:
+    """Key -> tensor, read on demand from safetensors files or a torch state dict."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.files: dict[str, str] = {}
+        self.state_dict: dict[str, torch.Tensor] | None = None
+        files = self._weight_files(path)
+        if files[0].suffix == ".safetensors":
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    self.files.update(dict.fromkeys(f.keys(), str(file)))
+        else:
+            self.state_dict = _torch_load(files[0])
+        self._handles: dict[str, object] = {}
+
+    @staticmethod
+    def _weight_files(path: Path) -> list[Path]:
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        if path.is_file():
+            return [path]
+        index = sorted(path.glob("*.safetensors.index.json"))
+        if index:
+            shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+            return [path / s for s in shards]
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.pth")) + sorted(path.glob("*.bin"))
+        if not files:
+            raise CheckpointError(f"no .safetensors/.pth weights in folder {path}")
+        return files
+
+    def keys(self) -> list[str]:
+        return list(self.files) if self.state_dict is None else list(self.state_dict)
+
+    def shape(self, key: str) -> tuple:
+        if self.state_dict is not None:
+            return tuple(self.state_dict[key].shape)
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def load(self, key: str) -> torch.Tensor:
+        if self.state_dict is not None:
+            return self.state_dict[key]
+        return self._handle(key).get_tensor(key)
+
+    def _handle(self, key: str):
+        file = self.files[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file]
+
+
+def _torch_load(file: Path) -> dict:
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle/zip errors: report the file, not torch internals
+        raise CheckpointError(f"cannot read {file} as a weights-only torch state dict: {e}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} does not hold a state dict")
+    return state
+
+
+@dataclass
+class Checkpoint:
+    """A Wan2.2-S2V DiT checkpoint: its tensors with the container prefix removed."""
+
+    source: TensorSource
+    prefix: str
+    path: Path
+
+    @classmethod
+    def open(cls, path) -> "Checkpoint":
+        path = Path(path)
+        source = TensorSource(path)
+        keys = set(source.keys())
+        for prefix in CHECKPOINT_PREFIXES:
+            if prefix + S2V_MARKER_KEY in keys:
+                return cls(source, prefix, path)
+        raise CheckpointError(f"{path} is not a Wan2.2-S2V diffusion model: it has no '{S2V_MARKER_KEY}' "
+                              f"(it looks like {_describe(keys)}). Pick wan2.2_s2v_14B_*.safetensors or the "
+                              f"official Wan2.2-S2V-14B folder.")
+
+    def names(self) -> list[str]:
+        p = len(self.prefix)
+        return [k[p:] for k in self.source.keys() if k.startswith(self.prefix)]
+
+    def shape(self, name: str) -> tuple:
+        return self.source.shape(self.prefix + name)
+
+    def load(self, name: str) -> torch.Tensor:
+        return self.source.load(self.prefix + name)
+
+    def has(self, name: str) -> bool:
+        return (self.prefix + name) in self.source.files or (
+            self.source.state_dict is not None and (self.prefix + name) in self.source.state_dict)
+
+    def config(self) -> DiTConfig:
+        """config.json beside the weights when present, else inferred from tensor shapes."""
+        folder = self.path if self.path.is_dir() else self.path.parent
+        config_file = folder / "config.json"
+        audio_layers = self.shape("casual_audio_encoder.weights")[1]
+        if config_file.exists():
+            config = json.loads(config_file.read_text())
+            if "dim" in config and "audio_inject_layers" in config:
+                return DiTConfig.from_dict(config, audio_layers=audio_layers)
+        return self.infer_config(audio_layers)
+
+    def infer_config(self, audio_layers: int) -> DiTConfig:
+        dim, in_dim, *patch = self.shape("patch_embedding.weight")
+        names = self.names()
+        num_layers = 1 + max(int(m.group(1)) for n in names if (m := re.match(r"blocks\.(\d+)\.", n)))
+        injectors = 1 + max(int(m.group(1)) for n in names if (m := re.match(r"audio_injector\.injector\.(\d+)\.", n)))
+        if (num_layers, injectors) == (40, len(WAN_S2V_14B_INJECT_LAYERS)):
+            inject_layers = WAN_S2V_14B_INJECT_LAYERS
+        else:
+            raise CheckpointError(f"{self.path}: cannot tell which of the {num_layers} layers the {injectors} audio "
+                                  f"injectors follow; put the model's config.json (with audio_inject_layers) beside it")
+        conv1_local = self.shape("casual_audio_encoder.encoder.conv1_local.conv.weight")
+        return DiTConfig(
+            dim=dim, in_dim=in_dim, patch_size=tuple(patch), num_layers=num_layers, num_heads=dim // HEAD_DIM,
+            ffn_dim=self.shape("blocks.0.ffn.0.weight")[0], text_dim=self.shape("text_embedding.0.weight")[1],
+            freq_dim=self.shape("time_embedding.0.weight")[1],
+            out_dim=self.shape("head.head.weight")[0] // math.prod(patch),
+            cond_dim=self.shape("cond_encoder.weight")[1], audio_dim=conv1_local[1], audio_layers=audio_layers,
+            num_audio_token=conv1_local[0] // (dim // 4), audio_inject_layers=inject_layers)
+
+
+def _describe(keys: set) -> str:
+    sample = sorted(keys)[:3]
+    return f"a file with {len(keys)} tensors such as {sample}"
+
+
+# ---- LoRA --------------------------------------------------------------------------------
+LORA_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
+LORA_PATTERN = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class LoraPair:
+    down: torch.Tensor  # A [rank, in]
+    up: torch.Tensor  # B [out, rank]
+    alpha: float | None
+
+
+def read_lora(path) -> tuple[dict[str, LoraPair], dict[str, torch.Tensor]]:
+    """A LoRA file -> ({target weight name: pair}, {full parameter overrides}).
+
+    Accepts peft's names (`<module>.lora_A[.default].weight`, optionally under
+    `base_model.model.`), kohya/ComfyUI names (`lora_down`/`lora_up` + `.alpha`) and
+    plain parameters saved beside them (peft's `base_layer` names mapped back)."""
+    source = TensorSource(Path(path))
+    pairs: dict[str, dict] = {}
+    overrides: dict[str, torch.Tensor] = {}
+    for key in source.keys():
+        name = _strip_prefix(key, LORA_PREFIXES)
+        match = LORA_PATTERN.match(name)
+        if match:
+            side = "down" if match["kind"] in ("lora_A", "lora_down") else "up"
+            pairs.setdefault(match["module"] + ".weight", {})[side] = source.load(key)
+        elif name.endswith(".alpha"):
+            pairs.setdefault(name[:-len(".alpha")] + ".weight", {})["alpha"] = float(source.load(key))
+        else:
+            overrides[name.replace(".base_layer.", ".")] = source.load(key)
+    incomplete = [k for k, p in pairs.items() if "down" not in p or "up" not in p]
+    if incomplete:
+        raise CheckpointError(f"LoRA {path}: these modules lack lora_A/lora_B (down/up) halves: {incomplete[:10]}")
+    return {k: LoraPair(p["down"], p["up"], p.get("alpha")) for k, p in pairs.items()}, overrides
+
+
+def _strip_prefix(key: str, prefixes) -> str:
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def lora_delta(pair: LoraPair, strength: float, default_alpha: float | None, device=None) -> torch.Tensor:
+    """strength * (alpha / rank) * B @ A in float32 (on `device`). Without an alpha in the
+    file, the caller's alpha is used; LiveAvatar trained with alpha = rank / 2 (64 for 128)."""
+    rank = pair.down.shape[0]
+    alpha = pair.alpha if pair.alpha is not None else (default_alpha if default_alpha is not None else rank / 2)
+    return (strength * alpha / rank) * (pair.up.to(device).float() @ pair.down.to(device).float())
+
+
+# ---- building the model ------------------------------------------------------------------
+def load_dit(path, lora=None, lora_strength: float = 1.0, lora_alpha: float | None = None,
+             storage: str = "bf16", placement=None, config: DiTConfig | None = None) -> LiveAvatarDiT:
+    """Build the DiT from a checkpoint, merging the LoRA, weights streamed onto the devices
+    `placement` chooses (default: CPU). `storage`: bf16 | fp16 | fp32 | fp8 (e4m3fn linear
+    weights in the transformer blocks, computed in bf16)."""
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"weight storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
+    checkpoint = Checkpoint.open(path)
+    cfg = config or checkpoint.config()
+    with torch.device("meta"):
+        model = LiveAvatarDiT(cfg)
+    pairs, overrides = read_lora(lora) if lora else ({}, {})
+    expected = dict(model.state_dict())
+    _check_keys(checkpoint, expected, pairs, overrides, lora)
+    for name in expected:
+        device = placement.device_for(name) if placement else torch.device("cpu")
+        tensor = overrides[name] if name in overrides else checkpoint.load(name)
+        scale = _fp8_scale(checkpoint, name, tensor)
+        if name in pairs:
+            tensor = _real_values(tensor, scale, device) + lora_delta(pairs[name], lora_strength, lora_alpha, device)
+            scale = None
+        _set_tensor(model, name, tensor, storage, device, scale)
+    if placement:
+        placement.attach(model)
+    return model.eval().requires_grad_(False)
+
+
+def _fp8_scale(checkpoint: Checkpoint, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+    """The per-tensor scale of an fp8_scaled weight (real = stored * scale), else None."""
+    if tensor.dtype not in FP8_DTYPES:
+        return None
+    scale_name = name[:-len(".weight")] + ".scale_weight"
+    return checkpoint.load(scale_name).float() if checkpoint.has(scale_name) else torch.tensor(1.0)
+
+
+def _real_values(tensor, scale, device) -> torch.Tensor:
+    tensor = tensor.to(device).float()
+    return tensor if scale is None else tensor * scale.to(device)
+
+
+def _check_keys(checkpoint, expected, pairs, overrides, lora_path):
+    present = set(checkpoint.names())
+    bookkeeping = {n for n in present if n.endswith(FP8_SCALE_SUFFIXES) or n == FP8_MARKER}
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected) - bookkeeping)
+    wrong_shape = [f"{n}: file {tuple(checkpoint.shape(n))} vs model {tuple(expected[n].shape)}"
+                   for n in sorted(set(expected) & present) if tuple(checkpoint.shape(n)) != tuple(expected[n].shape)]
+    problems = _problem_list(missing, unexpected, wrong_shape)
+    if problems:
+        raise CheckpointError(f"{checkpoint.path} does not fit the Wan2.2-S2V DiT it describes:\n{problems}")
+    lora_unmatched = sorted(set(pairs) - set(expected)) + sorted(set(overrides) - set(expected))
+    lora_shapes = [f"{n}: lora {tuple(p.up.shape[:1]) + tuple(p.down.shape[1:])} vs weight {tuple(expected[n].shape)}"
+                   for n, p in pairs.items() if n in expected and (p.up.shape[0], p.down.shape[1]) != tuple(expected[n].shape)]
+    problems = _problem_list([], lora_unmatched, lora_shapes)
+    if problems:
+        raise CheckpointError(f"LoRA {lora_path} does not fit this model (is it the LiveAvatar LoRA?):\n{problems}")
+
+
+def _problem_list(missing, unexpected, wrong_shape, limit=20) -> str:
+    lines = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if items:
+            more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+            lines.append(f"  {len(items)} {title}: {', '.join(items[:limit])}{more}")
+    return "\n".join(lines)
+
+
+def _set_tensor(model, name, tensor, storage, device, scale=None):
+    """Put one parameter in place: cast to the storage dtype, or keep/make fp8 + scale."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    dtype = STORAGE_DTYPES[storage]
+    fp8 = dtype in FP8_DTYPES and _fp8_eligible(module_name, module, attr)
+    if scale is not None and not fp8:  # an fp8 checkpoint tensor where fp8 is not kept
+        tensor, scale = _real_values(tensor, scale, device), None
+    if fp8:
+        value, scale = (tensor.to(device), scale.to(device)) if scale is not None else quantize_fp8(tensor.to(device), dtype)
+        module.register_buffer("scale_weight", scale.reshape(()))
+    else:
+        value = tensor.to(device=device, dtype=dtype if dtype not in FP8_DTYPES else torch.bfloat16)
+    module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def _fp8_eligible(module_name, module, attr) -> bool:
+    """fp8 storage for the big matrices only: Linear weights inside the DiT blocks and
+    audio injectors (~99% of the parameters); embeddings, norms and head stay bf16."""
+    return attr == "weight" and isinstance(module, Linear) and module_name.startswith(("blocks.", "audio_injector.injector."))
+
+
+def quantize_fp8(weight: torch.Tensor, dtype=torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor scaled fp8: stored = weight / scale, scale = amax / 448."""
+    weight = weight.float()
+    scale = (weight.abs().amax() / FP8_MAX).clamp_min(1e-12)
+    return (weight / scale).to(dtype), scale.reshape(())

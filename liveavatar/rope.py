@@ -1,0 +1,61 @@
+"""3-D rotary position embedding as Wan2.2-S2V / LiveAvatar use it.
+
+Each attention head's `head_dim / 2` rotation pairs are split into (time, height, width)
+groups of sizes [c - 2*(c//3), c//3, c//3] with c = head_dim/2. Each group has its own
+frequency ladder theta^(-2i/n) where n is twice the group size (Wan's `rope_params`).
+Positions are integer (t, h, w) triples; negative times (FramePack motion history) rotate
+the other way, exactly like the conjugated tables of the original.
+"""
+import torch
+
+THETA = 10000.0
+
+
+def group_sizes(head_dim: int) -> tuple[int, int, int]:
+    c = head_dim // 2
+    return c - 2 * (c // 3), c // 3, c // 3
+
+
+def inverse_frequencies(head_dim: int) -> list[torch.Tensor]:
+    """Per-axis frequency ladders (float64), matching rope_params(·, 2*size)."""
+    ladders = []
+    for size in group_sizes(head_dim):
+        n = 2 * size
+        ladders.append(1.0 / THETA ** (torch.arange(0, n, 2, dtype=torch.float64) / n))
+    return ladders
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [N, 1, head_dim/2] (float32) for integer positions [N, 3] = (t, h, w)."""
+    ladders = inverse_frequencies(head_dim)
+    pos = positions.to(torch.float64)
+    angles = torch.cat([pos[:, axis, None] * ladders[axis].to(pos.device) for axis in range(3)], dim=1)
+    return angles.cos().float().unsqueeze(1), angles.sin().float().unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs (real, imag) of x [N, heads, head_dim]; math in float32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+def grid_positions(times: list[int], h_index: list[int], w_index: list[int], device=None) -> torch.Tensor:
+    """All (t, h, w) triples of a token grid in (t, h, w) raster order, [len(t)*len(h)*len(w), 3]."""
+    t = torch.tensor(times, dtype=torch.long, device=device)
+    h = torch.tensor(h_index, dtype=torch.long, device=device)
+    w = torch.tensor(w_index, dtype=torch.long, device=device)
+    grid = torch.stack(torch.meshgrid(t, h, w, indexing="ij"), dim=-1)
+    return grid.reshape(-1, 3)
+
+
+def spread(start: int, stop: int, count: int) -> list[int]:
+    """`count` integers evenly spread over [start, stop], truncated toward zero like
+    numpy's linspace(...).astype(int): how the original samples the positions of
+    down-sampled (2x, 4x) token grids over the full-resolution grid."""
+    if count == 1:
+        return [int(start)]
+    step = (stop - start) / (count - 1)
+    values = [i * step + start for i in range(count - 1)] + [stop]  # numpy pins the last one
+    return [int(v) for v in values]

@@ -1,0 +1,64 @@
+"""Every placement mode runs the same streaming loop and gives the same latents."""
+import pytest
+import torch
+
+from conftest import fixture_sets
+from dit_fixture import fixture_config, fixture_inputs, fixture_settings, fixture_weights, stream_clips, write_checkpoint
+from liveavatar.loading import load_dit
+from liveavatar.placement import Offload, OneDevice, Sharded
+
+SET = fixture_sets("dit_streaming")[0].values[0]
+
+
+def run(path, placement):
+    model = load_dit(path, storage="fp32", placement=placement, config=fixture_config(SET))
+    settings = fixture_settings(SET)
+    settings.num_clip = 2
+    return model, stream_clips(model, fixture_inputs(SET), settings)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(fixture_weights(SET), tmp_path_factory.mktemp("ckpt") / "dit.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return run(checkpoint, OneDevice("cpu"))[1]
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_offloaded_blocks_give_identical_latents(checkpoint, reference, blocks):
+    layers = fixture_config(SET).num_layers
+    model, latents = run(checkpoint, Offload("cpu", blocks=min(blocks, layers), num_layers=layers))
+    assert torch.equal(latents, reference)
+    # offloaded weights are back in their host tensors after the run
+    assert all(p.data_ptr() not in {s.data_ptr() for slot in model.placement.slots for s in slot}
+               for p in model.blocks.parameters())
+
+
+def test_sharded_layers_give_identical_latents(checkpoint, reference):
+    cfg = fixture_config(SET)
+    placement = Sharded(["cpu", "cpu"], cfg.num_layers, cfg.audio_inject_layers)
+    assert placement.layer_device(0) == placement.devices[0]
+    assert placement.layer_device(cfg.num_layers - 1) == placement.devices[-1]
+    assert torch.equal(run(checkpoint, placement)[1], reference)
+
+
+def test_sharding_assigns_whole_blocks_and_their_injectors():
+    placement = Sharded(["cuda:0", "cuda:1"], num_layers=40, inject_layers=(0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39))
+    assert placement.device_for("blocks.19.ffn.0.weight") == torch.device("cuda:0")
+    assert placement.device_for("blocks.20.ffn.0.weight") == torch.device("cuda:1")
+    assert placement.device_for("audio_injector.injector.6.q.weight") == torch.device("cuda:1")  # after layer 24
+    assert placement.device_for("audio_injector.injector_adain_layers.5.linear.weight") == torch.device("cuda:1")
+    assert placement.device_for("audio_injector.injector.4.q.weight") == torch.device("cuda:0")  # after layer 16
+    assert placement.device_for("head.head.weight") == torch.device("cuda:0")
+
+
+def test_offload_keeps_only_offloaded_blocks_on_host():
+    placement = Offload("cuda:0", blocks=10, num_layers=40)
+    assert placement.device_for("blocks.29.ffn.0.weight") == torch.device("cuda:0")
+    assert placement.device_for("blocks.30.ffn.0.weight") == torch.device("cpu")
+    assert placement.device_for("patch_embedding.weight") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="offload 0 to 40"):
+        Offload("cuda:0", blocks=41, num_layers=40)
