@@ -313,31 +313,50 @@ class Sink:
 
 class StepCache:
     """One denoising step's keys/values per layer, laid out [sink | ring] so that a block
-    attends to one contiguous slice: sink (S tokens) + the valid part of the ring (R)."""
+    attends to one contiguous slice: sink (S tokens) + the valid part of the ring (R).
 
-    def __init__(self, sink_len: int, ring_len: int, heads: int, head_dim: int, devices, dtype):
-        self.sink_len, self.ring_len = sink_len, ring_len
+    With `fp8=True` keys/values are stored as float8_e4m3fn with one scale per token
+    (half the memory; dequantised to the compute dtype for attention)."""
+
+    def __init__(self, sink_len: int, ring_len: int, heads: int, head_dim: int, devices, dtype, fp8: bool = False):
+        self.sink_len, self.ring_len, self.dtype = sink_len, ring_len, dtype
         size = (sink_len + ring_len, heads, head_dim)
-        self.keys = [torch.zeros(size, dtype=dtype, device=d) for d in devices]
-        self.values = [torch.zeros(size, dtype=dtype, device=d) for d in devices]
+        store = torch.float8_e4m3fn if fp8 else dtype
+        self.keys = [torch.zeros(size, dtype=store, device=d) for d in devices]
+        self.values = [torch.zeros(size, dtype=store, device=d) for d in devices]
+        self.scales = [torch.ones(2, size[0], 1, 1, device=d) for d in devices] if fp8 else None
+
+    def _write(self, layer: int, rows: slice, k=None, v=None):
+        for i, (buffer, x) in enumerate(((self.keys[layer], k), (self.values[layer], v))):
+            if x is None:
+                continue
+            if self.scales is None:
+                buffer[rows].copy_(x)
+            else:  # per-token scale: amax over heads and channels maps to fp8's largest value
+                scale = x.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-12) / 448.0
+                buffer[rows].copy_((x.float() / scale).to(buffer.dtype))
+                self.scales[layer][i, rows].copy_(scale)
+
+    def _read(self, layer: int, end: int):
+        k, v = self.keys[layer][:end], self.values[layer][:end]
+        if self.scales is None:
+            return k, v
+        scales = self.scales[layer][:, :end]
+        return (k.to(self.dtype) * scales[0].to(self.dtype)), (v.to(self.dtype) * scales[1].to(self.dtype))
 
     def load_sink(self, sink: Sink):
-        for k, v, sink_k, sink_v in zip(self.keys, self.values, sink.keys, sink.values):
-            k[sink.ref_len:self.sink_len].copy_(sink_k[sink.ref_len:])
-            v[:self.sink_len].copy_(sink_v)
+        for layer, (sink_k, sink_v) in enumerate(zip(sink.keys, sink.values)):
+            self._write(layer, slice(sink.ref_len, self.sink_len), k=sink_k[sink.ref_len:])
+            self._write(layer, slice(0, self.sink_len), v=sink_v)
 
     def attend(self, layer, q, k, v, ref_keys, token_start):
         """Write this block's roped k/v into the ring at token_start (mod R), set the
         re-roped reference keys, and attend over sink + valid ring."""
         slot = token_start % self.ring_len
         valid = self.ring_len if token_start >= self.ring_len else token_start + k.shape[0]
-        keys, values = self.keys[layer], self.values[layer]
-        ring = slice(self.sink_len + slot, self.sink_len + slot + k.shape[0])
-        keys[ring].copy_(k)
-        values[ring].copy_(v)
-        keys[:ref_keys.shape[0]].copy_(ref_keys)
-        end = self.sink_len + valid
-        return attend(q, keys[:end], values[:end])
+        self._write(layer, slice(self.sink_len + slot, self.sink_len + slot + k.shape[0]), k, v)
+        self._write(layer, slice(0, ref_keys.shape[0]), k=ref_keys)
+        return attend(q, *self._read(layer, self.sink_len + valid))
 
 
 class LiveAvatarDiT(nn.Module):

@@ -233,22 +233,39 @@ def load_dit(path, lora=None, lora_strength: float = 1.0, lora_alpha: float | No
     """Build the DiT from a checkpoint, merging the LoRA, weights streamed onto the devices
     `placement` chooses (default: CPU). `storage`: bf16 | fp16 | fp32 | fp8 (e4m3fn linear
     weights in the transformer blocks, computed in bf16)."""
-    if storage not in STORAGE_DTYPES:
-        raise ValueError(f"weight storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
     checkpoint = Checkpoint.open(path)
     cfg = config or checkpoint.config()
-    with torch.device("meta"):
-        model = LiveAvatarDiT(cfg)
     pairs, overrides = read_lora(lora) if lora else ({}, {})
-    expected = dict(model.state_dict())
+    expected = expected_tensors(cfg)
     _check_keys(checkpoint, expected, pairs, overrides, lora)
-    for name in expected:
-        device = placement.device_for(name) if placement else torch.device("cpu")
+
+    def tensor_for(name, device):
         tensor = overrides[name] if name in overrides else checkpoint.load(name)
         scale = _fp8_scale(checkpoint, name, tensor)
         if name in pairs:
-            tensor = _real_values(tensor, scale, device) + lora_delta(pairs[name], lora_strength, lora_alpha, device)
-            scale = None
+            merged = _real_values(tensor, scale, device) + lora_delta(pairs[name], lora_strength, lora_alpha, device)
+            return merged, None
+        return tensor, scale
+
+    return build_dit(cfg, tensor_for, storage, placement)
+
+
+def expected_tensors(cfg: DiTConfig) -> dict:
+    """Name -> meta tensor of every parameter the DiT of this config has."""
+    with torch.device("meta"):
+        return dict(LiveAvatarDiT(cfg).state_dict())
+
+
+def build_dit(cfg: DiTConfig, tensor_for, storage: str = "bf16", placement=None) -> LiveAvatarDiT:
+    """Materialise the DiT one parameter at a time: `tensor_for(name, device)` returns the
+    tensor (any dtype, any device) and its fp8 scale or None."""
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"weight storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
+    with torch.device("meta"):
+        model = LiveAvatarDiT(cfg)
+    for name in model.state_dict():
+        device = placement.device_for(name) if placement else torch.device("cpu")
+        tensor, scale = tensor_for(name, device)
         _set_tensor(model, name, tensor, storage, device, scale)
     if placement:
         placement.attach(model)

@@ -90,6 +90,7 @@ class StreamSettings:
     seed: int = 0
     rolling_offset: int | None = None  # fixed d (parity); None = drawn from the seed
     noise: torch.Tensor | None = None  # [clips, 16, F, h, w] to replace the seeded noise (parity)
+    kv_fp8: bool = False  # keep the KV caches in fp8 (half their memory)
 
 
 @dataclass
@@ -129,7 +130,7 @@ class Streamer:
             devices = [model.layer_device(i) for i in range(len(model.blocks))]
             ring = self.latent_frames * (h // 2) * (w // 2)
             self.caches = [StepCache(self.sink.length, ring, model.cfg.num_heads, model.cfg.head_dim, devices,
-                                     self.sink.values[0].dtype) for _ in self.timesteps]
+                                     self.sink.values[0].dtype, settings.kv_fp8) for _ in self.timesteps]
             self._load_sink()
 
     def _load_sink(self):

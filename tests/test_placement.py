@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import fixture_sets
+from conftest import fixture_sets, relative_l2
 from dit_fixture import fixture_config, fixture_inputs, fixture_settings, fixture_weights, stream_clips, write_checkpoint
 from liveavatar.loading import load_dit
 from liveavatar.placement import Offload, OneDevice, Sharded
@@ -62,3 +62,12 @@ def test_offload_keeps_only_offloaded_blocks_on_host():
     assert placement.device_for("patch_embedding.weight") == torch.device("cuda:0")
     with pytest.raises(ValueError, match="offload 0 to 40"):
         Offload("cuda:0", blocks=41, num_layers=40)
+
+
+def test_fp8_kv_cache_stays_close(checkpoint, reference):
+    """fp8 keys/values (per-token scales) change the latents only slightly."""
+    model = load_dit(checkpoint, storage="fp32", config=fixture_config(SET))
+    settings = fixture_settings(SET)
+    settings.num_clip, settings.kv_fp8 = 2, True
+    latents = stream_clips(model, fixture_inputs(SET), settings)
+    assert relative_l2(latents, reference) < 0.05

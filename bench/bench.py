@@ -1,0 +1,170 @@
+"""Full-size (14B, random weights) speed and memory of the streaming DiT on the GPU.
+
+Prints one table: per block-step latency (one denoising step of one 3-latent-frame block),
+FPS at 4 and 3 steps (DiT only), time to first frame block, peak GPU memory, the streaming
+VAE decode per block, end-to-end FPS, and ours / original where the original was timed in
+the same run (`--original DIR` with its public code and run_original.py, never committed).
+
+    python bench/bench.py --sizes 384*256,704*384 --modes bf16,fp8,offload40 --clips 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from liveavatar.dit import DiTConfig  # noqa: E402
+from liveavatar.loading import build_dit  # noqa: E402
+from liveavatar.placement import Offload, OneDevice, Sharded  # noqa: E402
+from liveavatar.sampler import StreamInputs, StreamSettings, Streamer  # noqa: E402
+
+CONFIG_14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, text_dim=4096, text_len=512, audio_dim=1024)
+GIB = 2 ** 30
+
+
+def random_tensor_for(generator_seed=0):
+    gen = {}
+
+    def tensor_for(name, device):
+        g = gen.setdefault(device, torch.Generator(device=device).manual_seed(generator_seed))
+        shape = MODEL_SHAPES[name]
+        if len(shape) >= 2:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            t = torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16) / fan_in ** 0.5
+        elif "norm" in name:
+            t = torch.ones(shape, device=device, dtype=torch.bfloat16)
+        else:
+            t = torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16) * 0.02
+        return t, None
+
+    return tensor_for
+
+
+MODEL_SHAPES: dict = {}
+
+
+def build(mode: str, cfg: DiTConfig):
+    from liveavatar.loading import expected_tensors
+    MODEL_SHAPES.update({k: tuple(v.shape) for k, v in expected_tensors(cfg).items()})
+    storage = "fp8" if "fp8" in mode else "bf16"
+    if mode.startswith("offload"):
+        blocks = int(mode.removeprefix("offload").split("-")[0] or cfg.num_layers)
+        placement = Offload("cuda", blocks=blocks, num_layers=cfg.num_layers)
+    elif mode.startswith("sharded"):
+        placement = Sharded([f"cuda:{i}" for i in range(torch.cuda.device_count())], cfg.num_layers, cfg.audio_inject_layers)
+    else:
+        placement = OneDevice("cuda")
+    return build_dit(cfg, random_tensor_for(), storage, placement)
+
+
+def inputs_for(size: str, cfg: DiTConfig, clips: int, infer_frames: int = 48):
+    width, height = (int(v) for v in size.split("*"))  # LiveAvatar writes sizes as W*H
+    h, w = height // 8, width // 8
+    g = torch.Generator().manual_seed(1)
+    return StreamInputs(text=torch.randn(20, cfg.text_dim, generator=g),
+                        ref_latent=torch.randn(16, 1, h, w, generator=g),
+                        motion_latents=torch.randn(16, 19, h, w, generator=g),
+                        audio=torch.randn(cfg.audio_layers, cfg.audio_dim, infer_frames * clips, generator=g))
+
+
+def time_stream(model, inputs, settings):
+    """Median block-step seconds (CUDA events, first block excluded), first-block seconds."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    streamer = Streamer(model, inputs, settings)
+    events = []
+
+    def on_step():
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        events.append(event)
+
+    first_block = None
+    begin = torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for block in streamer.blocks(on_step):
+        if first_block is None:
+            torch.cuda.synchronize()
+            first_block = time.perf_counter() - start
+    torch.cuda.synchronize()
+    marks = [begin] + events
+    steps = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+    return statistics.median(steps[settings.steps:]), first_block, steps
+
+
+def bench_dit(mode, sizes, clips, args):
+    cfg = DiTConfig(**CONFIG_14B)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    if args.memory_cap_gib and mode.startswith("offload"):
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * GIB / total)
+    model = build(mode, cfg)
+    weights_gib = torch.cuda.memory_allocated() / GIB
+    rows = []
+    for size in sizes:
+        torch.cuda.reset_peak_memory_stats()
+        settings = StreamSettings(infer_frames=48, steps=4, seed=0, kv_fp8="kvfp8" in mode or mode.startswith("offload"))
+        block_step, first, _ = time_stream(model, inputs_for(size, cfg, clips), settings)
+        rows.append(dict(size=size, mode=mode, block_step_s=block_step, fps4=12 / (4 * block_step), fps3=12 / (3 * block_step),
+                         first_block_s=first, peak_gib=torch.cuda.max_memory_allocated() / GIB, weights_gib=weights_gib))
+        print(json.dumps(rows[-1]), flush=True)
+    del model
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_original(sizes, clips, args):
+    out = Path(args.out_dir) / "original.json"
+    cfg = dict(json.loads(Path(args.original, "config_14b.json").read_text()))
+    cfg_file = Path(args.out_dir) / "original_config.json"
+    cfg_file.write_text(json.dumps(cfg))
+    subprocess.run([sys.executable, str(Path(args.original) / "run_original.py"), str(cfg_file), str(out),
+                    ",".join(sizes), "--clips", str(clips)], check=True)
+    return json.loads(out.read_text())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="384*256,704*384")
+    parser.add_argument("--modes", default="bf16,fp8,offload40")
+    parser.add_argument("--clips", type=int, default=3)
+    parser.add_argument("--memory-cap-gib", type=float, default=22.0, help="per-process GPU memory cap for offload modes")
+    parser.add_argument("--original", help="folder with the original's code and run_original.py (not committed)")
+    parser.add_argument("--out-dir", default=".")
+    args = parser.parse_args()
+    sizes = args.sizes.split(",")
+    rows = []
+    for mode in args.modes.split(","):
+        rows += bench_dit(mode, sizes, args.clips, args)
+    original = {r["size"]: r for r in bench_original(sizes, args.clips, args)} if args.original else {}
+    Path(args.out_dir, "bench.json").write_text(json.dumps({"ours": rows, "original": original}, indent=1))
+    print_table(rows, original)
+
+
+def print_table(rows, original):
+    floor = {"384*256": 0.046, "704*384": 0.154}
+    print("\n| size | mode | s / block-step | FPS @4 | FPS @3 | first block s | peak GiB | ours/original time | % of floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        o = original.get(r["size"])
+        ratio = f"{r['block_step_s'] / o['block_step_s']:.2f}" if o else "-"
+        pct = f"{100 * floor[r['size']] / r['block_step_s']:.0f}%" if r["size"] in floor else "-"
+        print(f"| {r['size']} | {r['mode']} | {r['block_step_s']:.3f} | {r['fps4']:.1f} | {r['fps3']:.1f} | "
+              f"{r['first_block_s']:.2f} | {r['peak_gib']:.1f} | {ratio} | {pct} |")
+    for size, o in original.items():
+        print(f"| {size} | original bf16 | {o['block_step_s']:.3f} | {12 / (4 * o['block_step_s']):.1f} | "
+              f"{12 / (3 * o['block_step_s']):.1f} | {o['first_block_s']:.2f} | {o['peak_gib']:.1f} | 1.00 | "
+              f"{100 * floor.get(size, 0) / o['block_step_s']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

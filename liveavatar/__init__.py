@@ -1,0 +1,18 @@
+"""LiveAvatar engine: plain PyTorch, importable without ComfyUI.
+
+Typical use (see README.md, "Python API"):
+
+    import liveavatar as la
+    dit = la.load_dit("wan2.2_s2v_14B_bf16.safetensors", lora="liveavatar.safetensors",
+                      placement=la.OneDevice("cuda"))
+    streamer = la.Streamer(dit, la.StreamInputs(text, ref_latent, motion_latents, audio_features),
+                           la.StreamSettings(infer_frames=48, steps=4, seed=42))
+    for block in streamer.blocks():   # 3 clean latent frames at a time
+        ...
+"""
+from .loading import CheckpointError, load_dit
+from .placement import Offload, OneDevice, Sharded
+from .sampler import Block, StreamInputs, StreamSettings, Streamer, flow_schedule, stream
+
+__all__ = ["CheckpointError", "load_dit", "Offload", "OneDevice", "Sharded", "Block", "StreamInputs",
+           "StreamSettings", "Streamer", "flow_schedule", "stream"]
