@@ -1,0 +1,65 @@
+"""CUDA-only: the fp8, offload and sharded modes against plain bf16 on one GPU (tiny config).
+
+Skipped cleanly without a GPU (CI); run on the GPU machine with `pytest tests/test_cuda.py`.
+"""
+import pytest
+import torch
+
+from conftest import fixture_sets, relative_l2
+from dit_fixture import fixture_config, fixture_inputs, fixture_settings, fixture_weights, stream_clips, write_checkpoint
+from liveavatar.loading import load_dit
+from liveavatar.placement import Offload, OneDevice, Sharded
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SET = fixture_sets("dit_streaming")[0].values[0] if torch.cuda.is_available() else None
+
+
+def run(checkpoint, storage, placement, kv_fp8=False):
+    model = load_dit(checkpoint, storage=storage, placement=placement, config=fixture_config(SET))
+    settings = fixture_settings(SET)
+    settings.kv_fp8 = kv_fp8
+    torch.cuda.reset_peak_memory_stats()
+    latents = stream_clips(model, fixture_inputs(SET), settings)
+    return latents.float().cpu()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(fixture_weights(SET), tmp_path_factory.mktemp("ckpt") / "dit.safetensors")
+
+
+@pytest.fixture(scope="module")
+def bf16(checkpoint):
+    return run(checkpoint, "bf16", OneDevice("cuda"))
+
+
+def test_bf16_on_gpu_follows_fp32_cpu(checkpoint, bf16):
+    reference = run_cpu_fp32(checkpoint)
+    assert relative_l2(bf16, reference) < 0.05
+
+
+def run_cpu_fp32(checkpoint):
+    model = load_dit(checkpoint, storage="fp32", config=fixture_config(SET))
+    return stream_clips(model, fixture_inputs(SET), fixture_settings(SET))
+
+
+def test_fp8_weights_close_to_bf16(checkpoint, bf16):
+    assert relative_l2(run(checkpoint, "fp8", OneDevice("cuda")), bf16) < 0.15
+
+
+def test_fp8_kv_cache_close_to_bf16(checkpoint, bf16):
+    assert relative_l2(run(checkpoint, "bf16", OneDevice("cuda"), kv_fp8=True), bf16) < 0.05
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_offload_equals_bf16(checkpoint, bf16, blocks):
+    layers = fixture_config(SET).num_layers
+    latents = run(checkpoint, "bf16", Offload("cuda", blocks=min(blocks, layers), num_layers=layers))
+    assert torch.equal(latents, bf16)
+
+
+def test_sharded_equals_bf16(checkpoint, bf16):
+    cfg = fixture_config(SET)
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.device_count() > 1 else ["cuda:0", "cuda:0"]
+    latents = run(checkpoint, "bf16", Sharded(devices, cfg.num_layers, cfg.audio_inject_layers))
+    assert relative_l2(latents, bf16) < 1e-3
