@@ -7,10 +7,8 @@
 3. 50 Hz -> 30 Hz by linear interpolation (align_corners), int(T50 / 50 * 30) steps.
 4. One 30 Hz feature per 25 fps video frame (frame i takes index round(1.2 i)), padded with
    zero features to whole clips of `infer_frames`; the clip count is
-   int(T30 / (infer_frames * 1.2)) + 1, as in the original.
-
-Result: features [layers + 1, hidden, clips * infer_frames] and the number of video frames
-the speech really covers.
+   int(T30 / (infer_frames * 1.2)) + 1, as in the original. Result: features
+   [layers + 1, hidden, clips * infer_frames] and the video frames the speech covers.
 """
 from __future__ import annotations
 
@@ -32,15 +30,17 @@ MIN_SAMPLES = 400  # wav2vec2's receptive field: shorter input yields no feature
 
 @dataclass
 class AudioFeatures:
-    """What flows from the audio encoder to the sampler."""
+    """What flows from the audio encoder to the sampler: all wav2vec2 layers at 30 Hz,
+    laid out per video frame on demand (the padding depends on the clip length)."""
 
-    features: torch.Tensor  # [layers + 1, hidden, clips * infer_frames], fp32, CPU
-    num_frames: int  # video frames (25 fps) the speech covers
-    infer_frames: int
+    features_30hz: torch.Tensor  # [layers + 1, T30, hidden], fp32, CPU
 
-    @property
-    def num_clips(self) -> int:
-        return self.features.shape[-1] // self.infer_frames
+    def per_frame(self, infer_frames: int) -> tuple[torch.Tensor, int]:
+        """([layers + 1, hidden, clips * infer_frames], video frames the speech covers)."""
+        return per_frame_features(self.features_30hz, infer_frames)
+
+    def num_clips(self, infer_frames: int) -> int:
+        return self.per_frame(infer_frames)[0].shape[-1] // infer_frames
 
 
 # ---- audio input --------------------------------------------------------------------------
@@ -106,6 +106,8 @@ class Wav2Vec2Encoder:
             if not files:
                 raise FileNotFoundError(f"no wav2vec2 weights (model.safetensors / pytorch_model.bin) in {path}")
             path = files[0]
+        elif path.suffix == ".safetensors":
+            config = _metadata_config(path)
         from .vae import read_state_dict
         return cls.from_state_dict(read_state_dict(path), config, device, dtype)
 
@@ -132,6 +134,13 @@ class Wav2Vec2Encoder:
         with torch.no_grad():
             out = self.model(normalised_wave[None].to(self.device, self.dtype), output_hidden_states=True)
         return torch.cat(out.hidden_states).float().cpu()
+
+
+def _metadata_config(path: Path) -> dict | None:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return json.loads(metadata["config"]) if "config" in metadata else None
 
 
 def _hf_names(sd: dict) -> dict:
@@ -192,10 +201,9 @@ def per_frame_features(features_30hz: torch.Tensor, infer_frames: int, fps: int 
     return out, covered
 
 
-def encode_audio(encoder: Wav2Vec2Encoder, wave_16k: torch.Tensor, infer_frames: int) -> AudioFeatures:
-    """16 kHz mono waveform -> per-frame features padded to whole clips."""
-    hidden = encoder.hidden_states(normalise(_checked(wave_16k)))
-    features, frames = per_frame_features(resample_to_30hz(hidden), infer_frames)
-    if frames == 0:
+def encode_audio(encoder: Wav2Vec2Encoder, wave_16k: torch.Tensor) -> AudioFeatures:
+    """16 kHz mono waveform -> all layers at 30 Hz (see AudioFeatures.per_frame)."""
+    features = resample_to_30hz(encoder.hidden_states(normalise(_checked(wave_16k))))
+    if features.shape[1] == 0:
         raise ValueError("the audio is too short to cover one video frame (40 ms)")
-    return AudioFeatures(features, frames, infer_frames)
+    return AudioFeatures(features)

@@ -140,15 +140,23 @@ class Checkpoint:
             self.source.state_dict is not None and (self.prefix + name) in self.source.state_dict)
 
     def config(self) -> DiTConfig:
-        """config.json beside the weights when present, else inferred from tensor shapes."""
-        folder = self.path if self.path.is_dir() else self.path.parent
-        config_file = folder / "config.json"
+        """The transformer config from the folder's config.json or a single file's `config`
+        metadata when present, else inferred from tensor shapes."""
         audio_layers = self.shape("casual_audio_encoder.weights")[1]
-        if config_file.exists():
-            config = json.loads(config_file.read_text())
-            if "dim" in config and "audio_inject_layers" in config:
-                return DiTConfig.from_dict(config, audio_layers=audio_layers)
+        config = self._stored_config()
+        if config and "dim" in config and "audio_inject_layers" in config:
+            return DiTConfig.from_dict(config, audio_layers=audio_layers)
         return self.infer_config(audio_layers)
+
+    def _stored_config(self) -> dict | None:
+        if self.path.is_dir():
+            config_file = self.path / "config.json"
+            return json.loads(config_file.read_text()) if config_file.exists() else None
+        if self.path.suffix == ".safetensors":
+            with safe_open(str(self.path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return json.loads(metadata["config"]) if "config" in metadata else None
+        return None
 
     def infer_config(self, audio_layers: int) -> DiTConfig:
         dim, in_dim, *patch = self.shape("patch_embedding.weight")

@@ -180,6 +180,10 @@ class Streamer:
                     self.sink = self.model.prefill_sink(first_clean_frame, self.inputs.motion_latents, self.text_kv)
                 self._load_sink()
 
+    def close(self):
+        """Drop the caches and sink now (they hold most of the run's GPU memory)."""
+        self.caches, self.sink, self.text_kv, self.step_mods = [], None, None, None
+
     @property
     def total_block_steps(self) -> int:
         return self.num_clips * self.blocks_per_clip * len(self.step_sizes)

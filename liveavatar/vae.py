@@ -65,7 +65,21 @@ class CausalConv3d(nn.Conv3d):
         if previous is not None:
             x = torch.cat([previous.to(x), x], dim=2)
             time_pad -= previous.shape[2]
-        return super().forward(F.pad(x, self.space_pad + (time_pad, 0)))
+        x = F.pad(x, self.space_pad + (time_pad, 0))
+        return self._conv_by_time_taps(x) if x.device.type == "cpu" else super().forward(x)
+
+    def _conv_by_time_taps(self, x):
+        """Same result as conv3d, as one conv2d per temporal tap over all output frames:
+        several times faster than PyTorch's CPU conv3d (tests, demo)."""
+        taps, stride = self.kernel_size[0], self.stride[0]
+        frames = (x.shape[2] - taps) // stride + 1
+        out = None
+        for k in range(taps):
+            window = x[:, :, k:k + (frames - 1) * stride + 1:stride]
+            y = F.conv2d(rearrange(window, "b c t h w -> (b t) c h w"), self.weight[:, :, k], None, self.stride[1:])
+            out = y if out is None else out + y
+        out = out + self.bias.view(1, -1, 1, 1)
+        return rearrange(out, "(b t) c h w -> b c t h w", t=frames)
 
 
 def cached(conv: CausalConv3d, x, cache: TimeCache):

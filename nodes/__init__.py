@@ -1,0 +1,18 @@
+"""ComfyUI nodes of the LiveAvatar pack (classic node API; importable without ComfyUI)."""
+from .audio import LiveAvatarAudioEncode
+from .decode import LiveAvatarDecode
+from .loader import LiveAvatarModelLoader
+from .sampler import LiveAvatarSampler
+
+NODE_CLASS_MAPPINGS = {
+    "LiveAvatarModelLoader": LiveAvatarModelLoader,
+    "LiveAvatarAudioEncode": LiveAvatarAudioEncode,
+    "LiveAvatarSampler": LiveAvatarSampler,
+    "LiveAvatarDecode": LiveAvatarDecode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LiveAvatarModelLoader": "LiveAvatar Model Loader",
+    "LiveAvatarAudioEncode": "LiveAvatar Audio Encode",
+    "LiveAvatarSampler": "LiveAvatar Sampler",
+    "LiveAvatarDecode": "LiveAvatar Decode (streaming)",
+}

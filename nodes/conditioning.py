@@ -1,0 +1,36 @@
+"""Turning ComfyUI's types into what the engine takes (no model math here)."""
+from __future__ import annotations
+
+import torch
+
+MAX_TEXT_TOKENS = 512  # Wan's text_len: the original tokenizer truncates prompts here
+
+
+def text_embeddings(conditioning) -> torch.Tensor:
+    """CONDITIONING from CLIPTextEncode (umt5-xxl, CLIPLoader type 'wan') -> real tokens [L, 4096].
+
+    ComfyUI pads the umt5 output to at least 512 tokens and zeroes the padded rows
+    (attention mask + zero_out_masked); the original feeds the DiT the real tokens (EOS
+    included) and zero-pads them itself. So: the rows up to the mask's length (or up to the
+    last non-zero row when no mask is attached), at most 512."""
+    if not conditioning:
+        raise ValueError("empty CONDITIONING: connect a CLIPTextEncode (umt5-xxl, CLIPLoader type 'wan')")
+    tensor, extras = conditioning[0][0], conditioning[0][1] if len(conditioning[0]) > 1 else {}
+    if tensor.dim() != 3 or tensor.shape[-1] != 4096:
+        raise ValueError(f"CONDITIONING has shape {tuple(tensor.shape)}; LiveAvatar needs umt5-xxl text embeddings "
+                         f"[1, tokens, 4096] (CLIPLoader with type 'wan' and umt5_xxl_fp8_e4m3fn_scaled.safetensors)")
+    rows = tensor[0]
+    mask = extras.get("attention_mask") if isinstance(extras, dict) else None
+    if mask is not None:
+        length = int(mask.reshape(-1).sum())
+    else:
+        nonzero = rows.abs().amax(dim=-1) > 0
+        length = int(nonzero.nonzero().max()) + 1 if nonzero.any() else 1
+    return rows[:min(length, MAX_TEXT_TOKENS)].float()
+
+
+def image_tensor(image) -> torch.Tensor:
+    """IMAGE [B, H, W, 3] float 0..1 -> the first image, [H, W, 3]."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (3, 4):
+        raise ValueError("the reference image must be a ComfyUI IMAGE [batch, height, width, 3]")
+    return image[0, ..., :3]

@@ -1,0 +1,132 @@
+"""ComfyUI services, imported lazily, with standalone fallbacks.
+
+Inside ComfyUI: folder_paths for model folders and the output folder, model_management
+for the device, memory and cancel, comfy.utils.ProgressBar for progress. Outside
+(tests, demo.py): model folders under $LIVEAVATAR_MODELS (default ./models), CUDA if
+present, progress printed to stderr, cancel never requested.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+SHARDED_INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def _comfy(module: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        return None
+
+
+def in_comfyui() -> bool:
+    return _comfy("folder_paths") is not None
+
+
+# ---- model folders ------------------------------------------------------------------------
+def model_roots(folder: str) -> list[Path]:
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None:
+        try:
+            return [Path(p) for p in folder_paths.get_folder_paths(folder)]
+        except KeyError:
+            return []
+    return [Path(os.environ.get("LIVEAVATAR_MODELS", "models")) / folder]
+
+
+def list_models(folder: str, sharded: bool = False) -> list[str]:
+    """Weight files under the folder (relative names); with `sharded`, also official sharded
+    checkpoints, listed by their `*.safetensors.index.json`."""
+    names = set()
+    for root in model_roots(folder):
+        if not root.is_dir():
+            continue
+        for path in root.rglob("*"):
+            name = path.relative_to(root).as_posix()
+            if path.is_file() and (name.endswith(WEIGHT_SUFFIXES) or (sharded and name.endswith(SHARDED_INDEX_SUFFIX))):
+                names.add(name)
+    return sorted(names)
+
+
+def model_path(folder: str, name: str) -> Path:
+    """Full path of a listed model; a sharded index json resolves to its folder."""
+    for root in model_roots(folder):
+        path = root / name
+        if path.exists():
+            return path.parent if name.endswith(SHARDED_INDEX_SUFFIX) else path
+    raise FileNotFoundError(f"'{name}' is not in the {folder} model folder ({', '.join(map(str, model_roots(folder)))})")
+
+
+def output_directory() -> Path:
+    folder_paths = _comfy("folder_paths")
+    path = Path(folder_paths.get_output_directory()) if folder_paths else Path(os.environ.get("LIVEAVATAR_OUTPUT", "output"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---- devices and memory -----------------------------------------------------------------
+def torch_device() -> torch.device:
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        return mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def free_host_models():
+    """Ask ComfyUI to unload the models it keeps cached before we place a 14B model."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def release_memory():
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- progress and cancel ----------------------------------------------------------------
+def check_interrupted():
+    """Raise ComfyUI's interruption exception if the user pressed cancel."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """ComfyUI's ProgressBar inside ComfyUI; a one-line counter on stderr outside."""
+
+    def __init__(self, total: int, label: str = "LiveAvatar"):
+        utils = _comfy("comfy.utils")
+        self.bar = utils.ProgressBar(total) if utils is not None else None
+        self.total, self.done, self.label = total, 0, label
+
+    def step(self, preview=None):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update_absolute(self.done, self.total, preview)
+        elif self.done == self.total or self.done % max(1, self.total // 20) == 0:
+            print(f"\r{self.label}: {self.done}/{self.total}", end="\n" if self.done == self.total else "",
+                  file=sys.stderr, flush=True)
+
+
+def latent_previewer():
+    """A function: latents [16, F, h, w] -> ComfyUI preview tuple (cheap latent->RGB
+    projection of the first frame), or None outside ComfyUI / with previews off."""
+    latent_preview, formats = _comfy("latent_preview"), _comfy("comfy.latent_formats")
+    if latent_preview is None or formats is None:
+        return None
+    previewer = latent_preview.get_previewer(torch_device(), formats.Wan21())
+    if previewer is None:
+        return None
+    return lambda latents: previewer.decode_latent_to_preview_image("JPEG", latents[None, :, :1].float())
