@@ -78,7 +78,7 @@ def _lora_target(name: str) -> bool:
     return attention or (module.startswith("blocks.") and module.endswith((".ffn.0", ".ffn.2")))
 
 
-def write_tiny_vae(path: Path, seed: int = 2, dim: int = 16) -> Path:
+def write_tiny_vae(path: Path, seed: int = 2, dim: int = 4) -> Path:
     """Wan2.1 VAE (.pth naming, safetensors file) at base width `dim` (the real one: 96,
     which ComfyUI's VAELoader requires)."""
     save_file({k: v.half() for k, v in _randomise(VideoVAE(dim=dim), seed).items()}, str(path))

@@ -45,7 +45,7 @@ class LiveAvatarSampler:
                                  "tooltip": "Clips to generate; 0 = until the audio ends."}),
             "sample_steps": ("INT", {"default": 4, "min": 1, "max": 6,
                                      "tooltip": "Denoising steps per block: 4 is LiveAvatar's default, 3 is faster."}),
-            "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+            "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                              "tooltip": "Noise seed (also draws the rolling sink offsets)."}),
         }}
 

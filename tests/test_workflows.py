@@ -1,0 +1,233 @@
+"""The shipped workflows: node types, links and widget values are valid, and the graph of our
+nodes runs end to end on tiny random weights in the real key layout."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import nodes
+from liveavatar.audio import Wav2Vec2Encoder
+from liveavatar.portrait import parse_area, target_size
+from liveavatar.testing import write_tiny_dit, write_tiny_lora, write_tiny_vae, write_tiny_wav2vec2
+from liveavatar.vae import WanVAE
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+OURS = nodes.NODE_CLASS_MAPPINGS
+# ComfyUI core nodes the workflows may use: input name -> type (widgets listed in order).
+CORE = {
+    "LoadImage": {"inputs": {}, "outputs": ["IMAGE", "MASK"], "widgets": ["image", "upload"]},
+    "LoadAudio": {"inputs": {}, "outputs": ["AUDIO"], "widgets": ["audio", "audioUI", "upload"]},
+    "CLIPLoader": {"inputs": {}, "outputs": ["CLIP"], "widgets": ["clip_name", "type", "device"]},
+    "CLIPTextEncode": {"inputs": {"clip": "CLIP"}, "outputs": ["CONDITIONING"], "widgets": ["text"]},
+    "VAELoader": {"inputs": {}, "outputs": ["VAE"], "widgets": ["vae_name"]},
+    "AudioEncoderLoader": {"inputs": {}, "outputs": ["AUDIO_ENCODER"], "widgets": ["audio_encoder_name"]},
+    "ImageScaleBy": {"inputs": {"image": "IMAGE"}, "outputs": ["IMAGE"], "widgets": ["upscale_method", "scale_by"]},
+    "CreateVideo": {"inputs": {"images": "IMAGE", "audio": "AUDIO", "fps": "FLOAT"}, "outputs": ["VIDEO"], "widgets": ["fps"]},
+    "SaveVideo": {"inputs": {"video": "VIDEO"}, "outputs": [], "widgets": ["filename_prefix", "format", "codec"]},
+    "Note": {"inputs": {}, "outputs": [], "widgets": ["text"]},
+}
+FILE_WIDGETS = {"model_name": (".safetensors", ".index.json"), "lora_name": (".safetensors", "None")}
+STANDARD_FILES = {"wan2.2_s2v_14B_bf16.safetensors", "wan2.2_s2v_14B_fp8_scaled.safetensors", "liveavatar.safetensors",
+                  "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors",
+                  "wav2vec2_large_english_fp16.safetensors"}
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def declared_inputs(cls) -> dict:
+    spec = cls.INPUT_TYPES()
+    return {**spec["required"], **spec.get("optional", {})}
+
+
+def widget_specs(cls) -> list:
+    """(name, spec) of widget inputs in order, with the seed's control_after_generate slot."""
+    out = []
+    for name, (kind, *options) in declared_inputs(cls).items():
+        if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+            opts = options[0] if options else {}
+            out.append((name, (kind, opts)))
+            if opts.get("control_after_generate"):
+                out.append(("control_after_generate", (["fixed", "increment", "decrement", "randomize"], {})))
+    return out
+
+
+def check_widget(name, kind, opts, value):
+    if isinstance(kind, list):
+        if name in FILE_WIDGETS:
+            assert value.endswith(FILE_WIDGETS[name]), (name, value)
+        else:
+            assert value in kind, (name, value, kind)
+    elif kind == "INT":
+        assert isinstance(value, int) and opts.get("min", -math.inf) <= value <= opts.get("max", math.inf), (name, value)
+        assert (value - opts.get("min", 0)) % opts.get("step", 1) == 0, (name, value)
+    elif kind == "FLOAT":
+        assert isinstance(value, (int, float)) and opts.get("min", -math.inf) <= value <= opts.get("max", math.inf)
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), (name, value)
+    else:
+        assert isinstance(value, str), (name, value)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_only_our_nodes_and_listed_core_nodes(path):
+    types = {n["type"] for n in load(path)["nodes"]}
+    assert types <= set(OURS) | set(CORE), types - set(OURS) - set(CORE)
+    assert {"CreateVideo", "SaveVideo", "LiveAvatarSampler", "LiveAvatarDecode"} <= types
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_links_match_declared_types(path):
+    workflow = load(path)
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    for link_id, src, src_slot, dst, dst_slot, link_type in workflow["links"]:
+        source, target = by_id[src], by_id[dst]
+        out_type = list(OURS[source["type"]].RETURN_TYPES)[src_slot] if source["type"] in OURS else \
+            CORE[source["type"]]["outputs"][src_slot]
+        target_input = target["inputs"][dst_slot]
+        if target["type"] in OURS:
+            kind = declared_inputs(OURS[target["type"]])[target_input["name"]][0]
+        else:
+            kind = CORE[target["type"]]["inputs"][target_input["name"]]
+        assert out_type == link_type == kind == target_input["type"], (link_id, out_type, link_type, kind)
+        assert target_input["link"] == link_id and link_id in source["outputs"][src_slot]["links"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_widget_values_fit_declared_inputs(path):
+    for node in load(path)["nodes"]:
+        values = node.get("widgets_values", [])
+        if node["type"] in OURS:
+            specs = widget_specs(OURS[node["type"]])
+            assert len(values) == len(specs), (node["type"], values, [s[0] for s in specs])
+            for (name, (kind, opts)), value in zip(specs, values):
+                check_widget(name, kind, opts, value)
+        else:
+            assert len(values) <= len(CORE[node["type"]]["widgets"]), node["type"]
+        for value in values:
+            if isinstance(value, str) and value.endswith(".safetensors"):
+                assert value in STANDARD_FILES, value
+
+
+def test_fast_and_quality_settings():
+    fast, quality = (load(p) for p in WORKFLOWS if p.stem in ("liveavatar_fast", "liveavatar_quality"))
+
+    def sampler_values(workflow):
+        node = next(n for n in workflow["nodes"] if n["type"] == "LiveAvatarSampler")
+        return dict(zip([s[0] for s in widget_specs(OURS["LiveAvatarSampler"])], node["widgets_values"]))
+
+    assert (sampler_values(fast)["size"], sampler_values(fast)["sample_steps"], sampler_values(fast)["infer_frames"]) == ("384*256", 3, 48)
+    assert (sampler_values(quality)["size"], sampler_values(quality)["sample_steps"]) == ("704*384", 4)
+    bypassed = [n for n in quality["nodes"] if n["mode"] == 4]
+    assert bypassed and all(n["type"] == "ImageScaleBy" for n in bypassed)
+    assert any(n["type"] == "Note" and "face restore" in n["widgets_values"][0].lower() for n in quality["nodes"])
+
+
+# ---- running the graph --------------------------------------------------------------------
+SPEECH_SECONDS = 1.0
+PORTRAIT_HW = (480, 360)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, monkeypatch_module):
+    """Tiny random files under the standard ComfyUI names."""
+    root = tmp_path_factory.mktemp("models")
+    for folder in ("diffusion_models", "loras", "vae", "audio_encoders"):
+        (root / folder).mkdir()
+    write_tiny_dit(root / "diffusion_models" / "wan2.2_s2v_14B_bf16.safetensors")
+    write_tiny_lora(root / "loras" / "liveavatar.safetensors")
+    write_tiny_vae(root / "vae" / "wan_2.1_vae.safetensors")
+    write_tiny_wav2vec2(root / "audio_encoders" / "wav2vec2_large_english_fp16.safetensors")
+    monkeypatch_module.setenv("LIVEAVATAR_MODELS", str(root))
+    monkeypatch_module.setenv("LIVEAVATAR_OUTPUT", str(tmp_path_factory.mktemp("output")))
+    return root
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def speech(rate=22050):
+    t = np.arange(int(SPEECH_SECONDS * rate)) / rate
+    wave = 0.2 * np.sin(2 * np.pi * 150 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return {"waveform": torch.from_numpy(wave.astype(np.float32))[None, None], "sample_rate": rate}
+
+
+def core_standins(models: Path):
+    """What the listed core nodes return, made without ComfyUI."""
+    cond = torch.zeros(1, 512, 4096)
+    cond[0, :8] = torch.randn(8, 4096, generator=torch.Generator().manual_seed(0)) * 0.2
+    return {
+        "LoadImage": lambda: (torch.rand(1, *PORTRAIT_HW, 3, generator=torch.Generator().manual_seed(1)), None),
+        "LoadAudio": lambda: (speech(),),
+        "CLIPLoader": lambda: (None,),
+        "CLIPTextEncode": lambda clip: ([[cond, {}]],),
+        "VAELoader": lambda: (WanVAE.load(models / "vae" / "wan_2.1_vae.safetensors"),),
+        "AudioEncoderLoader": lambda: (Wav2Vec2Encoder.load(models / "audio_encoders" / "wav2vec2_large_english_fp16.safetensors"),),
+        "ImageScaleBy": lambda image: (image,),  # bypassed in the shipped graph
+        "CreateVideo": lambda images, audio=None, fps=25.0: ({"images": images, "audio": audio, "fps": fps},),
+        "SaveVideo": lambda video: (),
+    }
+
+
+def run_workflow(workflow, models):
+    """Execute the graph in dependency order: our nodes for real, core nodes as stand-ins."""
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    links = {l[0]: l for l in workflow["links"]}
+    standins, results = core_standins(models), {}
+
+    def value_of(node_id):
+        if node_id in results:
+            return results[node_id]
+        node = by_id[node_id]
+        kwargs = {}
+        for inp in node["inputs"]:
+            if inp.get("link") is not None:
+                _, src, slot, *_ = links[inp["link"]]
+                kwargs[inp["name"]] = value_of(src)[slot]
+        if node["type"] in OURS:
+            cls = OURS[node["type"]]
+            specs = [s[0] for s in widget_specs(cls)]
+            widgets = dict(zip(specs, node["widgets_values"]))
+            widgets.pop("control_after_generate", None)
+            args = {k: v for k, v in {**widgets, **kwargs}.items() if k in declared_inputs(cls)}
+            out = getattr(cls(), cls.FUNCTION)(**args)
+            results[node_id] = out["result"] if isinstance(out, dict) else out
+        else:
+            results[node_id] = standins[node["type"]](**kwargs)
+        return results[node_id]
+
+    for node in workflow["nodes"]:
+        if node["type"] != "Note":
+            value_of(node["id"])
+    return results
+
+
+def expected_frames(seconds: float, infer_frames: int = 48) -> int:
+    """Hand-derived from the audio length: wav2vec2 gives floor((n - 400) / 320) + 1 frames at
+    50 Hz for n samples at 16 kHz; int(T50 * 30 / 50) at 30 Hz; video frame i (25 fps) is
+    covered while round(1.2 i) < T30. Generation makes whole clips, 3 frames fewer on the
+    first block; the decode keeps the covered frames."""
+    t50 = (int(seconds * 16000) - 400) // 320 + 1
+    t30 = int(t50 / 50 * 30)
+    covered = sum(1 for i in range(10 ** 4) if round(1.2 * i) < t30)
+    clips = int(t30 / (infer_frames * 1.2)) + 1
+    return min(covered, clips * infer_frames - 3)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_end_to_end_on_tiny_weights(path, tiny_models):
+    workflow = load(path)
+    results = run_workflow(workflow, tiny_models)
+    video = results[next(n["id"] for n in workflow["nodes"] if n["type"] == "CreateVideo")][0]
+    images = video["images"]
+    size = next(n for n in workflow["nodes"] if n["type"] == "LiveAvatarSampler")["widgets_values"][0]
+    assert images.shape == (expected_frames(SPEECH_SECONDS), *target_size(*PORTRAIT_HW, parse_area(size)), 3)
+    assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1 and images.std() > 0
+    assert video["fps"] == 25.0 and video["audio"]["sample_rate"] == 22050
