@@ -8,6 +8,7 @@ bilinear) and centre-cropped to that size.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,7 +52,9 @@ def target_size(height: int, width: int, area: int) -> tuple[int, int]:
 
 
 def to_pil(image) -> Image.Image:
-    """PIL image, uint8 HWC array, or float tensor [H, W, 3] / [B, H, W, 3] in 0..1."""
+    """A path, PIL image, uint8 HWC array, or float tensor [H, W, 3] / [B, H, W, 3] in 0..1."""
+    if isinstance(image, (str, Path)):
+        return Image.open(image).convert("RGB")
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
