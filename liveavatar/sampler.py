@@ -90,7 +90,7 @@ class StreamSettings:
     seed: int = 0
     rolling_offset: int | None = None  # fixed d (parity); None = drawn from the seed
     noise: torch.Tensor | None = None  # [clips, 16, F, h, w] to replace the seeded noise (parity)
-    kv_fp8: bool = False  # keep the KV caches in fp8 (half their memory)
+    kv_fp8: bool | None = False  # KV caches in fp8 (half the memory); None = only if bf16 would not fit
 
 
 @dataclass
@@ -129,8 +129,12 @@ class Streamer:
             self.sink = model.prefill_sink(inputs.ref_latent, inputs.motion_latents, self.text_kv)
             devices = [model.layer_device(i) for i in range(len(model.blocks))]
             ring = self.latent_frames * (h // 2) * (w // 2)
-            self.caches = [StepCache(self.sink.length, ring, model.cfg.num_heads, model.cfg.head_dim, devices,
-                                     self.sink.values[0].dtype, settings.kv_fp8) for _ in self.timesteps]
+            dtype = self.sink.values[0].dtype
+            fp8 = settings.kv_fp8 if settings.kv_fp8 is not None else not _fits(
+                len(self.timesteps) * (self.sink.length + ring) * 2 * model.cfg.dim * dtype.itemsize, devices)
+            self.kv_fp8 = fp8
+            self.caches = [StepCache(self.sink.length, ring, model.cfg.num_heads, model.cfg.head_dim, devices, dtype, fp8)
+                           for _ in self.timesteps]
             self._load_sink()
 
     def _load_sink(self):
@@ -187,6 +191,16 @@ class Streamer:
     @property
     def total_block_steps(self) -> int:
         return self.num_clips * self.blocks_per_clip * len(self.step_sizes)
+
+
+def _fits(bytes_per_layer: int, devices, headroom: float = 0.85) -> bool:
+    """Would KV caches of this size per layer fit in the free memory of each GPU?"""
+    for device in set(devices):
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if bytes_per_layer * sum(d == device for d in devices) > headroom * free:
+                return False
+    return True
 
 
 def stream(model: LiveAvatarDiT, inputs: StreamInputs, settings: StreamSettings,

@@ -22,10 +22,12 @@ WAV2VEC2_TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                      num_conv_pos_embedding_groups=2, do_stable_layer_norm=True)
 
 
-def tiny_dit_config() -> DiTConfig:
-    layers = WAV2VEC2_TINY["num_hidden_layers"] + 1  # the DiT mixes every wav2vec2 hidden state
+def tiny_dit_config(audio_dim: int = WAV2VEC2_TINY["hidden_size"],
+                    audio_layers: int = WAV2VEC2_TINY["num_hidden_layers"] + 1) -> DiTConfig:
+    """3 layers of width 64; the audio side matches the wav2vec2 it will be fed (every
+    hidden state: layers + 1)."""
     return DiTConfig(dim=64, ffn_dim=96, num_heads=2, num_layers=3, text_dim=TEXT_DIM, text_len=64,
-                     audio_dim=WAV2VEC2_TINY["hidden_size"], audio_layers=layers, audio_inject_layers=(0, 2))
+                     audio_dim=audio_dim, audio_layers=audio_layers, audio_inject_layers=(0, 2))
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> dict:
@@ -43,8 +45,8 @@ def _randomise(module: torch.nn.Module, seed: int) -> dict:
     return out
 
 
-def write_tiny_dit(path: Path, seed: int = 0) -> Path:
-    cfg = tiny_dit_config()
+def write_tiny_dit(path: Path, seed: int = 0, **audio) -> Path:
+    cfg = tiny_dit_config(**audio)
     weights = _randomise(LiveAvatarDiT(cfg), seed)
     config = {f: getattr(cfg, f) for f in ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_len",
                                            "audio_dim", "num_audio_token", "cond_dim", "in_dim", "out_dim", "freq_dim")}
@@ -85,11 +87,11 @@ def write_tiny_vae(path: Path, seed: int = 2, dim: int = 4) -> Path:
     return path
 
 
-def write_tiny_wav2vec2(path: Path, seed: int = 3) -> Path:
+def write_tiny_wav2vec2(path: Path, seed: int = 3, config: dict = WAV2VEC2_TINY) -> Path:
     """ComfyUI's repackaged layout: Hugging Face names without `wav2vec2.`, fp16."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
-    weights = _randomise(Wav2Vec2Model(Wav2Vec2Config(**WAV2VEC2_TINY)), seed)
-    save_file({k: v.half() for k, v in weights.items()}, str(path), metadata={"config": json.dumps(WAV2VEC2_TINY)})
+    weights = _randomise(Wav2Vec2Model(Wav2Vec2Config(**config)), seed)
+    save_file({k: v.half() for k, v in weights.items()}, str(path), metadata={"config": json.dumps(config)})
     return path
 
 

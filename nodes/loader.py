@@ -21,7 +21,7 @@ class LiveAvatarModel:
     """What flows on a LIVEAVATAR_MODEL link: the DiT and how its KV caches are kept."""
 
     dit: LiveAvatarDiT
-    kv_fp8: bool
+    kv_fp8: bool | None  # None: decided per run from free GPU memory
     description: str
 
 
@@ -56,8 +56,8 @@ class LiveAvatarModelLoader:
                                        "tooltip": "With 'offload blocks to CPU': how many of the 40 transformer "
                                                   "blocks stay in CPU memory. More saves GPU memory, costs speed."}),
             "kv_cache": (KV_CACHE_DTYPES, {"default": "auto",
-                                           "tooltip": "Attention caches: bf16, or fp8 to halve their memory. auto: "
-                                                      "fp8 when offloading, else bf16."}),
+                                           "tooltip": "Attention caches (one clip per denoising step): bf16, or fp8 "
+                                                      "to halve their memory. auto: fp8 only when bf16 would not fit."}),
         }}
 
     def load(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks, kv_cache):
@@ -72,7 +72,7 @@ class LiveAvatarModelLoader:
                            placement=make_placement(placement, offload_blocks, cfg), config=cfg)
         except CheckpointError as error:
             raise ValueError(f"LiveAvatar model loader: {error}") from None
-        kv_fp8 = kv_cache == "fp8" or (kv_cache == "auto" and placement == PLACEMENTS[2])
+        kv_fp8 = {"fp8": True, "bf16": False}.get(kv_cache)  # None: auto, fp8 only where bf16 would not fit
         return (LiveAvatarModel(dit, kv_fp8, f"{model_name} + {lora_name} ({weight_dtype}, {placement})"),)
 
 
