@@ -1,18 +1,41 @@
 """Speech -> per-video-frame audio features, as LiveAvatar computes them.
 
-1. Audio to 16 kHz mono (librosa), normalised to zero mean / unit variance (the
-   wav2vec2 feature extractor's rule, var + 1e-7 so silence stays finite).
-2. wav2vec2 (large xlsr-53 english in the real model, via Hugging Face `transformers`):
-   every hidden state, embedding output first, at 50 Hz.
-3. 50 Hz -> 30 Hz by linear interpolation (align_corners), int(T50 / 50 * 30) steps.
-4. One 30 Hz feature per 25 fps video frame (frame i takes index round(1.2 i)), padded with
-   zero features to whole clips of `infer_frames`; the clip count is
-   int(T30 / (infer_frames * 1.2)) + 1, as in the original. Result: features
-   [layers + 1, hidden, clips * infer_frames] and the video frames the speech covers.
+The path (shapes for the real model: 25 hidden states of width 1024):
+1. `load_audio`: a file or a ComfyUI AUDIO dict -> mono float32 at 16 kHz (librosa, as the
+   original's `librosa.load(path, sr=16000)`).
+2. `Wav2Vec2Encoder.hidden_states`: zero mean / unit variance (the Hugging Face feature
+   extractor's rule, sqrt(var + 1e-7) so silence stays finite), then wav2vec2 (large
+   xlsr-53 english, `transformers.Wav2Vec2Model`): every hidden state, embedding output
+   first, the last after the final layer norm (transformers 4.x semantics, whatever
+   transformers is installed) -> [layers + 1, T50, hidden] at 50 Hz.
+3. `resample_to_30hz`: linear, align_corners, int(T50 / 50 * 30) steps.
+4. `per_frame_features`: video frame i (25 fps) takes the 30 Hz feature nearest its time,
+   index round(i * 30 / 25); frames past the speech get zeros; padded to whole clips of
+   `infer_frames`, int(T30 / (infer_frames * 30 / 25)) + 1 clips as in the original
+   -> [layers + 1, hidden, clips * infer_frames].
+
+Public API:
+    load_audio(path_or_comfy_audio) -> Tensor[T]                      16 kHz mono float32
+    Wav2Vec2Encoder.load(path, device="cpu", dtype=torch.float32, config=None)
+        path: the Hugging Face folder (config.json + model.safetensors / pytorch_model.bin)
+        or one safetensors file (ComfyUI's wav2vec2_large_english_fp16.safetensors)
+    Wav2Vec2Encoder.from_state_dict(sd, config=None, device="cpu", dtype=torch.float32)
+    encoder.hidden_states(waveform_16k) -> Tensor[layers + 1, T50, hidden]  (fp32, CPU)
+    encode_audio(encoder, waveform_16k) -> AudioFeatures
+    AudioFeatures.per_frame(infer_frames) -> (Tensor[layers + 1, hidden, clips * infer_frames],
+                                              video frames carrying speech)
+    AudioFeatures.num_clips(infer_frames) -> int
+    AudioFeatures.from_hidden_states(hidden_states, num_samples)  e.g. from ComfyUI's
+        AudioEncoderEncode output: torch.cat(out["encoded_audio_all_layers"]), out["audio_samples"]
+    audio_coverage(num_samples, infer_frames, fps=25) -> (video frames, clips) by duration
+
+`encode_audio` returns the 30 Hz features rather than the per-frame layout because the
+clip length (`infer_frames`) is a sampler setting, chosen after the audio is encoded.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,188 +45,305 @@ import torch
 import torch.nn.functional as F
 
 SAMPLE_RATE = 16000
-FEATURE_RATE = 50  # wav2vec2 frames per second (320-sample hop)
+FEATURE_RATE = 50  # wav2vec2 features per second (320-sample hop)
 RESAMPLED_RATE = 30  # the original's intermediate "video_rate"
 VIDEO_FPS = 25
-MIN_SAMPLES = 400  # wav2vec2's receptive field: shorter input yields no feature frame
-
-
-@dataclass
-class AudioFeatures:
-    """What flows from the audio encoder to the sampler: all wav2vec2 layers at 30 Hz,
-    laid out per video frame on demand (the padding depends on the clip length)."""
-
-    features_30hz: torch.Tensor  # [layers + 1, T30, hidden], fp32, CPU
-
-    def per_frame(self, infer_frames: int) -> tuple[torch.Tensor, int]:
-        """([layers + 1, hidden, clips * infer_frames], video frames the speech covers)."""
-        return per_frame_features(self.features_30hz, infer_frames)
-
-    def num_clips(self, infer_frames: int) -> int:
-        return self.per_frame(infer_frames)[0].shape[-1] // infer_frames
+RECEPTIVE_FIELD, HOP = 400, 320  # samples under the first wav2vec2 feature, and between features
+# Two 50 Hz features are the least that give one 30 Hz feature (int(2 * 0.6) = 1), which is
+# what the first video frame needs: 400 + 320 samples = 45 ms.
+MIN_SAMPLES = RECEPTIVE_FIELD + HOP
+NORM_EPS = 1e-7  # the Hugging Face feature extractor's variance epsilon
+HEAD_WIDTH = 64  # wav2vec2 attention head width (base: 12 heads of 64, large: 16 of 64)
+IGNORED_PREFIXES = ("lm_head.", "quantizer.", "project_q.", "project_hid.")  # CTC / pretraining heads
+POS_CONV = "encoder.pos_conv_embed.conv."
+WEIGHT_NORM_NAMES = {  # positional conv weight norm: transformers 4.x (old torch) vs 5.x / ComfyUI
+    "old": (POS_CONV + "weight_g", POS_CONV + "weight_v"),
+    "new": (POS_CONV + "parametrizations.weight.original0", POS_CONV + "parametrizations.weight.original1"),
+}
 
 
 # ---- audio input --------------------------------------------------------------------------
 def load_audio(source) -> torch.Tensor:
     """A file librosa can read, or a ComfyUI AUDIO dict {"waveform": [B, C, T], "sample_rate"}
-    -> mono float32 waveform at 16 kHz [T]."""
-    import librosa
+    (first item of the batch) -> mono float32 waveform at 16 kHz [T]."""
     if isinstance(source, dict):
-        if "waveform" not in source or "sample_rate" not in source:
-            raise ValueError("AUDIO must be a dict with 'waveform' [batch, channels, samples] and 'sample_rate'")
-        wave = torch.as_tensor(source["waveform"]).float()
-        if wave.dim() != 3 or wave.shape[0] == 0 or wave.shape[1] == 0:
-            raise ValueError(f"AUDIO waveform must be [batch, channels, samples], got {tuple(wave.shape)}")
-        if wave.shape[-1] < MIN_SAMPLES:
-            _checked(wave[0, 0])
-        mono = wave[0].mean(0).numpy()
-        rate = int(source["sample_rate"])
-        if rate != SAMPLE_RATE:
-            mono = librosa.resample(mono, orig_sr=rate, target_sr=SAMPLE_RATE)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"audio file not found: {path}")
-        try:
-            mono, _ = librosa.load(str(path), sr=SAMPLE_RATE, mono=True)
-        except Exception as error:
-            raise ValueError(f"cannot decode audio file {path}: {error}") from None
-    return _checked(torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)))
+        return _checked(_comfy_audio_to_16k(source))
+    if not isinstance(source, (str, Path)):
+        raise ValueError(f"audio must be a file path or a ComfyUI AUDIO dict, got {type(source).__name__}")
+    return _checked(_read_audio_file(Path(source)))
+
+
+def _comfy_audio_to_16k(audio: dict) -> torch.Tensor:
+    import librosa
+    if "waveform" not in audio or "sample_rate" not in audio:
+        raise ValueError("a ComfyUI AUDIO must be a dict with 'waveform' [batch, channels, samples] and 'sample_rate'")
+    wave = torch.as_tensor(audio["waveform"]).detach()
+    if wave.dim() != 3 or wave.shape[0] == 0 or wave.shape[1] == 0:
+        raise ValueError(f"AUDIO waveform must be [batch, channels, samples], got {tuple(wave.shape)}")
+    rate = int(audio["sample_rate"])
+    if rate <= 0:
+        raise ValueError(f"AUDIO sample_rate must be positive, got {audio['sample_rate']}")
+    mono = wave[0].float().mean(0).cpu().numpy()  # librosa.load also averages channels first
+    if rate != SAMPLE_RATE and mono.size:
+        mono = librosa.resample(mono, orig_sr=rate, target_sr=SAMPLE_RATE)
+    return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+
+
+def _read_audio_file(path: Path) -> torch.Tensor:
+    import librosa
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file not found: {path}")
+    try:
+        mono, _ = librosa.load(str(path), sr=SAMPLE_RATE, mono=True)
+    except Exception as error:  # librosa/soundfile/audioread raise many types
+        raise ValueError(f"cannot decode audio file {path} ({error}); use wav, flac, mp3 or ogg") from None
+    return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
 
 
 def _checked(wave: torch.Tensor) -> torch.Tensor:
+    if wave.dim() != 1:
+        raise ValueError(f"the waveform must be mono [samples], got {tuple(wave.shape)}")
+    if wave.numel() == 0:
+        raise ValueError("the audio is empty")
     if wave.numel() < MIN_SAMPLES:
-        raise ValueError(f"the audio is {wave.numel() / SAMPLE_RATE * 1000:.0f} ms long; at least "
-                         f"{MIN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms of sound is needed")
+        raise ValueError(f"the audio is {wave.numel() / SAMPLE_RATE * 1000:.0f} ms long, too short to drive one video "
+                         f"frame; at least {MIN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms ({MIN_SAMPLES} samples at 16 kHz) "
+                         "is needed")
     if not torch.isfinite(wave).all():
         raise ValueError("the audio contains NaN or infinite samples")
     return wave
 
 
 def normalise(wave: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit variance (silence stays zero)."""
+    """Zero mean, unit (population) variance, as the feature extractor; silence stays zero."""
     wave = wave.double()
-    return ((wave - wave.mean()) / torch.sqrt(wave.var(unbiased=False) + 1e-7)).float()
+    return ((wave - wave.mean()) / torch.sqrt(wave.var(unbiased=False) + NORM_EPS)).float()
 
 
 # ---- wav2vec2 -----------------------------------------------------------------------------
 class Wav2Vec2Encoder:
-    """wav2vec2 returning all hidden states, loaded from an HF folder or a single file
-    (Hugging Face naming, with or without `wav2vec2.`, as in ComfyUI's repackaged file)."""
+    """transformers' Wav2Vec2Model returning every hidden state."""
 
     def __init__(self, model, device="cpu", dtype=torch.float32):
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.device, self.dtype = torch.device(device), dtype
 
+    @property
+    def num_hidden_states(self) -> int:
+        return self.model.config.num_hidden_layers + 1
+
     @classmethod
-    def load(cls, path, device="cpu", dtype=torch.float32) -> "Wav2Vec2Encoder":
-        path = Path(path)
-        config = None
-        if path.is_dir():
-            if (path / "config.json").exists():
-                config = json.loads((path / "config.json").read_text())
-            files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")) + sorted(path.glob("*.pth"))
-            if not files:
-                raise FileNotFoundError(f"no wav2vec2 weights (model.safetensors / pytorch_model.bin) in {path}")
-            path = files[0]
-        elif path.suffix == ".safetensors":
-            config = _metadata_config(path)
+    def load(cls, path, device="cpu", dtype=torch.float32, config: dict | None = None) -> "Wav2Vec2Encoder":
+        """The HF folder (config.json + model.safetensors or pytorch_model.bin) or a single
+        safetensors file. `config` entries override the file's (e.g. num_attention_heads,
+        which tensor shapes do not tell)."""
         from .vae import read_state_dict
-        return cls.from_state_dict(read_state_dict(path), config, device, dtype)
+        path = Path(path)
+        if path.is_dir():
+            weights, file_config = _hf_folder_files(path)
+        else:
+            weights, file_config = path, _metadata_config(path)
+        return cls.from_state_dict(read_state_dict(weights), {**(file_config or {}), **(config or {})}, device, dtype)
 
     @classmethod
     def from_state_dict(cls, sd: dict, config: dict | None = None, device="cpu", dtype=torch.float32):
+        """Weights in Hugging Face naming, with or without `wav2vec2.`, either weight-norm
+        naming; the config is inferred from shapes, then `config` entries override it."""
         from transformers import Wav2Vec2Config, Wav2Vec2Model
-        sd = _hf_names({k: v for k, v in sd.items() if not k.startswith("lm_head.")})
-        if "encoder.layer_norm.weight" not in sd or "feature_extractor.conv_layers.0.conv.weight" not in sd:
-            raise ValueError("not a wav2vec2 state dict (no feature_extractor / encoder weights); use "
-                             "wav2vec2_large_english_fp16.safetensors or the wav2vec2-large-xlsr-53-english folder")
-        config = dict(config) if config else infer_config(sd)
-        config.update(apply_spec_augment=False, layerdrop=0.0)
-        model = Wav2Vec2Model(Wav2Vec2Config(**config))
+        sd = hf_state_dict(sd)
+        settings = {**infer_config(sd), **(config or {}), "apply_spec_augment": False, "layerdrop": 0.0}
+        try:
+            with torch.device("meta"):  # no random init: every tensor comes from sd
+                model = Wav2Vec2Model(Wav2Vec2Config(**settings))
+        except Exception as error:
+            raise ValueError(f"invalid wav2vec2 config ({error})") from None
         expected = model.state_dict()
-        sd = _match_weight_norm(sd, expected)
-        sd.setdefault("masked_spec_embed", expected["masked_spec_embed"])  # unused at inference
-        missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"wav2vec2 weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        sd = _rename_weight_norm(sd, expected)
+        if "masked_spec_embed" in expected:  # training-time masking only: any value will do
+            sd.setdefault("masked_spec_embed", torch.zeros(expected["masked_spec_embed"].shape))
+        _check_fits(sd, expected)
+        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise ValueError("this transformers version builds wav2vec2 tensors that the checkpoint does not hold")
         return cls(model, device, dtype)
 
-    def hidden_states(self, normalised_wave: torch.Tensor) -> torch.Tensor:
-        """[T] normalised 16 kHz samples -> [layers + 1, T50, hidden] fp32."""
+    def hidden_states(self, waveform_16k: torch.Tensor) -> torch.Tensor:
+        """[T] mono 16 kHz samples (raw; normalised here) -> [layers + 1, T50, hidden] fp32 CPU."""
+        wave = normalise(_checked(torch.as_tensor(waveform_16k).float().cpu()))
         with torch.no_grad():
-            out = self.model(normalised_wave[None].to(self.device, self.dtype), output_hidden_states=True)
-        return torch.cat(out.hidden_states).float().cpu()
+            out = self.model(wave[None].to(self.device, self.dtype), output_hidden_states=True)
+        # The last state is taken after the encoder's final layer norm, as transformers 4.x
+        # (the original pins <= 4.51.3) and ComfyUI return it; transformers 5 puts the
+        # state before that norm in hidden_states[-1], so it comes from last_hidden_state.
+        states = (*out.hidden_states[:-1], out.last_hidden_state)
+        return torch.cat(states).float().cpu()
+
+
+def _hf_folder_files(folder: Path) -> tuple[Path, dict | None]:
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else None
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name, config
+    found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not found:
+        raise FileNotFoundError(f"no wav2vec2 weights (model.safetensors or pytorch_model.bin) in {folder}")
+    return found[0], config
 
 
 def _metadata_config(path: Path) -> dict | None:
+    """A config stored in the safetensors header (our tiny test files); None otherwise."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
     from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:
+        return None  # read_state_dict reports unreadable files
     return json.loads(metadata["config"]) if "config" in metadata else None
 
 
-def _hf_names(sd: dict) -> dict:
-    return {k[len("wav2vec2."):] if k.startswith("wav2vec2.") else k: v for k, v in sd.items()}
+def hf_state_dict(sd: dict) -> dict:
+    """Any wav2vec2 checkpoint layout -> Wav2Vec2Model names: drop the ForCTC `wav2vec2.`
+    prefix and the heads (lm_head, pretraining quantizer). ComfyUI's repackaged file uses
+    these same names (its comfy/audio_encoders/wav2vec2.py mirrors them), with or without
+    the prefix; its positional conv weight norm is stored either way (see WEIGHT_NORM_NAMES)."""
+    if any(k.startswith("model.encoder.embed_positions") for k in sd):
+        raise ValueError("this is a Whisper audio encoder; LiveAvatar needs wav2vec2 "
+                         "(wav2vec2_large_english_fp16.safetensors or the wav2vec2-large-xlsr-53-english folder)")
+    out = {}
+    for key, value in sd.items():
+        key = key[len("wav2vec2."):] if key.startswith("wav2vec2.") else key
+        if not key.startswith(IGNORED_PREFIXES):
+            out[key] = value
+    required = ("feature_extractor.conv_layers.0.conv.weight", "encoder.layer_norm.weight",
+                "encoder.layers.0.feed_forward.intermediate_dense.weight")
+    if not all(k in out for k in required) or not any(k.startswith(POS_CONV) for k in out):
+        raise ValueError("not a wav2vec2 checkpoint (no feature_extractor / encoder weights); use "
+                         "wav2vec2_large_english_fp16.safetensors or the wav2vec2-large-xlsr-53-english folder")
+    return out
 
 
-def _match_weight_norm(sd: dict, expected: dict) -> dict:
-    """Positional conv weight norm: weight_g/weight_v (older transformers, the original
-    files) vs parametrizations.weight.original0/1 (newer transformers, ComfyUI)."""
-    base = "encoder.pos_conv_embed.conv."
-    old, new = (base + "weight_g", base + "weight_v"), (base + "parametrizations.weight.original0",
-                                                      base + "parametrizations.weight.original1")
+def _rename_weight_norm(sd: dict, expected: dict) -> dict:
+    """Store the positional conv weight norm under the names this transformers/torch uses."""
+    wanted = "new" if WEIGHT_NORM_NAMES["new"][0] in expected else "old"
+    other = "old" if wanted == "new" else "new"
     sd = dict(sd)
-    if new[0] in expected and old[0] in sd:
-        sd[new[0]], sd[new[1]] = sd.pop(old[0]), sd.pop(old[1])
-    elif old[0] in expected and new[0] in sd:
-        sd[old[0]], sd[old[1]] = sd.pop(new[0]), sd.pop(new[1])
+    for src, dst in zip(WEIGHT_NORM_NAMES[other], WEIGHT_NORM_NAMES[wanted]):
+        if src in sd:
+            sd[dst] = sd.pop(src)
     return sd
 
 
+def _check_fits(sd: dict, expected: dict):
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(f"the wav2vec2 weights do not fit the config: missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}, wrong shapes {wrong[:4]}")
+
+
 def infer_config(sd: dict) -> dict:
-    """A transformers Wav2Vec2Config from tensor shapes (for files without config.json)."""
+    """Wav2Vec2Config entries from tensor shapes (HF names, as hf_state_dict returns), the way
+    ComfyUI tells base from large: layer-normed convs mean the large, stable-layer-norm
+    family. Head count is not in the shapes: 64-wide heads, as every wav2vec2 release."""
     hidden = sd["encoder.layer_norm.weight"].shape[0]
-    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
-    convs = sorted({int(m.group(1)) for k in sd if (m := re.match(r"feature_extractor\.conv_layers\.(\d+)\.", k))})
-    kernels = [sd[f"feature_extractor.conv_layers.{i}.conv.weight"].shape[-1] for i in convs]
-    pos = next(v for k, v in sd.items() if k.startswith("encoder.pos_conv_embed.conv.") and v.dim() == 3 and v.shape[0] == hidden)
-    layer_norm_convs = "feature_extractor.conv_layers.1.layer_norm.weight" in sd  # the "large" family
-    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),  # 64-wide heads (16 in the large model)
-                intermediate_size=sd["encoder.layers.0.feed_forward.intermediate_dense.weight"].shape[0],
-                conv_dim=[sd[f"feature_extractor.conv_layers.{i}.conv.weight"].shape[0] for i in convs],
-                conv_kernel=kernels, conv_stride=[max(2, k // 2) for k in kernels],  # wav2vec2: 10/5 then 3/2, 2/2
-                conv_bias=f"feature_extractor.conv_layers.0.conv.bias" in sd,
-                feat_extract_norm="layer" if layer_norm_convs else "group",
-                num_conv_pos_embeddings=pos.shape[-1], num_conv_pos_embedding_groups=hidden // pos.shape[1],
-                do_stable_layer_norm=layer_norm_convs, feat_extract_activation="gelu", hidden_act="gelu")
+    convs = _indices(sd, r"feature_extractor\.conv_layers\.(\d+)\.conv\.weight")
+    conv_weights = [sd[f"feature_extractor.conv_layers.{i}.conv.weight"] for i in convs]  # [out, in, kernel]
+    pos_conv = sd.get(WEIGHT_NORM_NAMES["new"][1], sd.get(WEIGHT_NORM_NAMES["old"][1]))  # [hidden, hidden/groups, K]
+    if pos_conv is None:
+        raise ValueError("not a wav2vec2 checkpoint: no positional convolution weights")
+    layer_norm_convs = "feature_extractor.conv_layers.1.layer_norm.weight" in sd
+    kernels = [w.shape[-1] for w in conv_weights]
+    return dict(
+        hidden_size=hidden, num_hidden_layers=len(_indices(sd, r"encoder\.layers\.(\d+)\.")),
+        num_attention_heads=max(1, hidden // HEAD_WIDTH),
+        intermediate_size=sd["encoder.layers.0.feed_forward.intermediate_dense.weight"].shape[0],
+        conv_dim=[w.shape[0] for w in conv_weights], conv_kernel=kernels,
+        conv_stride=[5 if k == 10 else 2 for k in kernels],  # wav2vec2's fixed feature encoder: 10/5, then /2
+        conv_bias="feature_extractor.conv_layers.0.conv.bias" in sd,
+        feat_extract_norm="layer" if layer_norm_convs else "group", do_stable_layer_norm=layer_norm_convs,
+        num_conv_pos_embeddings=pos_conv.shape[-1], num_conv_pos_embedding_groups=hidden // pos_conv.shape[1],
+        feat_extract_activation="gelu", hidden_act="gelu")
+
+
+def _indices(sd: dict, pattern: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in sd if (m := re.match(pattern, k))})
 
 
 # ---- features per video frame ---------------------------------------------------------------
 def resample_to_30hz(hidden_states: torch.Tensor) -> torch.Tensor:
     """[layers, T50, C] -> [layers, int(T50 / 50 * 30), C], linear, align_corners."""
     steps = int(hidden_states.shape[1] / FEATURE_RATE * RESAMPLED_RATE)
-    x = F.interpolate(hidden_states.transpose(1, 2), size=steps, mode="linear", align_corners=True)
+    if steps == 0:
+        raise ValueError(f"{hidden_states.shape[1]} wav2vec2 frame(s) are too few for one video frame; "
+                         f"the audio must be at least {MIN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms long")
+    x = F.interpolate(hidden_states.float().transpose(1, 2), size=steps, mode="linear", align_corners=True)
     return x.transpose(1, 2)
 
 
+def num_clips_for(t30: int, infer_frames: int, fps: int = VIDEO_FPS) -> int:
+    """The original's clip count for T30 features: int(T30 / (infer_frames * 30 / fps)) + 1
+    (one more than whole clips, so a clip boundary at the very end adds an empty clip)."""
+    return int(t30 / (infer_frames * RESAMPLED_RATE / fps)) + 1
+
+
 def per_frame_features(features_30hz: torch.Tensor, infer_frames: int, fps: int = VIDEO_FPS):
-    """[layers, T30, C] -> ([layers, C, clips * infer_frames], frames covered): video frame i
-    takes the 30 Hz feature nearest its time (index round(i * 30 / fps)); frames past the
-    speech get zero features."""
+    """[layers, T30, C] -> ([layers, C, clips * infer_frames], video frames carrying speech):
+    frame i at time i / fps takes 30 Hz feature round(i / fps * 30); past T30, zeros."""
+    if int(infer_frames) != infer_frames or infer_frames <= 0:
+        raise ValueError(f"infer_frames must be a positive whole number of video frames, got {infer_frames}")
     layers, t30, channels = features_30hz.shape
-    clips = int(t30 / (infer_frames * RESAMPLED_RATE / fps)) + 1
-    frames = clips * infer_frames
-    index = np.round(np.arange(frames) / fps * RESAMPLED_RATE).astype(np.int64)
-    covered = int((index < t30).sum())
-    out = torch.zeros(layers, channels, frames)
+    frames = num_clips_for(t30, infer_frames, fps) * infer_frames
+    times = np.linspace(0, frames / fps, frames, endpoint=False)  # seconds, as the original samples them
+    index = np.round(times * RESAMPLED_RATE).astype(np.int64)
+    covered = int((index < t30).sum())  # indices grow with i: the covered frames come first
+    out = features_30hz.new_zeros(layers, channels, frames)
     out[:, :, :covered] = features_30hz[:, torch.from_numpy(index[:covered])].transpose(1, 2)
     return out, covered
 
 
-def encode_audio(encoder: Wav2Vec2Encoder, wave_16k: torch.Tensor) -> AudioFeatures:
+def audio_coverage(num_samples: int, infer_frames: int, fps: int = VIDEO_FPS) -> tuple[int, int]:
+    """(video frames, clips) the audio's duration spans: frames = ceil(duration * fps), the
+    frames that start before the audio ends; clips = ceil(frames / infer_frames). By duration
+    only: the features' own count (per_frame_features) is int(T30 / (1.2 infer_frames)) + 1
+    clips with `covered` <= frames frames of speech."""
+    frames = math.ceil(num_samples * fps / SAMPLE_RATE)
+    return frames, math.ceil(frames / infer_frames)
+
+
+@dataclass
+class AudioFeatures:
+    """What flows from the audio encoder to the sampler: all wav2vec2 layers at 30 Hz, laid
+    out per video frame on demand (the padding depends on the clip length)."""
+
+    features_30hz: torch.Tensor  # [layers + 1, T30, hidden], fp32, CPU
+    num_samples: int  # of the 16 kHz waveform
+
+    @classmethod
+    def from_hidden_states(cls, hidden_states: torch.Tensor, num_samples: int) -> "AudioFeatures":
+        """All hidden states at 50 Hz [layers + 1, T50, hidden] (ours or ComfyUI's
+        torch.cat(encoded_audio_all_layers) for a batch of one)."""
+        if hidden_states.dim() != 3:
+            raise ValueError(f"hidden states must be [layers + 1, frames, hidden], got {tuple(hidden_states.shape)}")
+        return cls(resample_to_30hz(hidden_states.float().cpu()), int(num_samples))
+
+    def per_frame(self, infer_frames: int, fps: int = VIDEO_FPS) -> tuple[torch.Tensor, int]:
+        """([layers + 1, hidden, clips * infer_frames], video frames carrying speech)."""
+        return per_frame_features(self.features_30hz, infer_frames, fps)
+
+    def num_clips(self, infer_frames: int, fps: int = VIDEO_FPS) -> int:
+        return num_clips_for(self.features_30hz.shape[1], infer_frames, fps)
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_samples / SAMPLE_RATE
+
+
+def encode_audio(encoder: Wav2Vec2Encoder, waveform_16k: torch.Tensor) -> AudioFeatures:
     """16 kHz mono waveform -> all layers at 30 Hz (see AudioFeatures.per_frame)."""
-    features = resample_to_30hz(encoder.hidden_states(normalise(_checked(wave_16k))))
-    if features.shape[1] == 0:
-        raise ValueError("the audio is too short to cover one video frame (40 ms)")
-    return AudioFeatures(features)
+    wave = _checked(torch.as_tensor(waveform_16k).float().cpu())
+    return AudioFeatures.from_hidden_states(encoder.hidden_states(wave), wave.numel())

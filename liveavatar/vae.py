@@ -1,14 +1,28 @@
 """The Wan2.1 video VAE (causal 3-D convolutions) with streaming decode.
 
-Parameter names follow the original `Wan2.1_VAE.pth` (encoder.*, conv1, conv2, decoder.*).
-Time is causal: every temporal convolution sees the current chunk plus the last two
-input frames of the previous chunk (its *cache*), zero frames before the first chunk. The
-encoder takes video in chunks of 1, then 4 frames (4x temporal compression, so video
-frames 1 + 4k -> latents 1 + k); the decoder takes one latent at a time. Carrying the
-caches between calls makes a stream of decode calls equal to one full decode, with memory
-independent of video length.
+Parameter names follow the original `Wan2.1_VAE.pth` (encoder.*, conv1, conv2, decoder.*);
+ComfyUI's `wan_2.1_vae.safetensors` and `comfy.sd.VAE.first_stage_model.state_dict()` use
+the same names (comfy/ldm/wan/vae.py mirrors the original), so one loader reads all three.
+Time is causal: every temporal convolution sees the current chunk plus the last two input
+frames of the previous chunk (its *cache*), zero frames before the first chunk. The encoder
+takes video in chunks of 1, then 4 frames (video frames 1 + 4k -> latents 1 + k); the
+decoder takes one latent at a time (latent 0 -> 1 frame, every later latent -> 4 frames).
+Carrying the caches between calls makes a stream of decode calls equal to one full decode,
+with memory independent of video length.
 
-Latents are normalised per channel: (mu - mean) / std with Wan2.1's fixed constants.
+Latents are normalised per channel, (mu - mean) / std, with Wan2.1's fixed constants.
+
+Public API:
+    WanVAE.load(path, device="cpu", dtype=torch.float32)        .pth or .safetensors
+    WanVAE.from_state_dict(sd, device="cpu", dtype=torch.float32, config=None, mean=..., std=...)
+    vae.encode(video [3, 1 + 4k, H, W] in [-1, 1]) -> latents [16, 1 + k, H/8, W/8] (fp32)
+    vae.decode(latents [16, t, h, w], clamp=True) -> video [3, 1 + 4(t - 1), 8h, 8w] (fp32)
+    vae.stream_decoder() -> StreamDecoder: .decode(latents_chunk, clamp=True) -> frames, .reset()
+    vae.encode_portrait(image [3, 1, H, W]) -> (ref_latent [16, 1, h, w], motion [16, 19, h, w])
+    normalised_to_raw(latents) / raw_to_normalised(raw)   [..., 16, t, h, w]; ComfyUI's LATENT
+        for Wan holds raw latents (its Wan21 latent format normalises inside the sampler)
+    config_from_state_dict(sd) -> dict(dim, z_dim, dim_mult, num_res_blocks, temporal_downsample)
+    read_state_dict(path) -> dict  (safetensors, or torch.load(weights_only=True))
 """
 from __future__ import annotations
 
@@ -30,6 +44,24 @@ ENCODE_CHUNK = 4
 FIRST_CHUNK = "first chunk"  # marker: an upsample3d site that has seen only the first chunk
 
 
+def _stats(like: torch.Tensor):
+    shape = (len(LATENT_MEAN), 1, 1, 1)
+    mean = torch.tensor(LATENT_MEAN, device=like.device, dtype=torch.float32).view(shape)
+    return mean, torch.tensor(LATENT_STD, device=like.device, dtype=torch.float32).view(shape)
+
+
+def normalised_to_raw(latents: torch.Tensor) -> torch.Tensor:
+    """DiT-space latents [..., 16, t, h, w] -> raw VAE means (ComfyUI's LATENT convention)."""
+    mean, std = _stats(latents)
+    return latents.float() * std + mean
+
+
+def raw_to_normalised(raw: torch.Tensor) -> torch.Tensor:
+    """Raw VAE means [..., 16, t, h, w] (e.g. a ComfyUI LATENT) -> DiT-space latents."""
+    mean, std = _stats(raw)
+    return (raw.float() - mean) / std
+
+
 class TimeCache:
     """The causal convolutions' carried frames: one slot per call site, in call order."""
 
@@ -49,6 +81,10 @@ class TimeCache:
             self.slots.append(None)
         self.slots[self.index] = value
         self.index += 1
+
+    def nbytes(self) -> int:
+        """Memory the cache holds (whole storages, so a view of a bigger tensor counts fully)."""
+        return sum(t.untyped_storage().nbytes() for t in self.slots if isinstance(t, torch.Tensor))
 
 
 class CausalConv3d(nn.Conv3d):
@@ -88,7 +124,7 @@ def cached(conv: CausalConv3d, x, cache: TimeCache):
     if conv.time_pad == 0:
         return conv(x)
     previous = cache.previous()
-    keep = x[:, :, -CACHE_FRAMES:]
+    keep = x[:, :, -CACHE_FRAMES:].clone()  # a copy: a view would pin the whole chunk
     if keep.shape[2] < CACHE_FRAMES and previous is not None:
         keep = torch.cat([previous[:, :, -1:].to(keep), keep], dim=2)
     cache.store(keep)
@@ -142,7 +178,7 @@ class Resample(nn.Module):
         if previous is None:
             cache.store(FIRST_CHUNK)
             return x
-        keep = x[:, :, -CACHE_FRAMES:]
+        keep = x[:, :, -CACHE_FRAMES:].clone()
         if keep.shape[2] < CACHE_FRAMES:
             before = torch.zeros_like(keep) if previous is FIRST_CHUNK else previous[:, :, -1:].to(keep)
             keep = torch.cat([before, keep], dim=2)
@@ -154,7 +190,7 @@ class Resample(nn.Module):
         """Frames 1+4k -> 1+2k: the first chunk passes through; later chunks are convolved
         with stride 2 after the previous chunk's last frame."""
         previous = cache.previous()
-        cache.store(x[:, :, -1:])
+        cache.store(x[:, :, -1:].clone())
         if previous is None:
             return x
         return self.time_conv(torch.cat([previous[:, :, -1:].to(x), x], dim=2))
@@ -278,24 +314,42 @@ class VideoVAE(nn.Module):
 
 
 def config_from_state_dict(sd: dict) -> dict:
-    """Network shape from tensor shapes (Wan2.1: dim 96, z 16, mult 1,2,4,4, 2 res blocks)."""
+    """Network shape from tensor shapes (Wan2.1: dim 96, z 16, mult 1,2,4,4, 2 res blocks,
+    temporal downsampling in the 2nd and 3rd stage)."""
     dim = sd["encoder.conv1.weight"].shape[0]
     z_dim = sd["conv2.weight"].shape[0]
-    stages, current, res_blocks, temporal = [], [], 0, []
+    stages, current, temporal = [], [], []
     layer = 0
-    while f"encoder.downsamples.{layer}.residual.0.gamma" in sd or f"encoder.downsamples.{layer}.resample.1.weight" in sd:
+    while True:
         prefix = f"encoder.downsamples.{layer}."
-        if prefix + "residual.0.gamma" in sd:
+        if prefix + "residual.0.gamma" in sd:  # a residual block: its output width
             current.append(sd[prefix + "residual.2.weight"].shape[0])
-        else:
+        elif prefix + "resample.1.weight" in sd:  # a downsample ends the stage
             stages.append(current)
             current = []
             temporal.append(prefix + "time_conv.weight" in sd)
+        else:
+            break
         layer += 1
     stages.append(current)
-    res_blocks = len(stages[0])
-    return dict(dim=dim, z_dim=z_dim, dim_mult=tuple(s[-1] // dim for s in stages), num_res_blocks=res_blocks,
+    if not all(stages) or len({len(s) for s in stages}) != 1:
+        raise ValueError("unexpected Wan VAE encoder layout (stages with differing residual block counts)")
+    return dict(dim=dim, z_dim=z_dim, dim_mult=tuple(s[-1] // dim for s in stages), num_res_blocks=len(stages[0]),
                 temporal_downsample=tuple(temporal))
+
+
+def network_config(config: dict) -> dict:
+    """A config in the original's spelling (the fixture manifests: temperal_downsample,
+    attn_scales, dropout) -> VideoVAE arguments."""
+    config = dict(config)
+    if config.pop("attn_scales", []):
+        raise ValueError("attn_scales must be empty: the Wan2.1 VAE has attention only in its middle blocks")
+    config.pop("dropout", None)  # inference: no dropout
+    if "temperal_downsample" in config:
+        config["temporal_downsample"] = config.pop("temperal_downsample")
+    config["dim_mult"] = tuple(config.get("dim_mult", (1, 2, 4, 4)))
+    config["temporal_downsample"] = tuple(config.get("temporal_downsample", (False, True, True)))
+    return config
 
 
 class StreamDecoder:
@@ -307,36 +361,50 @@ class StreamDecoder:
         self.cache = TimeCache()
 
     def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """Normalised latents [16, t, h, w] -> frames [3, T, H, W] in [-1, 1]."""
+        """Normalised latents [16, t, h, w] -> frames [3, T, 8h, 8w] (fp32, on the VAE's
+        device), T = 4t, or 4t - 3 on the stream's first call."""
+        self.vae.check_latents(latents)
         with torch.no_grad():
-            z = self.vae.denormalise(latents)
-            frames = self.vae.net.decode_frames(z, self.cache)[0].float()
+            frames = self.vae.net.decode_frames(self.vae.denormalise(latents), self.cache)[0].float()
         return frames.clamp(-1, 1) if clamp else frames
 
     def reset(self):
+        """Start a new stream (the next latent is a first latent again)."""
         self.cache = TimeCache()
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache.nbytes()
 
 
 class WanVAE:
     """Wan2.1 VAE on one device, in fp32 or bf16; latents normalised as the DiT expects."""
 
     def __init__(self, net: VideoVAE, device="cpu", dtype=torch.float32, mean=LATENT_MEAN, std=LATENT_STD):
+        if len(mean) != net.z_dim or len(std) != net.z_dim:
+            raise ValueError(f"latent mean/std need {net.z_dim} values (one per latent channel), got {len(mean)}/{len(std)}")
         self.net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.device, self.dtype = torch.device(device), dtype
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
 
     @classmethod
-    def from_state_dict(cls, sd: dict, device="cpu", dtype=torch.float32, **kwargs) -> "WanVAE":
+    def from_state_dict(cls, sd: dict, device="cpu", dtype=torch.float32, config: dict | None = None,
+                        **kwargs) -> "WanVAE":
+        """Original / ComfyUI naming (optionally prefixed first_stage_model. or vae.); the
+        network shape from `config` (original spelling accepted) or else from tensor shapes."""
         sd = _strip_vae_prefix(sd)
-        if "encoder.conv1.weight" not in sd or "decoder.head.2.weight" not in sd:
-            raise ValueError("not a Wan2.1 VAE state dict (no encoder.conv1 / decoder.head weights); "
-                             "use wan_2.1_vae.safetensors or Wan2.1_VAE.pth")
         if "decoder.upsamples.0.upsamples.0.residual.2.weight" in sd:
             raise ValueError("this is the Wan2.2 (4x16x16) VAE; LiveAvatar uses the Wan2.1 VAE (wan_2.1_vae.safetensors)")
+        if "encoder.conv1.weight" not in sd or "conv2.weight" not in sd or "decoder.head.2.weight" not in sd:
+            raise ValueError("not a Wan2.1 VAE checkpoint (no encoder.conv1 / conv2 / decoder.head weights); "
+                             "use wan_2.1_vae.safetensors or Wan2.1_VAE.pth")
         with torch.device("meta"):
-            net = VideoVAE(**config_from_state_dict(sd))
-        net.load_state_dict(sd, strict=True, assign=True)
+            net = VideoVAE(**network_config(config or config_from_state_dict(sd)))
+        try:
+            net.load_state_dict(sd, strict=True, assign=True)
+        except RuntimeError as error:
+            raise ValueError(f"the VAE weights do not fit a Wan2.1 VAE of that config: {str(error)[:600]}") from None
         return cls(net, device, dtype, **kwargs)
 
     @classmethod
@@ -348,27 +416,49 @@ class WanVAE:
         return (mu.float() - self.mean) / self.std
 
     def denormalise(self, latents):
+        """[z, t, h, w] -> [1, z, t, h, w] in the compute dtype."""
         return (latents.to(self.device).float() * self.std + self.mean).unsqueeze(0).to(self.dtype)
+
+    # ---- input checks -------------------------------------------------------------------
+    def check_latents(self, latents):
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[0] != self.net.z_dim \
+                or latents.shape[1] == 0:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents must be [{self.net.z_dim}, frames >= 1, h, w], got {shape}")
+
+    @staticmethod
+    def check_video(video):
+        if not isinstance(video, torch.Tensor) or video.dim() != 4 or video.shape[0] != 3:
+            shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ValueError(f"video must be a tensor [3, frames, H, W] in [-1, 1], got {shape}")
+        frames, height, width = video.shape[1:]
+        if (frames - 1) % ENCODE_CHUNK:
+            raise ValueError(f"the VAE encodes 1 + 4k frames (1, 5, 9, ...), got {frames}")
+        if height % 8 or width % 8 or not height or not width:
+            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
 
     # ---- whole clips ------------------------------------------------------------------
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Video [3, 1+4k, H, W] in [-1, 1] -> normalised latents [16, 1+k, H/8, W/8] (fp32)."""
-        if video.dim() != 4 or video.shape[0] != 3:
-            raise ValueError(f"video must be [3, frames, H, W], got {tuple(video.shape)}")
+        self.check_video(video)
         with torch.no_grad():
             mu = self.net.encode_chunks(video.unsqueeze(0).to(self.device, self.dtype), TimeCache())
         return self.normalise(mu[0])
 
-    def decode(self, latents: torch.Tensor, clamp: bool = False) -> torch.Tensor:
-        """Normalised latents [16, t, h, w] -> video [3, 1 + 4(t-1), H, W]."""
+    def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Normalised latents [16, t, h, w] -> video [3, 1 + 4(t-1), 8h, 8w] (fp32)."""
         return StreamDecoder(self).decode(latents, clamp=clamp)
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
     def encode_portrait(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Portrait [3, 1, H, W] in [-1, 1] -> (reference latent [16, 1, h, w], the 19 FramePack
-        motion latents [16, 19, h, w] = the portrait held still for 73 frames)."""
+        """Portrait [3, 1, H, W] in [-1, 1] -> (reference latent [16, 1, h, w]: the portrait
+        encoded alone; the 19 FramePack motion latents [16, 19, h, w]: the portrait held
+        still for 73 frames, encoded)."""
+        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[:2] != (3, 1):
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"the portrait must be [3, 1, H, W] in [-1, 1] (see portrait.prepare_portrait), got {shape}")
         ref = self.encode(image)
         motion = self.encode(image.expand(-1, MOTION_FRAMES, -1, -1))
         return ref, motion
@@ -382,12 +472,20 @@ def _strip_vae_prefix(sd: dict) -> dict:
 
 
 def read_state_dict(path) -> dict:
-    """safetensors, or .pth/.pt via torch.load(weights_only=True)."""
+    """safetensors, or .pth/.pt/.bin via torch.load(weights_only=True) (a {"state_dict": ...}
+    wrapper is opened). Unreadable files raise ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"VAE weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read weights from {path} ({type(error).__name__}: {str(error)[:200]}); "
+                         "expected a .safetensors file or a PyTorch state dict (.pth, .bin)") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state

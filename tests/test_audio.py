@@ -1,18 +1,33 @@
-"""Audio features against the original's fixtures; file layouts; input handling."""
+"""wav2vec2 audio features against the original's fixtures; file layouts; input handling.
+
+Everything about the model (config, clip length, tolerance) comes from each fixture set's
+audio.json, so the same tests run on every set.
+
+The last hidden state: the original (transformers <= 4.51.3) and ComfyUI take it after the
+encoder's final layer norm. Fixture sets made with transformers >= 5 (the manifest's
+config.transformers_version) hold it before that norm, because v5's Wav2Vec2Model records
+hidden_states[-1] there; for those sets the norm is applied to the fixture's last state
+(and carried through the 30 Hz / per-frame steps) before comparing."""
 import json
+from functools import lru_cache
 
 import numpy as np
 import pytest
 import soundfile
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from conftest import fixture_sets, load_manifest, load_tensors, relative_l2
 from liveavatar import audio as A
 
 SETS = fixture_sets("audio")
+# Rounding the weights to fp16 moves the outputs by ~1e-3 relative; well under this bound,
+# far above what a wrong key mapping gives (order 1).
+FP16_WEIGHTS_BOUND = 2e-2
 
 
+@lru_cache(maxsize=None)
 def manifest(set_dir):
     return load_manifest(set_dir, "audio")
 
@@ -21,8 +36,8 @@ def tolerance(set_dir):
     return manifest(set_dir)["tolerance"]["relative_l2"]
 
 
-def encoder(set_dir) -> A.Wav2Vec2Encoder:
-    return A.Wav2Vec2Encoder.from_state_dict(load_tensors(set_dir, "audio", prefix="weights."), manifest(set_dir)["config"])
+def weights(set_dir):
+    return load_tensors(set_dir, "audio", prefix="weights.")
 
 
 def outputs(set_dir):
@@ -33,81 +48,151 @@ def waveform(set_dir):
     return load_tensors(set_dir, "audio", prefix="inputs.")["waveform_16k"]
 
 
+def last_state_is_before_final_norm(set_dir) -> bool:
+    config = manifest(set_dir)["config"]
+    made_with_v5 = int(str(config.get("transformers_version", "4")).split(".")[0]) >= 5
+    return made_with_v5 and config["do_stable_layer_norm"]
+
+
+def expected_hidden_states(set_dir) -> torch.Tensor:
+    """The fixture's 50 Hz hidden states with the last one after the final layer norm."""
+    hidden = outputs(set_dir)["hidden_states_50hz"].clone()
+    if last_state_is_before_final_norm(set_dir):
+        w = A.hf_state_dict(weights(set_dir))
+        hidden[-1] = F.layer_norm(hidden[-1], hidden.shape[-1:], w["encoder.layer_norm.weight"],
+                                  w["encoder.layer_norm.bias"], manifest(set_dir)["config"]["layer_norm_eps"])
+    return hidden
+
+
+def expected_per_frame(set_dir) -> torch.Tensor:
+    """The fixture's per-frame features; for v5-made sets the last layer is recomputed from the
+    normed last state with the 30 Hz and per-frame steps (each checked alone below)."""
+    m = manifest(set_dir)
+    expected = outputs(set_dir)["per_frame_features"].clone()
+    if last_state_is_before_final_norm(set_dir):
+        last = A.resample_to_30hz(expected_hidden_states(set_dir)[-1:])
+        expected[-1:] = A.per_frame_features(last, m["infer_frames"], m["fps"])[0]
+    return expected
+
+
+def encoder(set_dir, state_dict=None) -> A.Wav2Vec2Encoder:
+    return A.Wav2Vec2Encoder.from_state_dict(weights(set_dir) if state_dict is None else state_dict,
+                                             manifest(set_dir)["config"])
+
+
+# ---- the feature path, step by step ---------------------------------------------------------
 @pytest.mark.parametrize("set_dir", SETS)
 def test_parity_audio_normalised_input(set_dir):
     assert relative_l2(A.normalise(waveform(set_dir)), outputs(set_dir)["normalized_input"]) < tolerance(set_dir)
 
 
 @pytest.mark.parametrize("set_dir", SETS)
-def test_parity_audio_all_hidden_states(set_dir):
-    hidden = encoder(set_dir).hidden_states(outputs(set_dir)["normalized_input"])
-    assert relative_l2(hidden, outputs(set_dir)["hidden_states_50hz"]) < tolerance(set_dir)
+def test_parity_audio_hidden_states(set_dir):
+    hidden = encoder(set_dir).hidden_states(waveform(set_dir))
+    assert hidden.shape[0] == manifest(set_dir)["config"]["num_hidden_layers"] + 1
+    assert relative_l2(hidden, expected_hidden_states(set_dir)) < tolerance(set_dir)
+    # the states before the last are the fixture's as they are
+    assert relative_l2(hidden[:-1], outputs(set_dir)["hidden_states_50hz"][:-1]) < tolerance(set_dir)
 
 
 @pytest.mark.parametrize("set_dir", SETS)
-def test_parity_audio_30hz_interpolation(set_dir):
-    resampled = A.resample_to_30hz(outputs(set_dir)["hidden_states_50hz"])
+def test_parity_audio_30hz_features(set_dir):
+    hidden = outputs(set_dir)["hidden_states_50hz"]
+    resampled = A.resample_to_30hz(hidden)
+    assert resampled.shape[1] == int(hidden.shape[1] / 50 * 30)
     assert relative_l2(resampled, outputs(set_dir)["features_30hz"]) < tolerance(set_dir)
 
 
 @pytest.mark.parametrize("set_dir", SETS)
 def test_parity_audio_per_frame_features(set_dir):
     m = manifest(set_dir)
-    features, frames = A.per_frame_features(outputs(set_dir)["features_30hz"], m["infer_frames"], m["fps"])
+    features, covered = A.per_frame_features(outputs(set_dir)["features_30hz"], m["infer_frames"], m["fps"])
     expected = outputs(set_dir)["per_frame_features"]
-    assert features.shape == expected.shape and features.shape[-1] == m["clips"] * m["infer_frames"]
+    assert features.shape == expected.shape == (expected.shape[0], m["config"]["hidden_size"], m["clips"] * m["infer_frames"])
     assert relative_l2(features, expected) < tolerance(set_dir)
-    # frames past the speech are the zero padding, frames before it are not
-    assert (expected[..., frames:] == 0).all() and (expected[..., frames - 1] != 0).any()
+    # the frames past the speech are the zero padding; the last covered one is not
+    assert (expected[..., covered:] == 0).all() and (expected[..., covered - 1] != 0).any()
 
 
 @pytest.mark.parametrize("set_dir", SETS)
 def test_parity_audio_end_to_end(set_dir):
     m = manifest(set_dir)
     result = A.encode_audio(encoder(set_dir), waveform(set_dir))
-    features, _ = result.per_frame(m["infer_frames"])
-    assert result.num_clips(m["infer_frames"]) == m["clips"]
+    features, covered = result.per_frame(m["infer_frames"], m["fps"])
+    assert result.num_clips(m["infer_frames"], m["fps"]) == m["clips"]
+    assert relative_l2(features, expected_per_frame(set_dir)) < tolerance(set_dir)
+    assert relative_l2(features[:-1], outputs(set_dir)["per_frame_features"][:-1]) < tolerance(set_dir)
+    frames, clips = A.audio_coverage(waveform(set_dir).numel(), m["infer_frames"], m["fps"])
+    assert covered <= frames and clips == m["clips"]
+
+
+@pytest.mark.parametrize("set_dir", SETS)
+def test_parity_audio_features_from_comfy_style_hidden_states(set_dir):
+    """ComfyUI's AudioEncoderEncode gives the same hidden states as a tuple per layer."""
+    m = manifest(set_dir)
+    per_layer = tuple(h[None] for h in outputs(set_dir)["hidden_states_50hz"])  # [1, T50, hidden] each
+    result = A.AudioFeatures.from_hidden_states(torch.cat(per_layer), waveform(set_dir).numel())
+    features, _ = result.per_frame(m["infer_frames"], m["fps"])
     assert relative_l2(features, outputs(set_dir)["per_frame_features"]) < tolerance(set_dir)
 
 
-def _hf_folder(set_dir, tmp_path, fmt):
+# ---- file layouts -----------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("set_dir", SETS)
+def test_parity_audio_hf_folder(set_dir, fmt, tmp_path):
+    """wav2vec2-large-xlsr-53-english/ as shipped in Wan2.2-S2V-14B: config.json and the
+    Wav2Vec2ForCTC weights (`wav2vec2.` prefix, lm_head, weight_g / weight_v)."""
     folder = tmp_path / "wav2vec2-large-xlsr-53-english"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(manifest(set_dir)["config"]))
-    weights = load_tensors(set_dir, "audio", prefix="weights.")
     if fmt == "safetensors":
-        save_file(weights, str(folder / "model.safetensors"))
+        save_file(weights(set_dir), str(folder / "model.safetensors"))
     else:
-        torch.save(weights, folder / "pytorch_model.bin")
-    return folder
+        torch.save(weights(set_dir), folder / "pytorch_model.bin")
+    hidden = A.Wav2Vec2Encoder.load(folder).hidden_states(waveform(set_dir))
+    assert relative_l2(hidden, expected_hidden_states(set_dir)) < tolerance(set_dir)
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_parity_audio_hf_folder_layouts(fmt, tmp_path):
-    set_dir = SETS[0].values[0]
-    enc = A.Wav2Vec2Encoder.load(_hf_folder(set_dir, tmp_path, fmt))
-    hidden = enc.hidden_states(outputs(set_dir)["normalized_input"])
-    assert relative_l2(hidden, outputs(set_dir)["hidden_states_50hz"]) < tolerance(set_dir)
-
-
-def test_comfyui_single_file_layout(tmp_path):
-    """ComfyUI's wav2vec2_large_english_fp16.safetensors: no `wav2vec2.` prefix, fp16, weight
-    norm saved as parametrizations.weight.original0/1, no lm_head."""
-    set_dir = SETS[0].values[0]
-    weights = load_tensors(set_dir, "audio", prefix="weights.")
-    comfy = {}
-    for k, v in weights.items():
-        if not k.startswith("wav2vec2."):
+def comfy_single_file(state_dict: dict, prefix: str, weight_norm: str) -> dict:
+    """ComfyUI's repackaged wav2vec2_large_english_fp16.safetensors: Wav2Vec2Model names
+    (comfy/audio_encoders/wav2vec2.py), optionally under `wav2vec2.`, no lm_head, fp16, the
+    positional conv weight norm named either way."""
+    names = dict(zip(A.WEIGHT_NORM_NAMES["old"], A.WEIGHT_NORM_NAMES[weight_norm]))
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("lm_head."):
             continue
-        k = k[len("wav2vec2."):].replace("conv.weight_g", "conv.parametrizations.weight.original0")
-        comfy[k.replace("conv.weight_v", "conv.parametrizations.weight.original1")] = v.half()
-    sd = {k: v for k, v in comfy.items()}
-    enc = A.Wav2Vec2Encoder.from_state_dict(sd, manifest(set_dir)["config"])
-    hidden = enc.hidden_states(outputs(set_dir)["normalized_input"])
-    assert relative_l2(hidden, outputs(set_dir)["hidden_states_50hz"]) < 2e-3  # fp16-rounded weights
+        key = key[len("wav2vec2."):] if key.startswith("wav2vec2.") else key
+        out[prefix + names.get(key, key)] = value.half()
+    return out
 
 
-def test_large_config_inferred_from_shapes():
+@pytest.mark.parametrize("prefix, weight_norm", [("", "new"), ("", "old"), ("wav2vec2.", "new")])
+@pytest.mark.parametrize("set_dir", SETS)
+def test_parity_audio_comfyui_single_file(set_dir, prefix, weight_norm, tmp_path):
+    m = manifest(set_dir)
+    path = tmp_path / "wav2vec2_large_english_fp16.safetensors"
+    save_file(comfy_single_file(weights(set_dir), prefix, weight_norm), str(path))
+    # the file has no config: everything but the head count comes from the tensor shapes
+    loaded = A.Wav2Vec2Encoder.load(path, config={"num_attention_heads": m["config"]["num_attention_heads"]})
+    hidden = loaded.hidden_states(waveform(set_dir))
+    rounded = encoder(set_dir, {k: v.half().float() for k, v in weights(set_dir).items()})
+    assert relative_l2(hidden, rounded.hidden_states(waveform(set_dir))) < tolerance(set_dir)
+    assert relative_l2(hidden, expected_hidden_states(set_dir)) < FP16_WEIGHTS_BOUND
+
+
+@pytest.mark.parametrize("set_dir", SETS)
+def test_audio_config_inferred_from_fixture_shapes(set_dir):
+    config = manifest(set_dir)["config"]
+    inferred = A.infer_config(A.hf_state_dict(weights(set_dir)))
+    shape_fields = ["hidden_size", "num_hidden_layers", "intermediate_size", "conv_dim", "conv_kernel", "conv_stride",
+                    "conv_bias", "feat_extract_norm", "do_stable_layer_norm", "num_conv_pos_embeddings",
+                    "num_conv_pos_embedding_groups"]
+    assert {k: inferred[k] for k in shape_fields} == {k: config[k] for k in shape_fields}
+
+
+def test_audio_large_english_config_inferred_from_shapes():
+    """wav2vec2-large-xlsr-53-english (the real file's architecture), on the meta device."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
     large = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                  conv_dim=[512] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
@@ -115,30 +200,72 @@ def test_large_config_inferred_from_shapes():
                  num_conv_pos_embedding_groups=16, do_stable_layer_norm=True)
     with torch.device("meta"):
         sd = Wav2Vec2Model(Wav2Vec2Config(**large)).state_dict()
-    inferred = A.infer_config(sd)
+    inferred = A.infer_config(A.hf_state_dict(sd))
     assert {k: inferred[k] for k in large} == large
 
 
+def test_audio_wrong_files_are_clear_errors(tmp_path):
+    set_dir = SETS[0].values[0]
+    with pytest.raises(ValueError, match="not a wav2vec2"):
+        A.Wav2Vec2Encoder.from_state_dict({"encoder.conv1.weight": torch.zeros(1)})  # e.g. the VAE
+    with pytest.raises(ValueError, match="Whisper"):
+        A.Wav2Vec2Encoder.from_state_dict({"model.encoder.embed_positions.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="do not fit"):
+        A.Wav2Vec2Encoder.from_state_dict(weights(set_dir), {**manifest(set_dir)["config"], "intermediate_size": 8})
+    garbage = tmp_path / "broken.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read"):
+        A.Wav2Vec2Encoder.load(garbage)
+    with pytest.raises(FileNotFoundError):
+        A.Wav2Vec2Encoder.load(tmp_path / "missing.safetensors")
+    empty = tmp_path / "wav2vec2-large-xlsr-53-english"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no wav2vec2 weights"):
+        A.Wav2Vec2Encoder.load(empty)
+
+
+# ---- audio input ------------------------------------------------------------------------------
 def test_silent_audio_is_valid():
     set_dir = SETS[0].values[0]
-    features, frames = A.encode_audio(encoder(set_dir), torch.zeros(16000)).per_frame(48)
-    # 1 s -> 49 wav2vec2 frames -> int(49 * 0.6) = 29 at 30 Hz -> frames i with round(1.2 i) < 29: 24
-    assert frames == 24 and features.shape[-1] == 48 and torch.isfinite(features).all()
+    result = A.encode_audio(encoder(set_dir), torch.zeros(A.SAMPLE_RATE))
+    features, covered = result.per_frame(48)
+    # 1 s: (16000 - 400) // 320 + 1 = 49 features at 50 Hz -> int(49 * 0.6) = 29 at 30 Hz;
+    # frame i is covered while round(1.2 i) < 29, i.e. i <= 23: 24 frames; int(29 / 57.6) + 1 = 1 clip
+    assert covered == 24 and features.shape[-1] == 48 and torch.isfinite(features).all()
 
 
-@pytest.mark.parametrize("samples", [0, 100])
-def test_too_short_audio_is_a_clear_error(samples):
-    with pytest.raises(ValueError, match="ms"):
-        A.load_audio({"waveform": torch.zeros(1, 1, samples) if samples else torch.zeros(1, 1, 0), "sample_rate": 16000})
+@pytest.mark.parametrize("samples, message", [(0, "empty"), (100, "too short"), (A.MIN_SAMPLES - 1, "too short")])
+def test_too_short_audio_is_a_clear_error(samples, message):
+    with pytest.raises(ValueError, match=message):
+        A.load_audio({"waveform": torch.zeros(1, 1, samples), "sample_rate": 16000})
+
+
+def test_shortest_audio_drives_one_frame():
+    """MIN_SAMPLES = 720: (720 - 400) // 320 + 1 = 2 features at 50 Hz -> int(1.2) = 1 at 30 Hz."""
+    set_dir = SETS[0].values[0]
+    wave = A.load_audio({"waveform": torch.randn(1, 1, A.MIN_SAMPLES), "sample_rate": 16000})
+    assert A.encode_audio(encoder(set_dir), wave).per_frame(48)[1] == 1
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"waveform": torch.zeros(1, 16000)}, "dict with 'waveform'"),
+    ({"waveform": torch.zeros(16000), "sample_rate": 16000}, r"\[batch, channels, samples\]"),
+    ({"waveform": torch.zeros(1, 1, 16000), "sample_rate": 0}, "positive"),
+    ({"waveform": torch.full((1, 1, 16000), float("nan")), "sample_rate": 16000}, "NaN"),
+    (12, "file path or a ComfyUI AUDIO"),
+])
+def test_bad_audio_input_is_a_clear_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        A.load_audio(bad)
 
 
 def test_comfy_audio_dict_is_mixed_to_mono_and_resampled():
     import librosa
     rng = np.random.default_rng(0)
-    stereo = rng.standard_normal((2, 44100)).astype(np.float32) * 0.1
+    stereo = (rng.standard_normal((2, 44100)) * 0.1).astype(np.float32)  # 1 s at 44.1 kHz
     wave = A.load_audio({"waveform": torch.from_numpy(stereo)[None], "sample_rate": 44100})
     expected = librosa.resample(stereo.mean(0), orig_sr=44100, target_sr=16000)
-    assert wave.shape == (16000,)
+    assert wave.dtype == torch.float32 and wave.shape == (16000,)
     np.testing.assert_allclose(wave.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -148,12 +275,18 @@ def test_audio_file_is_read_like_the_original(tmp_path):
     stereo = (rng.standard_normal((22050, 2)) * 0.1).astype(np.float32)
     path = tmp_path / "speech.wav"
     soundfile.write(path, stereo, 22050)
-    expected, _ = librosa.load(str(path), sr=16000)
+    expected, _ = librosa.load(str(path), sr=16000)  # the original's call
     np.testing.assert_allclose(A.load_audio(path).numpy(), expected, rtol=1e-6)
     with pytest.raises(FileNotFoundError):
         A.load_audio(tmp_path / "missing.wav")
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF0000WAVEnot audio")
+    with pytest.raises(ValueError, match="cannot decode"):
+        A.load_audio(broken)
 
 
-def test_wrong_weights_are_a_clear_error():
-    with pytest.raises(ValueError, match="not a wav2vec2"):
-        A.Wav2Vec2Encoder.from_state_dict({"encoder.conv1.weight": torch.zeros(1)})
+def test_audio_coverage_by_duration():
+    # 3.1 s = 49600 samples -> 77.5 frames at 25 fps -> 78 frames begin before the end -> 2 clips of 48
+    assert A.audio_coverage(49600, 48) == (78, 2)
+    # exactly 2 clips of 48 frames: 3.84 s
+    assert A.audio_coverage(61440, 48) == (96, 2)

@@ -19,9 +19,15 @@ from liveavatar.portrait import parse_area, prepare_portrait, target_size
     ((640, 600), "384*256", (320, 256)),
     # very wide 100x1000: i = 40 -> scale 0.76398 -> 76x763 -> padded 128x768 (= 98304).
     ((100, 1000), "384*256", (128, 768)),
+    # square 1024x1024 at 270336: max_scale 0.50775, min_scale 0.30014, step 0.0020761;
+    # i = 4 is the first with int(1024 s) <= 512: s = 0.49945 -> 511x511 -> padded 512x512.
+    ((1024, 1024), "704*384", (512, 512)),
+    # 1080p portrait 1920x1080 at 270336: max_scale 0.361068, min_scale 0.211925, step 0.00149143;
+    # i = 4: s = 0.355103 -> 681x383 -> padded 704x384 (i = 3: 684x385 -> 704x448, too big).
+    ((1920, 1080), "704*384", (704, 384)),
 ])
 def test_target_size_follows_liveavatar_rule(hw, size, expected):
-    assert target_size(*hw, parse_area(size)) == expected
+    assert target_size(*hw, size) == expected == target_size(*hw, parse_area(size))
 
 
 def test_sizes_are_multiples_of_64_within_budget():
@@ -49,10 +55,21 @@ def test_padding_where_resized_image_is_shorter_than_target():
     assert (pixels[:, 0, 23:-24] == 1).all()
 
 
-@pytest.mark.parametrize("bad", ["704x", "big", "704*abc"])
+@pytest.mark.parametrize("bad", ["704x", "big", "704*abc", "8*8"])
 def test_bad_size_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="704\\*384"):
         parse_area(bad)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((300, 200, 3), np.float32), "uint8"),
+    (torch.zeros(1, 3, 300, 200), "IMAGE"),
+    (torch.zeros(0, 300, 200, 3), "IMAGE"),
+    ("/nonexistent/portrait.png", "cannot read"),
+])
+def test_bad_image_is_a_clear_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        prepare_portrait(bad, "384*256")
 
 
 def test_image_layouts_agree():
@@ -60,5 +77,20 @@ def test_image_layouts_agree():
     array = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
     from_array = prepare_portrait(array, "384*256")
     from_pil = prepare_portrait(Image.fromarray(array), "384*256")
-    from_tensor = prepare_portrait(torch.from_numpy(array).float()[None] / 255, "384*256")
+    batch = torch.stack([torch.from_numpy(array).float() / 255, torch.zeros(300, 200, 3)])  # ComfyUI IMAGE
+    from_tensor = prepare_portrait(batch, "384*256")  # the first image of the batch
     assert torch.equal(from_array, from_pil) and torch.equal(from_array, from_tensor)
+    assert from_array.shape == (3, 1, *target_size(300, 200, "384*256"))
+    assert from_array.min() >= -1 and from_array.max() <= 1
+
+
+def test_small_image_is_scaled_up_to_one_tile():
+    # 40x40 fits 384*256 unscaled: scale 1.0 -> 40x40 -> padded 64x64; resized 40 -> 64.
+    pixels = prepare_portrait(np.full((40, 40, 3), 255, np.uint8), "384*256")
+    assert pixels.shape == (3, 1, 64, 64) and (pixels == 1).all()
+
+
+def test_grey_image_becomes_rgb():
+    grey = np.full((256, 256), 255, np.uint8)
+    pixels = prepare_portrait(grey, "256*256")
+    assert pixels.shape == (3, 1, 256, 256) and (pixels == 1).all()
