@@ -10,6 +10,7 @@ the same run (`--original DIR` with its public code and run_original.py, never c
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -107,13 +108,14 @@ def bench_dit(mode, sizes, clips, args):
     cfg = DiTConfig(**CONFIG_14B)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    if args.memory_cap_gib and mode.startswith("offload"):
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * GIB / total)
     model = build(mode, cfg)
     weights_gib = torch.cuda.memory_allocated() / GIB
+    total = torch.cuda.get_device_properties(0).total_memory
     rows = []
     for size in sizes:
+        capped = mode.startswith("offload") and size in args.cap_sizes.split(",")
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * GIB / total if capped else 1.0)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         # offload runs under a memory cap that mem_get_info does not see: fp8 caches there, else auto
         kv = True if mode.startswith("offload") or "kvfp8" in mode else None
@@ -122,11 +124,30 @@ def bench_dit(mode, sizes, clips, args):
         rows.append(dict(size=size, mode=mode + ("+kvfp8" if kv_fp8 and "kvfp8" not in mode else ""),
                          block_step_s=block_step, fps4=12 / (4 * block_step), fps3=12 / (3 * block_step),
                          first_block_s=first, peak_gib=torch.cuda.max_memory_allocated() / GIB, weights_gib=weights_gib))
+        rows[-1]["memory_cap_gib"] = args.memory_cap_gib if capped else None
         print(json.dumps(rows[-1]), flush=True)
+        if args.profile and mode == "bf16":
+            profile(model, inputs_for(size, cfg, 1), settings, Path(args.out_dir) / f"profile_{size.replace('*', 'x')}.txt")
     del model
+    gc.collect()  # the model must be gone before the next mode measures its own memory
     torch.cuda.set_per_process_memory_fraction(1.0)
     torch.cuda.empty_cache()
     return rows
+
+
+def profile(model, inputs, settings, path):
+    """Where the time of one clip goes: CUDA kernels by total time (written to `path`)."""
+    from torch.profiler import ProfilerActivity
+    settings = StreamSettings(infer_frames=settings.infer_frames, steps=settings.steps, num_clip=1, kv_fp8=settings.kv_fp8)
+    streamer = Streamer(model, inputs, settings)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in streamer.blocks():
+            pass
+        torch.cuda.synchronize()
+    streamer.close()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    path.write_text(table)
+    print(table[:6000], flush=True)
 
 
 def bench_vae(sizes, blocks: int = 6):
@@ -174,13 +195,16 @@ def main():
     parser.add_argument("--modes", default="bf16,fp8,offload40")
     parser.add_argument("--clips", type=int, default=3)
     parser.add_argument("--memory-cap-gib", type=float, default=22.0, help="per-process GPU memory cap for offload modes")
+    parser.add_argument("--cap-sizes", default="384*256", help="sizes at which offload modes run under the cap")
+    parser.add_argument("--profile", action="store_true", help="kernel time breakdown of one clip (bf16)")
+    parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--original", help="folder with the original's code and run_original.py (not committed)")
     parser.add_argument("--out-dir", default=".")
     args = parser.parse_args()
     sizes = args.sizes.split(",")
-    vae = bench_vae(sizes)
+    vae = {} if args.skip_vae else bench_vae(sizes)
     rows = []
-    for mode in args.modes.split(","):
+    for mode in filter(None, args.modes.split(",")):
         rows += bench_dit(mode, sizes, args.clips, args)
     original = {r["size"]: r for r in bench_original(sizes, args.clips, args)} if args.original else {}
     Path(args.out_dir, "bench.json").write_text(json.dumps({"ours": rows, "original": original, "vae": vae}, indent=1))

@@ -16,6 +16,7 @@ Vocabulary (shapes use batch 1, which is all LiveAvatar generates):
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -131,7 +132,7 @@ class DiTBlock(nn.Module):
         time_mod [G, 6, dim] fp32; self_attention(q, k, v) with [G*n, H, D] tensors does the
         roping and caching; text_kv the layer's cross-attention keys/values."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + time_mod).unsqueeze(2).unbind(1)
-        h = (layer_norm(x, self.eps) * (1 + scale1) + shift1).flatten(0, 1)
+        h = (layer_norm(x, self.eps) * (1 + scale1) + shift1).flatten(0, 1).to(self.self_attn.q.compute_dtype)
         q = self.self_attn.query(h)
         k, v = self.self_attn.key_value(h)
         y = self.self_attn.out(self_attention(q, k, v))
@@ -391,12 +392,12 @@ class LiveAvatarDiT(nn.Module):
         """The one loop over DiT layers; placement decides where each runs (sharded over
         GPUs, streamed from CPU, or all in place)."""
         for i, block in enumerate(self.blocks):
-            if self.placement:
-                with self.placement.on_layer(i) as device:
-                    x = layer_fn(i, block, x.to(device))
-            else:
-                x = layer_fn(i, block, x)
+            with self._on_layer(i) as device:
+                x = layer_fn(i, block, x.to(device))
         return x.to(self.device)
+
+    def _on_layer(self, layer: int):
+        return self.placement.on_layer(layer) if self.placement else nullcontext(self.layer_device(layer))
 
     # ---- conditioning computed once per run / per step / per block --------------------
     def text_context(self, context: torch.Tensor) -> list:
@@ -411,7 +412,11 @@ class LiveAvatarDiT(nn.Module):
         padded = torch.zeros(self.cfg.text_len, dim, device=self.device, dtype=embed.compute_dtype)
         padded[:length] = context.to(padded)
         text = self.text_embedding(padded)
-        return [block.text_key_value(text.to(self.layer_device(i))) for i, block in enumerate(self.blocks)]
+        text_kv = []
+        for i, block in enumerate(self.blocks):
+            with self._on_layer(i) as device:
+                text_kv.append(block.text_key_value(text.to(device)))
+        return text_kv
 
     def time_modulation(self, timesteps: torch.Tensor):
         """Timesteps [F] -> (embedding [F, dim], six modulation vectors [F, 6, dim]), fp32."""

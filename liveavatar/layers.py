@@ -29,12 +29,29 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
+        if self.weight.dtype in FP8_DTYPES and x.is_cuda:
+            return fp8_linear(x.to(dtype), self.weight, self.scale_weight, bias)
         return F.linear(x.to(dtype), self.weight_as(dtype), bias)
 
     def forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
         """Full-precision path for the small conditioning MLPs the original runs in fp32."""
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x.float(), self.weight_as(torch.float32), bias)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias) -> torch.Tensor:
+    """x @ W^T on the fp8 tensor cores: activations quantised per tensor on the fly (scale =
+    amax / 448, kept on the GPU: no host sync), rows padded to the multiple of 16 the kernel
+    needs. Output in x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    pad = -rows.shape[0] % 16
+    if pad:
+        rows = F.pad(rows, (0, 0, 0, pad))
+    scale = rows.abs().amax().float().clamp_min(1e-12) / 448.0
+    quantised = (rows / scale.to(rows.dtype)).to(weight.dtype)
+    out = torch._scaled_mm(quantised, weight.t(), scale_a=scale, scale_b=weight_scale.float(), bias=bias,
+                           out_dtype=x.dtype)
+    return out[:out.shape[0] - pad].reshape(*x.shape[:-1], -1)
 
 
 class RMSNorm(nn.Module):
@@ -56,9 +73,13 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention, no mask. q [..., Lq, H, D], k/v [..., Lk, H, D] -> [..., Lq, H, D]."""
-    out = F.scaled_dot_product_attention(q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3))
-    return out.transpose(-2, -3)
+    """Softmax attention, no mask. q [..., Lq, H, D], k/v [..., Lk, H, D] -> [..., Lq, H, D].
+    Run as 4-D [batch, heads, tokens, dim]: the fused (flash / memory-efficient) SDPA kernels
+    take only that layout; anything else falls back to the slow fp32 math path."""
+    batch_dims = q.shape[:-3]
+    q, k, v = (t.reshape(-1, *t.shape[-3:]).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(*batch_dims, *out.shape[2:3], out.shape[1], out.shape[3])
 
 
 def conv_fp32(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:

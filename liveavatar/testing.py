@@ -26,7 +26,7 @@ def tiny_dit_config(audio_dim: int = WAV2VEC2_TINY["hidden_size"],
                     audio_layers: int = WAV2VEC2_TINY["num_hidden_layers"] + 1) -> DiTConfig:
     """3 layers of width 64; the audio side matches the wav2vec2 it will be fed (every
     hidden state: layers + 1)."""
-    return DiTConfig(dim=64, ffn_dim=96, num_heads=2, num_layers=3, text_dim=TEXT_DIM, text_len=64,
+    return DiTConfig(dim=64, ffn_dim=96, num_heads=2, num_layers=3, text_dim=TEXT_DIM, text_len=512,
                      audio_dim=audio_dim, audio_layers=audio_layers, audio_inject_layers=(0, 2))
 
 

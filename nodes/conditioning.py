@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import torch
 
-MAX_TEXT_TOKENS = 512  # Wan's text_len: the original tokenizer truncates prompts here
+import logging
+
+log = logging.getLogger("LiveAvatar")
 
 
-def text_embeddings(conditioning) -> torch.Tensor:
+def text_embeddings(conditioning, max_tokens: int) -> torch.Tensor:
     """CONDITIONING from CLIPTextEncode (umt5-xxl, CLIPLoader type 'wan') -> real tokens [L, 4096].
 
     ComfyUI pads the umt5 output to at least 512 tokens and zeroes the padded rows
     (attention mask + zero_out_masked); the original feeds the DiT the real tokens (EOS
     included) and zero-pads them itself. So: the rows up to the mask's length (or up to the
-    last non-zero row when no mask is attached), at most 512."""
+    last non-zero row when no mask is attached), cut to the model's text_len (512), as the
+    original tokenizer truncates long prompts."""
     if not conditioning:
         raise ValueError("empty CONDITIONING: connect a CLIPTextEncode (umt5-xxl, CLIPLoader type 'wan')")
     tensor, extras = conditioning[0][0], conditioning[0][1] if len(conditioning[0]) > 1 else {}
@@ -26,7 +29,9 @@ def text_embeddings(conditioning) -> torch.Tensor:
     else:
         nonzero = rows.abs().amax(dim=-1) > 0
         length = int(nonzero.nonzero().max()) + 1 if nonzero.any() else 1
-    return rows[:min(length, MAX_TEXT_TOKENS)].float()
+    if length > max_tokens:
+        log.warning("LiveAvatar: the prompt is %d tokens; the model reads the first %d", length, max_tokens)
+    return rows[:min(length, max_tokens)].float()
 
 
 def image_tensor(image) -> torch.Tensor:

@@ -24,6 +24,9 @@ class LiveAvatarModel:
     kv_fp8: bool | None  # None: decided per run from free GPU memory
     description: str
 
+    def __repr__(self):  # ComfyUI prints inputs in error reports: keep it short
+        return f"LiveAvatarModel({self.description})"
+
 
 class LiveAvatarModelLoader:
     DESCRIPTION = ("Loads the Wan2.2-S2V-14B diffusion model and merges the LiveAvatar LoRA (4-step distilled "

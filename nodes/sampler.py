@@ -56,7 +56,7 @@ class LiveAvatarSampler:
         vae_engine = streaming_vae(vae, host.torch_device())
         ref_latent, motion_latents = vae_engine.encode_portrait(portrait)
         features, speech_frames = audio_features.per_frame(infer_frames)
-        inputs = StreamInputs(text_embeddings(positive), ref_latent, motion_latents, features)
+        inputs = StreamInputs(text_embeddings(positive, model.dit.cfg.text_len), ref_latent, motion_latents, features)
         settings = StreamSettings(infer_frames=infer_frames, num_clip=num_clip, steps=sample_steps, seed=seed,
                                   kv_fp8=model.kv_fp8)
         latents = run_stream(model.dit, inputs, settings)
