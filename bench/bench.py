@@ -108,6 +108,8 @@ def bench_dit(mode, sizes, clips, args):
     cfg = DiTConfig(**CONFIG_14B)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    from liveavatar.layers import Fusion
+    Fusion.compile("compile" in mode)
     model = build(mode, cfg)
     weights_gib = torch.cuda.memory_allocated() / GIB
     total = torch.cuda.get_device_properties(0).total_memory
@@ -126,8 +128,8 @@ def bench_dit(mode, sizes, clips, args):
                          first_block_s=first, peak_gib=torch.cuda.max_memory_allocated() / GIB, weights_gib=weights_gib))
         rows[-1]["memory_cap_gib"] = args.memory_cap_gib if capped else None
         print(json.dumps(rows[-1]), flush=True)
-        if args.profile and mode == "bf16":
-            profile(model, inputs_for(size, cfg, 1), settings, Path(args.out_dir) / f"profile_{size.replace('*', 'x')}.txt")
+        if args.profile and mode in args.profile_modes.split(","):
+            profile(model, inputs_for(size, cfg, 1), settings, Path(args.out_dir) / f"profile_{mode}_{size.replace('*', 'x')}.txt")
     del model
     gc.collect()  # the model must be gone before the next mode measures its own memory
     torch.cuda.set_per_process_memory_fraction(1.0)
@@ -197,6 +199,7 @@ def main():
     parser.add_argument("--memory-cap-gib", type=float, default=22.0, help="per-process GPU memory cap for offload modes")
     parser.add_argument("--cap-sizes", default="384*256", help="sizes at which offload modes run under the cap")
     parser.add_argument("--profile", action="store_true", help="kernel time breakdown of one clip (bf16)")
+    parser.add_argument("--profile-modes", default="bf16")
     parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--original", help="folder with the original's code and run_original.py (not committed)")
     parser.add_argument("--out-dir", default=".")
@@ -205,7 +208,12 @@ def main():
     vae = {} if args.skip_vae else bench_vae(sizes)
     rows = []
     for mode in filter(None, args.modes.split(",")):
-        rows += bench_dit(mode, sizes, args.clips, args)
+        try:
+            rows += bench_dit(mode, sizes, args.clips, args)
+        except Exception as error:  # one failing mode must not lose the others' numbers
+            print(f"mode {mode} failed: {type(error).__name__}: {error}", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
     original = {r["size"]: r for r in bench_original(sizes, args.clips, args)} if args.original else {}
     Path(args.out_dir, "bench.json").write_text(json.dumps({"ours": rows, "original": original, "vae": vae}, indent=1))
     print_table(rows, original, vae)

@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from . import rope
-from .layers import Linear, RMSNorm, attend, conv_fp32, layer_norm
+from .layers import Fusion, Linear, RMSNorm, attend, conv_fp32, layer_norm
 
 # Wan2.2-S2V constants that are code, not config, in the original.
 REFERENCE_TIME = 30  # RoPE time index of the reference frame at prefill
@@ -132,14 +132,15 @@ class DiTBlock(nn.Module):
         time_mod [G, 6, dim] fp32; self_attention(q, k, v) with [G*n, H, D] tensors does the
         roping and caching; text_kv the layer's cross-attention keys/values."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + time_mod).unsqueeze(2).unbind(1)
-        h = (layer_norm(x, self.eps) * (1 + scale1) + shift1).flatten(0, 1).to(self.self_attn.q.compute_dtype)
+        dtype = self.self_attn.q.compute_dtype
+        h = Fusion.modulated_norm(x, shift1, scale1, self.eps, dtype).flatten(0, 1)
         q = self.self_attn.query(h)
         k, v = self.self_attn.key_value(h)
         y = self.self_attn.out(self_attention(q, k, v))
-        x = x + y.view_as(x).float() * gate1
+        x = Fusion.gated_add(x, y.view_as(x), gate1)
         x = x + self.cross_attention(x, *text_kv)
-        h = layer_norm(x, self.eps) * (1 + scale2) + shift2
-        return x + self.ffn(h).float() * gate2
+        h = Fusion.modulated_norm(x, shift2, scale2, self.eps, dtype)
+        return Fusion.gated_add(x, self.ffn(h), gate2)
 
     def cross_attention(self, x, text_k, text_v):
         normed = F.layer_norm(x.float(), (x.shape[-1],), self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
