@@ -181,6 +181,24 @@ def bench_vae(sizes, blocks: int = 6):
     return rows
 
 
+def bench_peak_vs_clips(size, clip_counts, mode="bf16"):
+    """Peak GPU memory of whole runs of 1 and of many clips (caches must not grow)."""
+    cfg = DiTConfig(**CONFIG_14B)
+    model = build(mode, cfg)
+    peaks = {}
+    for clips in clip_counts:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        settings = StreamSettings(infer_frames=48, steps=4, seed=0, num_clip=clips, kv_fp8=None)
+        time_stream(model, inputs_for(size, cfg, clips), settings)
+        peaks[clips] = torch.cuda.max_memory_allocated() / GIB
+        print(json.dumps({"size": size, "mode": mode, "clips": clips, "peak_gib": peaks[clips]}), flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peaks
+
+
 def bench_original(sizes, clips, args):
     out = Path(args.out_dir) / "original.json"
     cfg = dict(json.loads(Path(args.original, "config_14b.json").read_text()))
@@ -201,6 +219,7 @@ def main():
     parser.add_argument("--profile", action="store_true", help="kernel time breakdown of one clip (bf16)")
     parser.add_argument("--profile-modes", default="bf16")
     parser.add_argument("--skip-vae", action="store_true")
+    parser.add_argument("--peak-clips", default="", help="e.g. 1,20: peak memory of bf16 runs of that many clips")
     parser.add_argument("--original", help="folder with the original's code and run_original.py (not committed)")
     parser.add_argument("--out-dir", default=".")
     args = parser.parse_args()
@@ -214,6 +233,8 @@ def main():
             print(f"mode {mode} failed: {type(error).__name__}: {error}", flush=True)
             gc.collect()
             torch.cuda.empty_cache()
+    if args.peak_clips:
+        bench_peak_vs_clips(sizes[0], [int(c) for c in args.peak_clips.split(",")])
     original = {r["size"]: r for r in bench_original(sizes, args.clips, args)} if args.original else {}
     Path(args.out_dir, "bench.json").write_text(json.dumps({"ours": rows, "original": original, "vae": vae}, indent=1))
     print_table(rows, original, vae)
