@@ -180,6 +180,7 @@ class Streamer:
             if clip == 0 and self.num_clips > 1:
                 # Sink refresh (LiveAvatar's TPP loop): the first generated frame becomes the
                 # reference, so later clips stay anchored to the generated identity.
+                self.sink = None  # free the old sink first: peak memory stays that of clip 0
                 with torch.no_grad():
                     self.sink = self.model.prefill_sink(first_clean_frame, self.inputs.motion_latents, self.text_kv)
                 self._load_sink()
