@@ -85,7 +85,7 @@ def main():
     print(f"tiny random models in {out / 'models'}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     (model,) = LiveAvatarModelLoader().load(files["diffusion_models"], files["loras"], 1.0,
-                                             "bf16" if device == "cuda" else "fp32", "one GPU", 0, "auto")
+                                             "bf16" if device == "cuda" else "fp32", "one GPU", 0, "auto", False)
     encoder = Wav2Vec2Encoder.load(out / "models" / "audio_encoders" / files["audio_encoders"], device=device)
     vae = WanVAE.load(out / "models" / "vae" / files["vae"], device=device)
     speech = synthetic_speech(args.seconds)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from liveavatar.vae import raw_to_normalised
+
 from . import host
 from .vae_adapter import streaming_vae
 from .video_writer import Mp4Writer
@@ -49,7 +51,8 @@ class LiveAvatarDecode:
         writer = None
         kept, last = [], None
         try:
-            for frames in stream_frames(engine, samples[0], info.get("motion_latents"), info.get("video_frames")):
+            latents = raw_to_normalised(samples[0])  # LATENT holds raw VAE means, the decoder takes normalised
+            for frames in stream_frames(engine, latents, info.get("motion_latents"), info.get("video_frames")):
                 if save_mp4 and writer is None:
                     writer = Mp4Writer(_mp4_path(filename_prefix), int(fps), frames.shape[2], frames.shape[1], audio)
                 if writer is not None:

@@ -7,6 +7,7 @@ import torch
 
 from liveavatar import CheckpointError, Offload, OneDevice, Sharded, load_dit
 from liveavatar.dit import LiveAvatarDiT
+from liveavatar.layers import Fusion
 
 from . import host
 
@@ -61,10 +62,15 @@ class LiveAvatarModelLoader:
             "kv_cache": (KV_CACHE_DTYPES, {"default": "auto",
                                            "tooltip": "Attention caches (one clip per denoising step): bf16, or fp8 "
                                                       "to halve their memory. auto: fp8 only when bf16 would not fit."}),
+            "compile": ("BOOLEAN", {"default": False,
+                                    "tooltip": "torch.compile the element-wise parts of each block (about 10% "
+                                               "faster at 704*384 on an H100; the first block takes longer)."}),
         }}
 
-    def load(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks, kv_cache):
+    def load(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks, kv_cache,
+             compile=False):
         host.free_host_models()
+        Fusion.compile(compile)
         path = host.model_path("diffusion_models", model_name)
         lora = None if lora_name == NO_LORA else host.model_path("loras", lora_name)
         storage = "fp8" if weight_dtype.startswith("fp8") else weight_dtype

@@ -5,6 +5,7 @@ import torch
 
 from liveavatar import StreamInputs, StreamSettings, Streamer
 from liveavatar.portrait import prepare_portrait
+from liveavatar.vae import normalised_to_raw
 
 from . import host
 from .conditioning import image_tensor, text_embeddings
@@ -61,7 +62,9 @@ class LiveAvatarSampler:
                                   kv_fp8=model.kv_fp8)
         latents = run_stream(model.dit, inputs, settings)
         frames = min(speech_frames, latents.shape[1] * 4)
-        return ({"samples": latents.unsqueeze(0),
+        # ComfyUI's LATENT holds raw VAE means (its Wan latent format normalises inside the
+        # model); the DiT works in normalised space, so convert at the boundary.
+        return ({"samples": normalised_to_raw(latents).unsqueeze(0),
                  "liveavatar": {"motion_latents": motion_latents.cpu(), "video_frames": frames, "fps": FPS}},)
 
 
