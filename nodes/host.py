@@ -82,12 +82,11 @@ def free_host_models():
     mm = _comfy("comfy.model_management")
     if mm is not None:
         mm.unload_all_models()
-        mm.soft_empty_cache()
-    elif torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
 
 
 def release_memory():
+    """Return cached GPU memory (after a run, an error or a cancel)."""
     mm = _comfy("comfy.model_management")
     if mm is not None:
         mm.soft_empty_cache()
