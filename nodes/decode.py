@@ -51,8 +51,8 @@ class LiveAvatarDecode:
         writer = None
         kept, last = [], None
         try:
-            latents = raw_to_normalised(samples[0])  # LATENT holds raw VAE means, the decoder takes normalised
-            for frames in stream_frames(engine, latents, info.get("motion_latents"), info.get("video_frames")):
+            normalised = raw_to_normalised(samples[0])  # LATENT holds raw VAE means; the decoder takes normalised
+            for frames in stream_frames(engine, normalised, info.get("motion_latents"), info.get("video_frames")):
                 if save_mp4 and writer is None:
                     writer = Mp4Writer(_mp4_path(filename_prefix), int(fps), frames.shape[2], frames.shape[1], audio)
                 if writer is not None:

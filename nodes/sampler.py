@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from liveavatar import StreamInputs, StreamSettings, Streamer
-from liveavatar.portrait import prepare_portrait
+from liveavatar.portrait import parse_area, prepare_portrait
 from liveavatar.vae import normalised_to_raw
 
 from . import host
@@ -52,7 +52,7 @@ class LiveAvatarSampler:
 
     def sample(self, model, positive, image, vae, audio_features, size, width, height, infer_frames, num_clip,
                sample_steps, seed):
-        area = width * height if size == "custom" else _area(size)
+        area = width * height if size == "custom" else parse_area(size)
         portrait = prepare_portrait(image_tensor(image), area)
         vae_engine = streaming_vae(vae, host.torch_device())
         ref_latent, motion_latents = vae_engine.encode_portrait(portrait)
@@ -61,16 +61,10 @@ class LiveAvatarSampler:
         settings = StreamSettings(infer_frames=infer_frames, num_clip=num_clip, steps=sample_steps, seed=seed,
                                   kv_fp8=model.kv_fp8)
         latents = run_stream(model.dit, inputs, settings)
-        frames = min(speech_frames, latents.shape[1] * 4)
         # ComfyUI's LATENT holds raw VAE means (its Wan latent format normalises inside the
         # model); the DiT works in normalised space, so convert at the boundary.
         return ({"samples": normalised_to_raw(latents).unsqueeze(0),
-                 "liveavatar": {"motion_latents": motion_latents.cpu(), "video_frames": frames, "fps": FPS}},)
-
-
-def _area(size: str) -> int:
-    a, b = (int(v) for v in size.split("*"))
-    return a * b
+                 "liveavatar": {"motion_latents": motion_latents.cpu(), "video_frames": speech_frames, "fps": FPS}},)
 
 
 def run_stream(dit, inputs: StreamInputs, settings: StreamSettings) -> torch.Tensor:
@@ -92,6 +86,5 @@ def run_stream(dit, inputs: StreamInputs, settings: StreamSettings) -> torch.Ten
                 progress.bar.update_absolute(progress.done, progress.total, preview(block.latents))
     finally:
         streamer.close()
-        del streamer
         host.release_memory()
     return torch.cat(blocks, dim=1)
