@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .weights import read_state_dict, safetensors_config
+
 SAMPLE_RATE = 16000
 FEATURE_RATE = 50  # wav2vec2 features per second (320-sample hop)
 RESAMPLED_RATE = 30  # the original's intermediate "video_rate"
@@ -137,12 +139,11 @@ class Wav2Vec2Encoder:
         """The HF folder (config.json + model.safetensors or pytorch_model.bin) or a single
         safetensors file. `config` entries override the file's (e.g. num_attention_heads,
         which tensor shapes do not tell)."""
-        from .vae import read_state_dict
         path = Path(path)
         if path.is_dir():
             weights, file_config = _hf_folder_files(path)
         else:
-            weights, file_config = path, _metadata_config(path)
+            weights, file_config = path, safetensors_config(path)
         return cls.from_state_dict(read_state_dict(weights), {**(file_config or {}), **(config or {})}, device, dtype)
 
     @classmethod
@@ -189,19 +190,6 @@ def _hf_folder_files(folder: Path) -> tuple[Path, dict | None]:
     if not found:
         raise FileNotFoundError(f"no wav2vec2 weights (model.safetensors or pytorch_model.bin) in {folder}")
     return found[0], config
-
-
-def _metadata_config(path: Path) -> dict | None:
-    """A config stored in the safetensors header (our tiny test files); None otherwise."""
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception:
-        return None  # read_state_dict reports unreadable files
-    return json.loads(metadata["config"]) if "config" in metadata else None
 
 
 def hf_state_dict(sd: dict) -> dict:

@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from .dit import WAN_S2V_14B_INJECT_LAYERS, DiTConfig, LiveAvatarDiT
 from .layers import FP8_DTYPES, Linear
+from .weights import read_state_dict, safetensors_config
 
 S2V_MARKER_KEY = "casual_audio_encoder.encoder.final_linear.weight"
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "")
@@ -55,7 +56,10 @@ class TensorSource:
                 with safe_open(str(file), framework="pt") as f:
                     self.files.update(dict.fromkeys(f.keys(), str(file)))
         else:
-            self.state_dict = _torch_load(files[0])
+            try:
+                self.state_dict = read_state_dict(files[0], mmap=True)
+            except ValueError as error:
+                raise CheckpointError(str(error)) from None
         self._handles: dict[str, object] = {}
 
     @staticmethod
@@ -76,6 +80,9 @@ class TensorSource:
     def keys(self) -> list[str]:
         return list(self.files) if self.state_dict is None else list(self.state_dict)
 
+    def __contains__(self, key: str) -> bool:
+        return key in (self.files if self.state_dict is None else self.state_dict)
+
     def shape(self, key: str) -> tuple:
         if self.state_dict is not None:
             return tuple(self.state_dict[key].shape)
@@ -91,18 +98,6 @@ class TensorSource:
         if file not in self._handles:
             self._handles[file] = safe_open(file, framework="pt")
         return self._handles[file]
-
-
-def _torch_load(file: Path) -> dict:
-    try:
-        state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # pickle/zip errors: report the file, not torch internals
-        raise CheckpointError(f"cannot read {file} as a weights-only torch state dict: {e}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file} does not hold a state dict")
-    return state
 
 
 @dataclass
@@ -136,8 +131,7 @@ class Checkpoint:
         return self.source.load(self.prefix + name)
 
     def has(self, name: str) -> bool:
-        return (self.prefix + name) in self.source.files or (
-            self.source.state_dict is not None and (self.prefix + name) in self.source.state_dict)
+        return (self.prefix + name) in self.source
 
     def config(self) -> DiTConfig:
         """The transformer config from the folder's config.json or a single file's `config`
@@ -152,11 +146,7 @@ class Checkpoint:
         if self.path.is_dir():
             config_file = self.path / "config.json"
             return json.loads(config_file.read_text()) if config_file.exists() else None
-        if self.path.suffix == ".safetensors":
-            with safe_open(str(self.path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            return json.loads(metadata["config"]) if "config" in metadata else None
-        return None
+        return safetensors_config(self.path)
 
     def infer_config(self, audio_layers: int) -> DiTConfig:
         dim, in_dim, *patch = self.shape("patch_embedding.weight")

@@ -22,16 +22,17 @@ Public API:
     normalised_to_raw(latents) / raw_to_normalised(raw)   [..., 16, t, h, w]; ComfyUI's LATENT
         for Wan holds raw latents (its Wan21 latent format normalises inside the sampler)
     config_from_state_dict(sd) -> dict(dim, z_dim, dim_mult, num_res_blocks, temporal_downsample)
-    read_state_dict(path) -> dict  (safetensors, or torch.load(weights_only=True))
+    read_state_dict(path) -> dict  (from .weights: safetensors, or torch.load(weights_only=True))
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from .weights import read_state_dict
 
 # Wan2.1 VAE latent statistics (per channel), used to normalise latents for the DiT.
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -469,23 +470,3 @@ def _strip_vae_prefix(sd: dict) -> dict:
         if any(k.startswith(prefix + "encoder.") for k in sd):
             return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
-
-
-def read_state_dict(path) -> dict:
-    """safetensors, or .pth/.pt/.bin via torch.load(weights_only=True) (a {"state_dict": ...}
-    wrapper is opened). Unreadable files raise ValueError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"cannot read weights from {path} ({type(error).__name__}: {str(error)[:200]}); "
-                         "expected a .safetensors file or a PyTorch state dict (.pth, .bin)") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return state
