@@ -228,10 +228,10 @@ def lora_delta(pair: LoraPair, strength: float, default_alpha: float | None, dev
 # ---- building the model ------------------------------------------------------------------
 def load_dit(path, lora=None, lora_strength: float = 1.0, lora_alpha: float | None = None,
              storage: str = "bf16", placement=None, config: DiTConfig | None = None) -> LiveAvatarDiT:
-    """Build the DiT from a checkpoint, merging the LoRA, weights streamed onto the devices
+    """Build the DiT from a checkpoint (path or opened Checkpoint), merging the LoRA, weights streamed onto the devices
     `placement` chooses (default: CPU). `storage`: bf16 | fp16 | fp32 | fp8 (e4m3fn linear
     weights in the transformer blocks, computed in bf16)."""
-    checkpoint = Checkpoint.open(path)
+    checkpoint = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     cfg = config or checkpoint.config()
     pairs, overrides = read_lora(lora) if lora else ({}, {})
     expected = expected_tensors(cfg)

@@ -110,10 +110,15 @@ class Progress:
         self.bar = utils.ProgressBar(total) if utils is not None else None
         self.total, self.done, self.label = total, 0, label
 
-    def step(self, preview=None):
-        self.done += 1
+    def show(self, preview):
+        """Attach a preview image to the current position (ComfyUI only)."""
         if self.bar is not None:
             self.bar.update_absolute(self.done, self.total, preview)
+
+    def step(self):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update_absolute(self.done, self.total)
         elif self.done == self.total or self.done % max(1, self.total // 20) == 0:
             print(f"\r{self.label}: {self.done}/{self.total}", end="\n" if self.done == self.total else "",
                   file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ import torch
 from liveavatar import CheckpointError, Offload, OneDevice, Sharded, load_dit
 from liveavatar.dit import LiveAvatarDiT
 from liveavatar.layers import Fusion
+from liveavatar.loading import Checkpoint
 
 from . import host
 
@@ -75,9 +76,9 @@ class LiveAvatarModelLoader:
         lora = None if lora_name == NO_LORA else host.model_path("loras", lora_name)
         storage = "fp8" if weight_dtype.startswith("fp8") else weight_dtype
         try:
-            from liveavatar.loading import Checkpoint
-            cfg = Checkpoint.open(path).config()
-            dit = load_dit(path, lora=lora, lora_strength=lora_strength, storage=storage,
+            checkpoint = Checkpoint.open(path)  # opened once: its config decides the placement
+            cfg = checkpoint.config()
+            dit = load_dit(checkpoint, lora=lora, lora_strength=lora_strength, storage=storage,
                            placement=make_placement(placement, offload_blocks, cfg), config=cfg)
         except CheckpointError as error:
             raise ValueError(f"LiveAvatar model loader: {error}") from None

@@ -83,7 +83,7 @@ def run_stream(dit, inputs: StreamInputs, settings: StreamSettings) -> torch.Ten
         for block in streamer.blocks(on_step):
             blocks.append(block.latents.float().cpu())
             if preview is not None:
-                progress.bar.update_absolute(progress.done, progress.total, preview(block.latents))
+                progress.show(preview(block.latents))
     finally:
         streamer.close()
         host.release_memory()
