@@ -30,13 +30,14 @@ CONFIG_14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, text_dim
 GIB = 2 ** 30
 
 
-def random_tensor_for(generator_seed=0):
-    gen = {}
+def random_tensor_for(cfg: DiTConfig, generator_seed=0):
+    from liveavatar.loading import expected_tensors
+    shapes = {k: tuple(v.shape) for k, v in expected_tensors(cfg).items()}
+    g = torch.Generator(device="cuda").manual_seed(generator_seed)
 
     def tensor_for(name, device):
         """Random values drawn on the GPU (fast), then placed where the placement wants them."""
-        g = gen.setdefault("cuda", torch.Generator(device="cuda").manual_seed(generator_seed))
-        shape = MODEL_SHAPES[name]
+        shape = shapes[name]
         if len(shape) >= 2:
             fan_in = int(torch.tensor(shape[1:]).prod())
             t = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16) / fan_in ** 0.5
@@ -49,12 +50,7 @@ def random_tensor_for(generator_seed=0):
     return tensor_for
 
 
-MODEL_SHAPES: dict = {}
-
-
 def build(mode: str, cfg: DiTConfig):
-    from liveavatar.loading import expected_tensors
-    MODEL_SHAPES.update({k: tuple(v.shape) for k, v in expected_tensors(cfg).items()})
     storage = "fp8" if "fp8" in mode else "bf16"
     if mode.startswith("offload"):
         blocks = int(mode.removeprefix("offload").split("-")[0] or cfg.num_layers)
@@ -63,7 +59,7 @@ def build(mode: str, cfg: DiTConfig):
         placement = Sharded([f"cuda:{i}" for i in range(torch.cuda.device_count())], cfg.num_layers, cfg.audio_inject_layers)
     else:
         placement = OneDevice("cuda")
-    return build_dit(cfg, random_tensor_for(), storage, placement)
+    return build_dit(cfg, random_tensor_for(cfg), storage, placement)
 
 
 def inputs_for(size: str, cfg: DiTConfig, clips: int, infer_frames: int = 48):
