@@ -9,6 +9,7 @@ decode, mp4 with sound.
     python demo.py [--out demo_output] [--seconds 3]
 """
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -18,7 +19,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def import_pack():
+    """This folder as ComfyUI imports it: a package loaded from its __init__.py, whatever the
+    folder is called (nothing is put on sys.path); the engine is its `liveavatar` member."""
+    spec = importlib.util.spec_from_file_location("liveavatar_pack", Path(__file__).resolve().parent / "__init__.py")
+    pack = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    return pack
 
 
 def synthetic_portrait(size=(320, 256)) -> torch.Tensor:
@@ -76,10 +85,11 @@ def main():
     os.environ["LIVEAVATAR_MODELS"] = str(out / "models")
     os.environ["LIVEAVATAR_OUTPUT"] = str(out)
 
-    from liveavatar.audio import Wav2Vec2Encoder
-    from liveavatar.testing import write_tiny_models
-    from liveavatar.vae import WanVAE
-    from nodes import LiveAvatarAudioEncode, LiveAvatarDecode, LiveAvatarModelLoader, LiveAvatarSampler
+    import_pack()
+    from liveavatar_pack.liveavatar.audio import Wav2Vec2Encoder
+    from liveavatar_pack.liveavatar.testing import write_tiny_models
+    from liveavatar_pack.liveavatar.vae import WanVAE
+    from liveavatar_pack.nodes import LiveAvatarAudioEncode, LiveAvatarDecode, LiveAvatarModelLoader, LiveAvatarSampler
 
     files = write_tiny_models(out / "models")
     print(f"tiny random models in {out / 'models'}")

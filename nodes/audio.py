@@ -1,7 +1,7 @@
 """LiveAvatar audio encode node: ComfyUI AUDIO -> wav2vec2 features per video frame."""
 from __future__ import annotations
 
-from liveavatar.audio import encode_audio, load_audio
+from ..liveavatar.audio import encode_audio, load_audio
 
 from . import host
 from .vae_adapter import audio_encoder as engine_audio_encoder

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from liveavatar.vae import raw_to_normalised
+from ..liveavatar.vae import raw_to_normalised
 
 from . import host
 from .vae_adapter import streaming_vae

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 
 import torch
 
-from liveavatar import CheckpointError, Offload, OneDevice, Sharded, load_dit
-from liveavatar.dit import LiveAvatarDiT
-from liveavatar.layers import Fusion
-from liveavatar.loading import Checkpoint
+from ..liveavatar import CheckpointError, Offload, OneDevice, Sharded, load_dit
+from ..liveavatar.dit import LiveAvatarDiT
+from ..liveavatar.layers import Fusion
+from ..liveavatar.loading import Checkpoint
 
 from . import host
 

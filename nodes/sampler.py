@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from liveavatar import StreamInputs, StreamSettings, Streamer
-from liveavatar.portrait import parse_area, prepare_portrait
-from liveavatar.vae import normalised_to_raw
+from ..liveavatar import StreamInputs, StreamSettings, Streamer
+from ..liveavatar.portrait import parse_area, prepare_portrait
+from ..liveavatar.vae import normalised_to_raw
 
 from . import host
 from .conditioning import image_tensor, text_embeddings

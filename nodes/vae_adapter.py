@@ -11,8 +11,8 @@ import weakref
 
 import torch
 
-from liveavatar.audio import Wav2Vec2Encoder
-from liveavatar.vae import WanVAE
+from ..liveavatar.audio import Wav2Vec2Encoder
+from ..liveavatar.vae import WanVAE
 
 _built: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 

@@ -3,11 +3,8 @@
 Everything about the model (config, clip length, tolerance) comes from each fixture set's
 audio.json, so the same tests run on every set.
 
-The last hidden state: the original (transformers <= 4.51.3) and ComfyUI take it after the
-encoder's final layer norm. Fixture sets made with transformers >= 5 (the manifest's
-config.transformers_version) hold it before that norm, because v5's Wav2Vec2Model records
-hidden_states[-1] there; for those sets the norm is applied to the fixture's last state
-(and carried through the 30 Hz / per-frame steps) before comparing."""
+The last hidden state is taken after the encoder's final layer norm, as the original
+(transformers <= 4.51.3) and ComfyUI do, on any transformers version."""
 import json
 from functools import lru_cache
 
@@ -15,7 +12,6 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from conftest import fixture_sets, load_manifest, load_tensors, relative_l2
@@ -48,31 +44,14 @@ def waveform(set_dir):
     return load_tensors(set_dir, "audio", prefix="inputs.")["waveform_16k"]
 
 
-def last_state_is_before_final_norm(set_dir) -> bool:
-    config = manifest(set_dir)["config"]
-    made_with_v5 = int(str(config.get("transformers_version", "4")).split(".")[0]) >= 5
-    return made_with_v5 and config["do_stable_layer_norm"]
-
-
 def expected_hidden_states(set_dir) -> torch.Tensor:
-    """The fixture's 50 Hz hidden states with the last one after the final layer norm."""
-    hidden = outputs(set_dir)["hidden_states_50hz"].clone()
-    if last_state_is_before_final_norm(set_dir):
-        w = A.hf_state_dict(weights(set_dir))
-        hidden[-1] = F.layer_norm(hidden[-1], hidden.shape[-1:], w["encoder.layer_norm.weight"],
-                                  w["encoder.layer_norm.bias"], manifest(set_dir)["config"]["layer_norm_eps"])
-    return hidden
+    """The fixture's 50 Hz hidden states; the last one is after the final layer norm (made
+    with transformers 4.51.3, as the original computes it)."""
+    return outputs(set_dir)["hidden_states_50hz"]
 
 
 def expected_per_frame(set_dir) -> torch.Tensor:
-    """The fixture's per-frame features; for v5-made sets the last layer is recomputed from the
-    normed last state with the 30 Hz and per-frame steps (each checked alone below)."""
-    m = manifest(set_dir)
-    expected = outputs(set_dir)["per_frame_features"].clone()
-    if last_state_is_before_final_norm(set_dir):
-        last = A.resample_to_30hz(expected_hidden_states(set_dir)[-1:])
-        expected[-1:] = A.per_frame_features(last, m["infer_frames"], m["fps"])[0]
-    return expected
+    return outputs(set_dir)["per_frame_features"]
 
 
 def encoder(set_dir, state_dict=None) -> A.Wav2Vec2Encoder:

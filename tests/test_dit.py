@@ -1,5 +1,4 @@
 """The DiT and the streaming sampler against the original's fixtures (manifest-driven)."""
-import hashlib
 import json
 
 import pytest
@@ -15,29 +14,10 @@ def tolerance(set_dir) -> float:
     return load_manifest(set_dir, "dit_streaming")["tolerance"]["relative_l2"]
 
 
-# Fixture data (sha256 of dit_streaming.safetensors) that we could not reproduce with the
-# original code itself: running Alibaba-Quark/LiveAvatar @9c2c38d's CausalWanModel_S2V from its
-# public source on these weights and inputs, following the manifest's procedure as we read it,
-# gives our numbers (to 1e-6) and misses these outputs by 0.886 (first block) and 0.65 (clean
-# latents). tests/fixtures/original_dit was made by running that original code through the
-# full streaming loop (3 clips, 3 steps, rolling rule, sink refresh): we match it to 4e-7.
-# Reported on the engine issue; every other fixture set runs the same tests unmarked.
-UNREPRODUCIBLE = {
-    "62ed9336adb5ef420c92fb92ea562877c3405528025dbc3f84bb90fc72cf3d63":
-        "the shipped dit_streaming outputs are not reproduced by the original code itself (see comment)",
-}
+DIT_SETS = fixture_sets("dit_streaming")
 
 
-def dit_sets():
-    params = []
-    for param in fixture_sets("dit_streaming"):
-        digest = hashlib.sha256((param.values[0] / "dit_streaming.safetensors").read_bytes()).hexdigest()
-        marks = [pytest.mark.xfail(strict=True, reason=UNREPRODUCIBLE[digest])] if digest in UNREPRODUCIBLE else []
-        params.append(pytest.param(*param.values, id=param.id, marks=marks))
-    return params
-
-
-@pytest.mark.parametrize("set_dir", dit_sets())
+@pytest.mark.parametrize("set_dir", DIT_SETS)
 def test_parity_dit_first_block_prediction(set_dir):
     """Clip 0, block 0, first step, right after the sink prefill."""
     model = fixture_model(set_dir)
@@ -48,7 +28,7 @@ def test_parity_dit_first_block_prediction(set_dir):
     assert relative_l2(flow, expected) < tolerance(set_dir)
 
 
-@pytest.mark.parametrize("set_dir", dit_sets())
+@pytest.mark.parametrize("set_dir", DIT_SETS)
 def test_parity_dit_streaming_end_to_end(set_dir):
     """Every block of every clip: sink prefill, per-step rings, rolling sink, sink refresh."""
     model = fixture_model(set_dir)
