@@ -1,11 +1,13 @@
 """Full-size (14B, random weights) speed and memory of the streaming DiT on the GPU.
 
-Prints one table: per block-step latency (one denoising step of one 3-latent-frame block),
-FPS at 4 and 3 steps (DiT only), time to first frame block, peak GPU memory, the streaming
-VAE decode per block, end-to-end FPS, and ours / original where the original was timed in
-the same run (`--original DIR` with its public code and run_original.py, never committed).
+Writes docs/bench_results.json (a list of rows) and prints one table: wall time per
+block-step (one denoising step of one 3-latent-frame block, amortised over a tick), FPS at 4
+steps DiT only and end to end (streaming VAE decode overlapped), time to the first block,
+peak GPU memory, for the pipelined and the sequential schedule, one GPU, offload, several
+GPUs; and ours / original where the original was timed in the same run (`--original DIR`
+with its public code and run_original.py, never committed).
 
-    python bench/bench.py --sizes 384*256,704*384 --modes bf16,fp8,offload40 --clips 3
+    python bench/bench.py --sizes 384*256,704*384 --modes bf16,bf16-seq,fp8,offload40,offload40-fp8 --clips 3
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from liveavatar.dit import DiTConfig  # noqa: E402
 from liveavatar.loading import build_dit  # noqa: E402
-from liveavatar.placement import Offload, OneDevice, Sharded  # noqa: E402
+from liveavatar.overlap import decode_alongside  # noqa: E402
+from liveavatar.placement import Offload, OneDevice, Sharded, StepPerGPU  # noqa: E402
 from liveavatar.sampler import StreamInputs, StreamSettings, Streamer  # noqa: E402
 
 CONFIG_14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, text_dim=4096, text_len=512, audio_dim=1024)
@@ -51,15 +54,21 @@ def random_tensor_for(cfg: DiTConfig, generator_seed=0):
 
 
 def build(mode: str, cfg: DiTConfig):
+    """Mode names: bf16 | fp8 | offload<N>[-fp8] | sharded[-fp8] | stepgpu[-fp8], each with an
+    optional -seq (today's sequential schedule) and -compile."""
     storage = "fp8" if "fp8" in mode else "bf16"
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     if mode.startswith("offload"):
         blocks = int(mode.removeprefix("offload").split("-")[0] or cfg.num_layers)
         placement = Offload("cuda", blocks=blocks, num_layers=cfg.num_layers)
     elif mode.startswith("sharded"):
-        placement = Sharded([f"cuda:{i}" for i in range(torch.cuda.device_count())], cfg.num_layers, cfg.audio_inject_layers)
+        placement = Sharded(gpus, cfg.num_layers)
+    elif mode.startswith("stepgpu"):
+        placement = StepPerGPU(gpus)
     else:
         placement = OneDevice("cuda")
-    return build_dit(cfg, random_tensor_for(cfg), storage, placement)
+    gpus_used = len(gpus) if mode.startswith(("sharded", "stepgpu")) else 1
+    return build_dit(cfg, random_tensor_for(cfg), storage, placement), gpus_used
 
 
 def inputs_for(size: str, cfg: DiTConfig, clips: int, infer_frames: int = 48):
@@ -72,57 +81,72 @@ def inputs_for(size: str, cfg: DiTConfig, clips: int, infer_frames: int = 48):
                         audio=torch.randn(cfg.audio_layers, cfg.audio_dim, infer_frames * clips, generator=g))
 
 
-def time_stream(model, inputs, settings):
-    """Median block-step seconds (CUDA events, first block excluded), first-block seconds,
-    all step times, whether the KV caches were fp8."""
+def time_stream(model, inputs, settings, vae=None):
+    """Wall seconds per block-step in steady state (median interval between consecutive
+    clean blocks, from the S-th block on, divided by the steps: in the pipelined schedule one
+    block completes per tick of S block-steps, in the sequential one per S block-steps),
+    seconds to the first block, whether the KV caches were fp8. With `vae`, every block is
+    also decoded, overlapped on its own stream, and the interval is end to end."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     streamer = Streamer(model, inputs, settings)
-    events = []
-
-    def on_step():
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        events.append(event)
-
-    first_block = None
-    begin = torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for block in streamer.blocks(on_step):
+    blocks = streamer.blocks()
+    if vae is not None:
+        decoder = vae.stream_decoder()
+        decoder.decode(inputs.motion_latents[:, :7].to(vae.device))  # LiveAvatar's priming
+        blocks = decode_alongside(blocks, decoder.decode, vae.device)
+    marks, first_block = [], None
+    for _ in blocks:
         if first_block is None:
             torch.cuda.synchronize()
             first_block = time.perf_counter() - start
+        marks.append(time.perf_counter())
     torch.cuda.synchronize()
-    marks = [begin] + events
-    steps = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+    intervals = [b - a for a, b in zip(marks[settings.steps - 1:], marks[settings.steps:])]
     kv_fp8 = streamer.kv_fp8
     streamer.close()
-    return statistics.median(steps[settings.steps:]), first_block, steps, kv_fp8
+    return statistics.median(intervals) / settings.steps, first_block, kv_fp8
 
 
-def bench_dit(mode, sizes, clips, args):
+def peak_gib() -> float:
+    return max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / GIB
+
+
+def reset_peaks():
+    for d in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(d)
+
+
+def bench_dit(mode, sizes, clips, args, vaes):
     cfg = DiTConfig(**CONFIG_14B)
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peaks()
     from liveavatar.layers import Fusion
     Fusion.compile("compile" in mode)
-    model = build(mode, cfg)
-    weights_gib = torch.cuda.memory_allocated() / GIB
+    compile_start = time.perf_counter()
+    model, gpus = build(mode, cfg)
+    load_s = time.perf_counter() - compile_start
     total = torch.cuda.get_device_properties(0).total_memory
     rows = []
     for size in sizes:
         capped = mode.startswith("offload") and size in args.cap_sizes.split(",")
         torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * GIB / total if capped else 1.0)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        reset_peaks()
         # offload runs under a memory cap that mem_get_info does not see: fp8 caches there, else auto
         kv = True if mode.startswith("offload") or "kvfp8" in mode else None
-        settings = StreamSettings(infer_frames=48, steps=4, seed=0, kv_fp8=kv)
-        block_step, first, _, kv_fp8 = time_stream(model, inputs_for(size, cfg, clips), settings)
-        rows.append(dict(size=size, mode=mode + ("+kvfp8" if kv_fp8 and "kvfp8" not in mode else ""),
-                         block_step_s=block_step, fps4=12 / (4 * block_step), fps3=12 / (3 * block_step),
-                         first_block_s=first, peak_gib=torch.cuda.max_memory_allocated() / GIB, weights_gib=weights_gib))
-        rows[-1]["memory_cap_gib"] = args.memory_cap_gib if capped else None
+        settings = StreamSettings(infer_frames=48, steps=4, seed=0, kv_fp8=kv, pipelined="-seq" not in mode)
+        inputs = inputs_for(size, cfg, clips)
+        block_step, first, kv_fp8 = time_stream(model, inputs, settings)
+        peak = peak_gib()
+        e2e = None
+        if vaes is not None and not capped:
+            e2e_block_step, _, _ = time_stream(model, inputs, settings, vae=vaes[gpus - 1])
+            e2e = 12 / (4 * e2e_block_step)
+        rows.append(dict(size=size, mode=mode + ("+kvfp8" if kv_fp8 and "kvfp8" not in mode else ""), gpus=gpus,
+                         steps=settings.steps, pipelined=settings.pipelined, block_step_s=block_step,
+                         fps4=12 / (4 * block_step), end_to_end_fps4=e2e, first_block_s=first, load_s=load_s,
+                         peak_gib=peak, memory_cap_gib=args.memory_cap_gib if capped else None))
         print(json.dumps(rows[-1]), flush=True)
         if args.profile and mode in args.profile_modes.split(","):
             profile(model, inputs_for(size, cfg, 1), settings, Path(args.out_dir) / f"profile_{mode}_{size.replace('*', 'x')}.txt")
@@ -148,20 +172,27 @@ def profile(model, inputs, settings, path):
     print(table[:6000], flush=True)
 
 
-def bench_vae(sizes, blocks: int = 6):
-    """Streaming Wan2.1 VAE decode (real size, random weights, bf16): median s per block of
-    3 latents (12 frames) after the 7-latent priming, and peak memory."""
+def real_size_vaes():
+    """A real-size Wan2.1 VAE (random weights, bf16) on every GPU: end-to-end runs decode on
+    the last GPU the DiT uses."""
     from liveavatar.vae import VideoVAE, WanVAE
-    with torch.device("cuda"):
-        net = VideoVAE()
-    vae = WanVAE(net, "cuda", torch.bfloat16)
+    vaes = []
+    for d in range(torch.cuda.device_count()):
+        with torch.device(f"cuda:{d}"):
+            vaes.append(WanVAE(VideoVAE(), f"cuda:{d}", torch.bfloat16))
+    return vaes
+
+
+def bench_vae(vae, sizes, blocks: int = 6):
+    """Streaming decode alone: median s per block of 3 latents (12 frames) after the
+    7-latent priming, and peak memory."""
     rows = {}
     for size in sizes:
         width, height = (int(v) for v in size.split("*"))
-        latents = torch.randn(16, 7 + 3 * blocks, height // 8, width // 8, device="cuda")
+        latents = torch.randn(16, 7 + 3 * blocks, height // 8, width // 8, device=vae.device)
         decoder = vae.stream_decoder()
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        reset_peaks()
         decoder.decode(latents[:, :7])
         times = []
         for b in range(blocks):
@@ -170,9 +201,8 @@ def bench_vae(sizes, blocks: int = 6):
             decoder.decode(latents[:, 7 + 3 * b:10 + 3 * b])
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        rows[size] = dict(decode_block_s=statistics.median(times[1:]), vae_peak_gib=torch.cuda.max_memory_allocated() / GIB)
+        rows[size] = dict(decode_block_s=statistics.median(times[1:]), vae_peak_gib=peak_gib())
         print(json.dumps({size: rows[size]}), flush=True)
-    del vae, net
     torch.cuda.empty_cache()
     return rows
 
@@ -180,7 +210,7 @@ def bench_vae(sizes, blocks: int = 6):
 def bench_peak_vs_clips(size, clip_counts, mode="bf16"):
     """Peak GPU memory of whole runs of 1 and of many clips (caches must not grow)."""
     cfg = DiTConfig(**CONFIG_14B)
-    model = build(mode, cfg)
+    model, _ = build(mode, cfg)
     peaks = {}
     for clips in clip_counts:
         torch.cuda.empty_cache()
@@ -217,41 +247,50 @@ def main():
     parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--peak-clips", default="", help="e.g. 1,20: peak memory of bf16 runs of that many clips")
     parser.add_argument("--original", help="folder with the original's code and run_original.py (not committed)")
-    parser.add_argument("--out-dir", default=".")
+    parser.add_argument("--out-dir", default=".", help="profiles and the original's raw output")
+    parser.add_argument("--results", default="docs/bench_results.json", help="the rows, as a JSON list")
     args = parser.parse_args()
     sizes = args.sizes.split(",")
-    vae = {} if args.skip_vae else bench_vae(sizes)
+    vaes = None if args.skip_vae else real_size_vaes()
+    vae = {} if vaes is None else bench_vae(vaes[0], sizes)
     rows = []
     for mode in filter(None, args.modes.split(",")):
         try:
-            rows += bench_dit(mode, sizes, args.clips, args)
+            rows += bench_dit(mode, sizes, args.clips, args, vaes)
         except Exception as error:  # one failing mode must not lose the others' numbers
             print(f"mode {mode} failed: {type(error).__name__}: {error}", flush=True)
             gc.collect()
             torch.cuda.empty_cache()
     if args.peak_clips:
         bench_peak_vs_clips(sizes[0], [int(c) for c in args.peak_clips.split(",")])
-    original = {r["size"]: r for r in bench_original(sizes, args.clips, args)} if args.original else {}
-    Path(args.out_dir, "bench.json").write_text(json.dumps({"ours": rows, "original": original, "vae": vae}, indent=1))
-    print_table(rows, original, vae)
+    if args.original:
+        try:
+            rows += [dict(r, mode="original bf16", gpus=1, steps=4, pipelined=False, end_to_end_fps4=None,
+                          memory_cap_gib=None) for r in bench_original(sizes, args.clips, args)]
+        except Exception as error:  # keep our rows
+            print(f"original failed: {type(error).__name__}: {error}", flush=True)
+    for r in rows:
+        r["decode_block_s"] = vae.get(r["size"], {}).get("decode_block_s")
+    Path(args.results).write_text(json.dumps(rows, indent=1))
+    print_table(rows, vae)
 
 
 FLOOR_S = {"384*256": 0.046, "704*384": 0.154}  # bf16 arithmetic floor per block-step at ~790 TFLOP/s
 
 
-def print_table(rows, original, vae):
-    print("\n| size | mode | s / block-step | FPS @4 | FPS @3 | first block s | peak GiB | FPS @4 with decode "
-          "| time vs original | floor / time |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows + [dict(o, mode="original bf16", size=size, first_block_s=o["first_block_s"])
-                     for size, o in original.items()]:
+def print_table(rows, vae):
+    original = {r["size"]: r for r in rows if r["mode"].startswith("original")}
+    print("\n| size | mode | GPUs | schedule | s / block-step | FPS @4 | FPS @4 with decode | first block s "
+          "| peak GiB | cap GiB | time vs original | floor / time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
         o = original.get(r["size"])
         ratio = f"{r['block_step_s'] / o['block_step_s']:.2f}" if o else "-"
         floor = f"{100 * FLOOR_S[r['size']] / r['block_step_s']:.0f}%" if r["size"] in FLOOR_S else "-"
-        decode = vae.get(r["size"], {}).get("decode_block_s")
-        e2e = f"{12 / (4 * r['block_step_s'] + decode):.1f}" if decode else "-"
-        print(f"| {r['size']} | {r['mode']} | {r['block_step_s']:.3f} | {12 / (4 * r['block_step_s']):.1f} | "
-              f"{12 / (3 * r['block_step_s']):.1f} | {r['first_block_s']:.2f} | {r['peak_gib']:.1f} | {e2e} | {ratio} | {floor} |")
+        e2e = f"{r['end_to_end_fps4']:.1f}" if r.get("end_to_end_fps4") else "-"
+        schedule = "pipelined" if r.get("pipelined") else "sequential"
+        print(f"| {r['size']} | {r['mode']} | {r['gpus']} | {schedule} | {r['block_step_s']:.3f} | {r['fps4']:.1f} | "
+              f"{e2e} | {r['first_block_s']:.2f} | {r['peak_gib']:.1f} | {r.get('memory_cap_gib') or '-'} | {ratio} | {floor} |")
     for size, v in vae.items():
         print(f"\nVAE streaming decode {size}: {v['decode_block_s']:.3f} s per 12 frames, peak {v['vae_peak_gib']:.1f} GiB")
 

@@ -389,6 +389,11 @@ class LiveAvatarDiT(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
 
+    def step_models(self, steps: int) -> list["LiveAvatarDiT"]:
+        """The model (replica) that runs each denoising step: this one, unless the placement
+        keeps one copy per GPU and deals the steps out over them."""
+        return self.placement.step_models(steps) if self.placement else [self] * steps
+
     def _run_layers(self, x, layer_fn):
         """The one loop over DiT layers; placement decides where each runs (sharded over
         GPUs, streamed from CPU, or all in place)."""
@@ -436,9 +441,11 @@ class LiveAvatarDiT(nn.Module):
         return tokens.to(dtype), global_.to(dtype)
 
     def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
-        """[16, F, h, w] -> tokens [F*(h/2)*(w/2), dim] fp32."""
-        out = self.patch_embedding(latents.unsqueeze(0).to(self.device, self.patch_embedding.weight.dtype))
-        return rearrange(out, "1 c f h w -> (f h w) c").float()
+        """[16, F, h, w] -> tokens [F*(h/2)*(w/2), dim] fp32; batched [B, 16, F, h, w] ->
+        [B*F*(h/2)*(w/2), dim]."""
+        batch = latents if latents.dim() == 5 else latents.unsqueeze(0)
+        out = self.patch_embedding(batch.to(self.device, self.patch_embedding.weight.dtype))
+        return rearrange(out, "b c f h w -> (b f h w) c").float()
 
     # ---- sink prefill ------------------------------------------------------------------
     def prefill_sink(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor, text_kv: list) -> Sink:
@@ -469,39 +476,61 @@ class LiveAvatarDiT(nn.Module):
         self._run_layers(x, layer)
         return sink
 
-    # ---- one denoising step of one block ------------------------------------------------
-    def denoise_block(self, latents, time_mod, audio, text_kv, sink: Sink, cache: StepCache, frame_start: int, ref_time: int):
-        """Flow prediction for one block.
+    # ---- denoising steps of blocks, several in one forward -------------------------------
+    def denoise(self, items: list["BlockStep"], text_kv: list) -> torch.Tensor:
+        """Flow predictions [B, 16, F, h, w] for B independent block-steps run as one batch.
 
-        latents [16, F, h, w]; time_mod = time_modulation(t) for the F frames; audio =
-        audio_condition(block features); frame_start = absolute latent-frame index of the
-        block's first frame; ref_time = RoPE time index of the reference tokens now."""
-        frames, (h, w) = latents.shape[1], latents.shape[2:]
+        The items' frames are stacked (B*F frames of ft tokens) through every layer, so each
+        layer's weights are read once for all of them (one copy per tick when offloaded);
+        only self-attention goes item by item, each against its own step's ring and sink."""
+        frames, (h, w) = items[0].latents.shape[1], items[0].latents.shape[2:]
         hp, wp = h // 2, w // 2
         ft = hp * wp
-        x = self._patchify(latents) + self.cond_encoder.bias.float() + self.trainable_cond_mask.weight[MASK_NOISY].float()
+        x = self._patchify(torch.stack([item.latents for item in items]))
+        x = x + self.cond_encoder.bias.float() + self.trainable_cond_mask.weight[MASK_NOISY].float()
         # cond_encoder sees LiveAvatar's all-zero pose latents, so it contributes its bias only.
-        positions = rope.grid_positions(range(frame_start, frame_start + frames), range(hp), range(wp))
-        cos, sin = rope.rope_tables(positions.to(self.device), self.cfg.head_dim)
-        ref_cos, ref_sin = rope.rope_tables(rope.grid_positions([ref_time], range(hp), range(wp)).to(self.device), self.cfg.head_dim)
-        time_emb, mod = time_mod
-        token_start = frame_start * ft
+        tables = [rope.grid_tables(item.frame_start, frames, hp, wp, self.cfg.head_dim, self.device) for item in items]
+        cos, sin = (torch.cat(t) for t in zip(*tables))
+        ref_tables = [rope.grid_tables(item.ref_time, 1, hp, wp, self.cfg.head_dim, self.device) for item in items]
+        time_emb = torch.cat([item.time_mod[0] for item in items])
+        mod = torch.cat([item.time_mod[1] for item in items])
+        tokens, global_ = (torch.cat(parts) for parts in zip(*(item.audio for item in items)))
+        per_item = frames * ft
 
         def layer(i, block, x):
             dev = x.device
-            c, s, rc, rs = cos.to(dev), sin.to(dev), ref_cos.to(dev), ref_sin.to(dev)
+            c, s = cos.to(dev), sin.to(dev)
 
             def self_attention(q, k, v):
-                ref_keys = rope.apply_rope(sink.ref_keys[i], rc, rs)
-                return cache.attend(i, rope.apply_rope(q, c, s), rope.apply_rope(k, c, s), v, ref_keys, token_start)
+                q, k = rope.apply_rope(q, c, s), rope.apply_rope(k, c, s)
+                out = []
+                for j, item in enumerate(items):
+                    rows = slice(j * per_item, (j + 1) * per_item)
+                    rc, rs = (t.to(dev) for t in ref_tables[j])
+                    ref_keys = rope.apply_rope(item.sink.ref_keys[i], rc, rs)
+                    out.append(item.cache.attend(i, q[rows], k[rows], v[rows], ref_keys, item.frame_start * ft))
+                return torch.cat(out)
 
             x = block(x, mod.to(dev), self_attention, text_kv[i])
             if i in self.injector_index:
-                tokens, global_ = (a.to(dev) for a in audio)
-                x = x + self.audio_injector(self.injector_index[i], x, tokens, global_)
+                x = x + self.audio_injector(self.injector_index[i], x, tokens.to(dev), global_.to(dev))
             return x
 
-        x = self._run_layers(x.view(frames, ft, -1), layer)
+        x = self._run_layers(x.view(len(items) * frames, ft, -1), layer)
         out = self.head(x, time_emb.to(x.device)).flatten(0, 1)
         p = self.cfg.patch_size
-        return rearrange(out, "(f h w) (p q r c) -> c (f p) (h q) (w r)", f=frames, h=hp, w=wp, p=p[0], q=p[1], r=p[2])
+        return rearrange(out, "(b f h w) (p q r c) -> b c (f p) (h q) (w r)", b=len(items), f=frames, h=hp, w=wp,
+                         p=p[0], q=p[1], r=p[2])
+
+
+@dataclass
+class BlockStep:
+    """One denoising step of one block, as the DiT sees it."""
+
+    latents: torch.Tensor  # [16, F, h, w] at this step's noise level
+    time_mod: tuple  # time_modulation(t) of the F frames
+    audio: tuple  # audio_condition(the block's features)
+    sink: Sink  # the sink of the block's clip (refreshed after clip 0)
+    cache: StepCache  # this step's rings
+    frame_start: int  # absolute latent-frame index of the block's first frame
+    ref_time: int  # RoPE time index of the reference tokens now (rolling sink)

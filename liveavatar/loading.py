@@ -261,13 +261,28 @@ def build_dit(cfg: DiTConfig, tensor_for, storage: str = "bf16", placement=None)
         raise ValueError(f"weight storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
     with torch.device("meta"):
         model = LiveAvatarDiT(cfg)
+    if placement:
+        placement.bind(cfg)
     for name in model.state_dict():
         device = placement.device_for(name) if placement else torch.device("cpu")
         tensor, scale = tensor_for(name, device)
         _set_tensor(model, name, tensor, storage, device, scale)
+    model.storage = storage
     if placement:
         placement.attach(model)
     return model.eval().requires_grad_(False)
+
+
+def replicate(model: LiveAvatarDiT, placement) -> LiveAvatarDiT:
+    """A copy of a built DiT on `placement`'s devices, tensor by tensor (no second full copy
+    on the source device); fp8 weights stay fp8 with their scales."""
+    state = model.state_dict()
+
+    def tensor_for(name, device):
+        scale = state.get(name[:-len(".weight")] + ".scale_weight") if name.endswith(".weight") else None
+        return state[name], scale
+
+    return build_dit(model.cfg, tensor_for, model.storage, placement)
 
 
 def _fp8_scale(checkpoint: Checkpoint, name: str, tensor: torch.Tensor) -> torch.Tensor | None:

@@ -16,21 +16,30 @@ def group_sizes(head_dim: int) -> tuple[int, int, int]:
     return c - 2 * (c // 3), c // 3, c // 3
 
 
-def inverse_frequencies(head_dim: int) -> list[torch.Tensor]:
+def inverse_frequencies(head_dim: int, device=None) -> list[torch.Tensor]:
     """Per-axis frequency ladders (float64), matching rope_params(·, 2*size)."""
     ladders = []
     for size in group_sizes(head_dim):
         n = 2 * size
-        ladders.append(1.0 / THETA ** (torch.arange(0, n, 2, dtype=torch.float64) / n))
+        ladders.append(1.0 / THETA ** (torch.arange(0, n, 2, dtype=torch.float64, device=device) / n))
     return ladders
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [N, 1, head_dim/2] (float32) for integer positions [N, 3] = (t, h, w)."""
-    ladders = inverse_frequencies(head_dim)
+    """cos/sin [N, 1, head_dim/2] (float32) for integer positions [N, 3] = (t, h, w), computed
+    on the positions' device."""
+    ladders = inverse_frequencies(head_dim, positions.device)
     pos = positions.to(torch.float64)
-    angles = torch.cat([pos[:, axis, None] * ladders[axis].to(pos.device) for axis in range(3)], dim=1)
+    angles = torch.cat([pos[:, axis, None] * ladders[axis] for axis in range(3)], dim=1)
     return angles.cos().float().unsqueeze(1), angles.sin().float().unsqueeze(1)
+
+
+def grid_tables(time_start: int, frames: int, hp: int, wp: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_tables of the (t, h, w) raster grid [time_start, +frames) x hp x wp, built on
+    `device` from aranges: no host-to-device copy, so no stream sync in the GPU loop."""
+    axes = (torch.arange(time_start, time_start + frames, device=device), torch.arange(hp, device=device),
+            torch.arange(wp, device=device))
+    return rope_tables(torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3), head_dim)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -2,19 +2,22 @@
 
 Flow matching with Euler steps on the shift-3 schedule (diffusers'
 FlowMatchEulerDiscreteScheduler(shift=3), which the DMD-distilled LoRA was trained
-for), run block by block: each block of 3 latent frames is denoised through all steps
-before the next block starts, attending to the sink and to that step's KV ring.
+for), run block by block: each block of 3 latent frames is denoised through all steps,
+attending to the sink and to that step's KV ring; consecutive blocks overlap in a
+diagonal schedule (see Streamer).
 """
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
 
-from .dit import FRAMES_PER_BLOCK, REFERENCE_TIME, LiveAvatarDiT, StepCache
+from .dit import FRAMES_PER_BLOCK, REFERENCE_TIME, BlockStep, LiveAvatarDiT, StepCache
 
 NUM_TRAIN_TIMESTEPS = 1000
 SHIFT = 3.0
@@ -53,14 +56,21 @@ class RollingOffset:
     """The rolling-sink distance d: the reference frame's RoPE time index is kept at
     least d latent frames ahead of the block (max(30, F_cur + d)). The original draws d
     uniformly from [4, 30] per forward with an unseeded RNG; we draw from the run's seed,
-    or use a fixed value (parity tests)."""
+    in block-then-step order whatever order the block-steps run in (so the pipelined and
+    sequential schedules, and a continued run, see the same draws), or use a fixed value."""
 
     def __init__(self, seed: int, fixed: int | None = None):
         self.fixed = fixed
         self.rng = random.Random(seed)
+        self.draws: list[int] = []
 
-    def next(self) -> int:
-        return self.fixed if self.fixed is not None else self.rng.randint(*ROLLING_OFFSET_RANGE)
+    def at(self, index: int) -> int:
+        """d of the index-th block-step in sequential order (block * steps + step)."""
+        if self.fixed is not None:
+            return self.fixed
+        while len(self.draws) <= index:
+            self.draws.append(self.rng.randint(*ROLLING_OFFSET_RANGE))
+        return self.draws[index]
 
     @staticmethod
     def reference_time(frame_start: int, offset: int) -> int:
@@ -71,7 +81,15 @@ def clip_noise(seed: int, clip: int, shape, device) -> torch.Tensor:
     """Initial noise of one clip: a CPU generator seeded with seed + clip, so results do not
     depend on the device."""
     generator = torch.Generator().manual_seed(seed + clip)
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    return _to_device(noise, torch.device(device))
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor to `device` without a stream sync (through pinned memory on CUDA)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @dataclass
@@ -91,6 +109,7 @@ class StreamSettings:
     rolling_offset: int | None = None  # fixed d (parity); None = drawn from the seed
     noise: torch.Tensor | None = None  # [clips, 16, F, h, w] to replace the seeded noise (parity)
     kv_fp8: bool | None = False  # KV caches in fp8 (half the memory); None = only if bf16 would not fit
+    pipelined: bool = True  # diagonal schedule (see Streamer); False = one block's steps after another
 
 
 @dataclass
@@ -107,10 +126,42 @@ def clips_to_generate(settings: StreamSettings, audio_frames: int) -> int:
     return min(covered, settings.num_clip) if settings.num_clip > 0 else covered
 
 
-class Streamer:
-    """One streaming generation: prefilled sink, per-step KV rings, and the clip/block loop.
+@dataclass
+class _Replica:
+    """What one model copy holds for a run, on its own devices: text K/V, the modulation of
+    the steps it runs, and the sinks by phase (0: the portrait; 1: refreshed after clip 0)."""
 
-    Build it, then iterate `blocks()`; or call `predict` for a single block-step (tests)."""
+    model: LiveAvatarDiT
+    text_kv: list
+    step_mods: dict
+    sinks: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    """A block in flight: its global index, the next step it runs, its latents and audio."""
+
+    index: int
+    step: int
+    x: torch.Tensor
+    audio: tuple
+
+
+class Streamer:
+    """One streaming generation: prefilled sink, per-step KV rings, and the block loop.
+
+    Block g at step s needs the sink and the step-s K/V of blocks < g, which block g-1
+    wrote at its own step s. So the schedule is diagonal (LiveAvatar's timestep-forcing
+    pipeline): at every tick each block in flight advances one step and a new block enters
+    at step 0; the tick's block-steps (up to one per step) run as one batched forward per
+    model copy, so offloaded weights are streamed once per tick and several GPUs (one
+    copy each) work on different steps at once. Clip 1 waits for block 0 to be clean: its
+    first frame becomes the refreshed sink. Results equal the sequential order
+    (`pipelined=False`) up to float rounding.
+
+    Build it, iterate `blocks()`; `extend()` appends audio for more clips and the next
+    `blocks()` goes on from the same state (a continued video); `predict` runs one
+    block-step (tests)."""
 
     def __init__(self, model: LiveAvatarDiT, inputs: StreamInputs, settings: StreamSettings):
         self.model, self.inputs, self.settings = model, inputs, settings
@@ -120,88 +171,208 @@ class Streamer:
         self.latent_frames = infer_frames // VIDEO_FRAMES_PER_LATENT
         self.blocks_per_clip = self.latent_frames // FRAMES_PER_BLOCK
         self.num_clips = clips_to_generate(settings, inputs.audio.shape[-1])
+        self.next_block = 0  # global index of the next block to start
+        self.failed = False
+        self._pool = None  # threads driving several model copies, made on first use
         self.offsets = RollingOffset(settings.seed, settings.rolling_offset)
         _, _, h, w = inputs.ref_latent.shape
         self.latent_size = (h, w)
+        self._noise = {}
         with torch.no_grad():
-            self.text_kv = model.text_context(inputs.text)
-            self.step_mods = [model.time_modulation(t.repeat(FRAMES_PER_BLOCK)) for t in self.timesteps]
-            self.sink = model.prefill_sink(inputs.ref_latent, inputs.motion_latents, self.text_kv)
-            devices = [model.layer_device(i) for i in range(len(model.blocks))]
-            ring = self.latent_frames * (h // 2) * (w // 2)
-            dtype = self.sink.values[0].dtype
-            fp8 = settings.kv_fp8 if settings.kv_fp8 is not None else not _fits(
-                len(self.timesteps) * (self.sink.length + ring) * 2 * model.cfg.dim * dtype.itemsize, devices)
-            self.kv_fp8 = fp8
-            self.caches = [StepCache(self.sink.length, ring, model.cfg.num_heads, model.cfg.head_dim, devices, dtype, fp8)
-                           for _ in self.timesteps]
-            self._load_sink()
+            self._prepare(model, inputs, settings, h * w // 4)
 
-    def _load_sink(self):
-        for cache in self.caches:
-            cache.load_sink(self.sink)
+    def _prepare(self, model, inputs, settings, frame_tokens: int):
+        step_models = model.step_models(len(self.timesteps))
+        replicas = {}
+        for step, (m, t) in enumerate(zip(step_models, self.timesteps)):
+            if id(m) not in replicas:
+                text_kv = m.text_context(inputs.text)
+                replicas[id(m)] = _Replica(m, text_kv, {}, {0: m.prefill_sink(inputs.ref_latent, inputs.motion_latents, text_kv)})
+            replicas[id(m)].step_mods[step] = m.time_modulation(t.repeat(FRAMES_PER_BLOCK))
+        self.replicas = list(replicas.values())
+        self.step_replica = [replicas[id(m)] for m in step_models]
+        sink = self.replicas[0].sinks[0]
+        ring = self.latent_frames * frame_tokens
+        layer_devices = [[r.model.layer_device(i) for i in range(len(r.model.blocks))] for r in self.step_replica]
+        dtype = sink.values[0].dtype
+        cfg = model.cfg
+        bytes_per_layer_step = (sink.length + ring) * 2 * cfg.dim * dtype.itemsize
+        fp8 = settings.kv_fp8 if settings.kv_fp8 is not None else not _fits(bytes_per_layer_step, layer_devices)
+        self.kv_fp8 = fp8
+        self.caches = [StepCache(sink.length, ring, cfg.num_heads, cfg.head_dim, devices, dtype, fp8)
+                       for devices in layer_devices]
+        for replica, cache in zip(self.step_replica, self.caches):
+            cache.load_sink(replica.sinks[0])
+        self.cache_phase = [0] * len(self.caches)
 
+    # ---- per block ------------------------------------------------------------------------
     def clip_noise(self, clip: int) -> torch.Tensor:
         if self.settings.noise is not None:
             return self.settings.noise[clip].to(self.model.device, torch.float32)
         return clip_noise(self.settings.seed, clip, (16, self.latent_frames, *self.latent_size), self.model.device)
 
-    def block_audio(self, clip: int, block: int):
+    def block_audio(self, clip: int, block: int, model: LiveAvatarDiT | None = None):
         start = clip * self.settings.infer_frames + block * VIDEO_FRAMES_PER_BLOCK
-        return self.model.audio_condition(self.inputs.audio[..., start:start + VIDEO_FRAMES_PER_BLOCK])
+        model = model or self.model
+        return model.audio_condition(_to_device(self.inputs.audio[..., start:start + VIDEO_FRAMES_PER_BLOCK], model.device))
 
     def frame_start(self, clip: int, block: int) -> int:
         return (clip * self.blocks_per_clip + block) * FRAMES_PER_BLOCK
 
+    def _block_step(self, job: _Job) -> BlockStep:
+        """The DiT input of `job`'s next step, on the devices of that step's model copy."""
+        step, replica = job.step, self.step_replica[job.step]
+        clip, block = divmod(job.index, self.blocks_per_clip)
+        phase = min(clip, 1)
+        if self.cache_phase[step] != phase:  # this step's first block of clip 1: refreshed sink
+            self.caches[step].load_sink(replica.sinks[phase])
+            self.cache_phase[step] = phase
+        frame_start = self.frame_start(clip, block)
+        ref_time = self.offsets.reference_time(frame_start, self.offsets.at(job.index * len(self.timesteps) + step))
+        device = replica.model.device
+        return BlockStep(job.x.to(device), replica.step_mods[step], tuple(a.to(device) for a in job.audio),
+                         replica.sinks[phase], self.caches[step], frame_start, ref_time)
+
     def predict(self, x, step: int, clip: int, block: int, audio=None) -> torch.Tensor:
         """Flow prediction for one block at one step (writes that step's KV ring)."""
-        audio = self.block_audio(clip, block) if audio is None else audio
-        frame_start = self.frame_start(clip, block)
-        ref_time = self.offsets.reference_time(frame_start, self.offsets.next())
+        replica = self.step_replica[step]
+        audio = self.block_audio(clip, block, replica.model) if audio is None else audio
+        job = _Job(clip * self.blocks_per_clip + block, step, x, audio)
         with torch.no_grad():
-            return self.model.denoise_block(x, self.step_mods[step], audio, self.text_kv, self.sink,
-                                            self.caches[step], frame_start, ref_time)
+            return replica.model.denoise([self._block_step(job)], replica.text_kv)[0]
 
+    # ---- the loop ---------------------------------------------------------------------------
     def blocks(self, on_step: Callable[[], None] | None = None) -> Iterator[Block]:
         """Yield clean latent blocks in order. `on_step` runs after every block-step
         (progress, interruption: raise from it to stop)."""
-        for clip in range(self.num_clips):
-            noise = self.clip_noise(clip)
-            for b in range(self.blocks_per_clip):
-                audio = self.block_audio(clip, b)
-                x = noise[:, b * FRAMES_PER_BLOCK:(b + 1) * FRAMES_PER_BLOCK]
-                for step, dt in enumerate(self.step_sizes):
-                    x = x + dt * self.predict(x, step, clip, b, audio)
-                    if on_step:
-                        on_step()
-                yield Block(clip, b, x)
-                if clip == 0 and b == 0:
-                    first_clean_frame = x[:, :1]
-            if clip == 0 and self.num_clips > 1:
-                # Sink refresh (LiveAvatar's TPP loop): the first generated frame becomes the
-                # reference, so later clips stay anchored to the generated identity.
-                self.sink = None  # free the old sink first: peak memory stays that of clip 0
-                with torch.no_grad():
-                    self.sink = self.model.prefill_sink(first_clean_frame, self.inputs.motion_latents, self.text_kv)
-                self._load_sink()
+        if self.failed:
+            raise RuntimeError("this Streamer was stopped by an error or a cancel and its caches are inconsistent: "
+                               "build a new Streamer to generate again")
+        total = self.num_clips * self.blocks_per_clip
+        in_flight: list[_Job] = []
+        try:
+            with torch.no_grad():
+                while self.next_block < total or in_flight:
+                    if self.next_block < total and self._may_start(self.next_block, in_flight):
+                        in_flight.append(self._start(self.next_block))
+                        self.next_block += 1
+                    self._tick(in_flight, on_step)
+                    if in_flight[0].step == len(self.timesteps):
+                        yield self._finish(in_flight.pop(0), in_flight)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _may_start(self, index: int, in_flight: list[_Job]) -> bool:
+        if not self.settings.pipelined:
+            return not in_flight
+        return index < self.blocks_per_clip or 1 in self.replicas[0].sinks  # clip >= 1 needs the refreshed sink
+
+    def _start(self, index: int) -> _Job:
+        clip, block = divmod(index, self.blocks_per_clip)
+        if block == 0:
+            self._noise[clip] = self.clip_noise(clip)
+        noise = self._noise[clip][:, block * FRAMES_PER_BLOCK:(block + 1) * FRAMES_PER_BLOCK]
+        if block == self.blocks_per_clip - 1:
+            del self._noise[clip]
+        return _Job(index, 0, noise, self.block_audio(clip, block, self.step_replica[0].model))
+
+    def _tick(self, in_flight: list[_Job], on_step):
+        """One step of every block in flight: one batched forward per model copy. Several
+        copies (one per GPU) are driven from one thread each, so that every GPU gets its
+        kernels queued while the others compute (the host never waits on a GPU here)."""
+        self.offsets.at((in_flight[-1].index + 1) * len(self.timesteps))  # draw here, not from the threads
+        groups = {}
+        for job in in_flight:
+            groups.setdefault(id(self.step_replica[job.step]), []).append(job)
+        groups = list(groups.values())
+        if len(groups) == 1:
+            self._advance(groups[0])
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="liveavatar-gpu")
+            for future in [self._pool.submit(self._advance, jobs) for jobs in groups]:
+                future.result()
+        for _ in in_flight:
+            if on_step:
+                on_step()
+
+    def _advance(self, jobs: list[_Job]):
+        """Jobs that one model copy runs: their next step, as one forward, then the Euler update."""
+        replica = self.step_replica[jobs[0].step]
+        device = replica.model.device
+        with torch.no_grad(), (torch.cuda.device(device) if device.type == "cuda" else nullcontext()):
+            items = [self._block_step(job) for job in jobs]
+            flows = replica.model.denoise(items, replica.text_kv)
+            for job, item, flow in zip(jobs, items, flows):
+                job.x = item.latents + self.step_sizes[job.step] * flow
+                job.step += 1
+
+    def _finish(self, job: _Job, in_flight: list[_Job]) -> Block:
+        clip, block = divmod(job.index, self.blocks_per_clip)
+        if job.index == 0:
+            self.first_clean_frame = job.x[:, :1]
+        clip0_done = self.next_block >= self.blocks_per_clip and not any(j.index < self.blocks_per_clip for j in in_flight)
+        # The pipelined schedule refreshes as soon as block 0 is clean (clip 1 waits for it),
+        # the sequential one after clip 0, as the original does.
+        if self.num_clips > 1 and 1 not in self.replicas[0].sinks and (self.settings.pipelined or clip0_done):
+            self._refresh_sink(drop_portrait_first=clip0_done)
+        elif clip0_done:
+            self._drop_portrait_sink()
+        return Block(clip, block, job.x)
+
+    def _refresh_sink(self, drop_portrait_first: bool):
+        """LiveAvatar's sink refresh (TPP loop): the first generated frame becomes the
+        reference, so later clips stay anchored to the generated identity. Clip-0 blocks
+        still to run keep the portrait's sink; with none, it is freed first (peak memory
+        stays that of clip 0)."""
+        if drop_portrait_first:
+            self._drop_portrait_sink()
+        for replica in self.replicas:
+            m = replica.model
+            replica.sinks[1] = m.prefill_sink(self.first_clean_frame.to(m.device), self.inputs.motion_latents,
+                                              replica.text_kv)
+
+    def _drop_portrait_sink(self):
+        for replica in self.replicas:
+            replica.sinks.pop(0, None)
+
+    def extend(self, audio: torch.Tensor, num_clip: int = 0):
+        """Append audio features [layers, audio_dim, frames] (padded to whole clips) for more
+        clips; the next `blocks()` continues the video from where the last one stopped, as
+        if the whole audio had been given at once."""
+        if self.failed or not self.caches:
+            raise RuntimeError("this Streamer cannot continue (stopped by an error, a cancel, or closed): start a new one")
+        if self.next_block != self.num_clips * self.blocks_per_clip:
+            raise RuntimeError("extend() continues a finished run: iterate blocks() to the end first")
+        kept = self.inputs.audio[..., :self.num_clips * self.settings.infer_frames]
+        self.inputs = replace(self.inputs, audio=torch.cat([kept, audio.to(kept)], dim=-1))
+        settings = StreamSettings(infer_frames=self.settings.infer_frames, num_clip=num_clip)
+        if self.num_clips == 1:
+            with torch.no_grad():
+                self._refresh_sink(drop_portrait_first=True)
+        self.num_clips += clips_to_generate(settings, audio.shape[-1])
 
     def close(self):
-        """Drop the caches and sink now (they hold most of the run's GPU memory)."""
-        self.caches, self.sink, self.text_kv, self.step_mods = [], None, None, None
+        """Drop the caches and sinks now (they hold most of the run's GPU memory)."""
+        self.caches, self.replicas, self.step_replica, self._noise = [], [], [], {}
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     @property
     def total_block_steps(self) -> int:
         return self.num_clips * self.blocks_per_clip * len(self.step_sizes)
 
 
-def _fits(bytes_per_layer: int, devices, headroom: float = 0.85) -> bool:
-    """Would KV caches of this size per layer fit in the free memory of each GPU?"""
-    for device in set(devices):
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            if bytes_per_layer * sum(d == device for d in devices) > headroom * free:
-                return False
-    return True
+def _fits(bytes_per_layer_step: int, step_layer_devices, headroom: float = 0.85) -> bool:
+    """Would the KV caches (one per step; per step, one buffer per layer on that layer's
+    device) fit in the free memory of each GPU?"""
+    need = {}
+    for layer_devices in step_layer_devices:
+        for device in layer_devices:
+            need[device] = need.get(device, 0) + bytes_per_layer_step
+    return all(device.type != "cuda" or n <= headroom * torch.cuda.mem_get_info(device)[0] for device, n in need.items())
 
 
 def stream(model: LiveAvatarDiT, inputs: StreamInputs, settings: StreamSettings,

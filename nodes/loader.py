@@ -92,7 +92,7 @@ def make_placement(placement: str, offload_blocks: int, cfg):
         count = torch.cuda.device_count()
         if count < 2:
             raise ValueError(f"'sharded over GPUs' needs at least 2 visible GPUs, this machine has {count}")
-        return Sharded([f"cuda:{i}" for i in range(count)], cfg.num_layers, cfg.audio_inject_layers)
+        return Sharded([f"cuda:{i}" for i in range(count)], cfg.num_layers)
     if placement == PLACEMENTS[2]:
         return Offload(device, blocks=min(offload_blocks, cfg.num_layers), num_layers=cfg.num_layers)
     if placement == PLACEMENTS[0]:

@@ -1,0 +1,108 @@
+"""The pipelined (diagonal) schedule, one step per model copy, and continued runs all give
+what the plain sequential schedule gives: the same streaming math, another order."""
+import pytest
+import torch
+
+from conftest import fixture_sets, relative_l2
+from dit_fixture import fixture_config, fixture_inputs, fixture_model, fixture_weights, write_checkpoint
+from liveavatar.loading import load_dit
+from liveavatar.placement import Offload, OneDevice, StepPerGPU
+from liveavatar.sampler import StreamSettings, Streamer
+
+SET = fixture_sets("dit_streaming")[0].values[0]
+CLIPS = 3  # the ring (one clip) wraps twice; clips 1 and 2 use the refreshed sink
+BOUND = 1e-5
+
+
+def inputs_for(clips: int, infer_frames: int):
+    """The fixture's text/portrait with random audio long enough for `clips` clips."""
+    inputs = fixture_inputs(SET)
+    layers, dim, _ = inputs.audio.shape
+    generator = torch.Generator().manual_seed(7)
+    inputs.audio = torch.randn(layers, dim, clips * infer_frames, generator=generator)
+    return inputs
+
+
+def run(model, settings, clips=CLIPS, streamer=None):
+    streamer = streamer or Streamer(model, inputs_for(clips, settings.infer_frames), settings)
+    blocks = list(streamer.blocks())
+    assert [(b.clip, b.index) for b in blocks] == [divmod(i, streamer.blocks_per_clip) for i in range(len(blocks))]
+    return torch.cat([b.latents for b in blocks], dim=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return fixture_model(SET)
+
+
+@pytest.mark.parametrize("steps, infer_frames", [(1, 24), (2, 24), (3, 24), (4, 24), (5, 24), (6, 24),
+                                                 (4, 48), (3, 12)])
+def test_diagonal_schedule_equals_sequential(model, steps, infer_frames):
+    settings = dict(infer_frames=infer_frames, steps=steps, seed=3)
+    sequential = run(model, StreamSettings(pipelined=False, **settings))
+    pipelined = run(model, StreamSettings(pipelined=True, **settings))
+    assert sequential.shape[1] == CLIPS * infer_frames // 4
+    assert relative_l2(pipelined, sequential) <= BOUND
+
+
+def test_a_tick_is_one_batched_forward(model, monkeypatch):
+    """12 blocks x 4 steps in 12 + 3 forwards of up to 4 block-steps (sequential: 48 of 1)."""
+    batches = []
+    denoise = type(model).denoise
+    monkeypatch.setattr(type(model), "denoise", lambda self, items, text_kv: (batches.append(len(items)),
+                                                                           denoise(self, items, text_kv))[1])
+    run(model, StreamSettings(infer_frames=48, steps=4, seed=3))
+    assert sum(batches) == CLIPS * 4 * 4
+    assert len(batches) == CLIPS * 4 + 3 and max(batches) == 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(fixture_weights(SET), tmp_path_factory.mktemp("ckpt") / "dit.safetensors")
+
+
+@pytest.mark.parametrize("copies, steps", [(2, 4), (3, 4), (2, 3)])
+def test_one_step_per_model_copy_equals_one_device(checkpoint, copies, steps):
+    """StepPerGPU's dealing of steps over copies, exercised with CPU 'devices'."""
+    settings = StreamSettings(infer_frames=24, steps=steps, seed=5)
+    one = load_dit(checkpoint, storage="fp32", placement=OneDevice("cpu"), config=fixture_config(SET))
+    spread = load_dit(checkpoint, storage="fp32", placement=StepPerGPU(["cpu"] * copies), config=fixture_config(SET))
+    assert len({id(m) for m in spread.step_models(steps)}) == copies
+    assert relative_l2(run(spread, settings), run(one, settings)) <= BOUND
+
+
+def test_offload_streams_pipelined_ticks_unchanged(checkpoint):
+    settings = StreamSettings(infer_frames=24, steps=4, seed=5)
+    layers = fixture_config(SET).num_layers
+    one = load_dit(checkpoint, storage="fp32", placement=OneDevice("cpu"), config=fixture_config(SET))
+    offloaded = load_dit(checkpoint, storage="fp32", placement=Offload("cpu", blocks=layers, num_layers=layers),
+                         config=fixture_config(SET))
+    assert torch.equal(run(offloaded, settings), run(one, settings))
+
+
+@pytest.mark.parametrize("first, pipelined", [(1, True), (2, True), (1, False)])
+def test_continued_run_equals_whole_run(model, first, pipelined):
+    """Audio cut at a clip boundary: run the first part, extend with the rest, go on."""
+    settings = dict(infer_frames=24, steps=4, seed=11, pipelined=pipelined)
+    whole_inputs = inputs_for(CLIPS, 24)
+    whole = run(model, StreamSettings(**settings), streamer=Streamer(model, whole_inputs, StreamSettings(**settings)))
+    part_inputs = inputs_for(CLIPS, 24)
+    part_inputs.audio = whole_inputs.audio[..., :first * 24]
+    streamer = Streamer(model, part_inputs, StreamSettings(**settings))
+    head = run(model, None, streamer=streamer)
+    streamer.extend(whole_inputs.audio[..., first * 24:])
+    tail = list(streamer.blocks())
+    assert [b.clip for b in tail][0] == first
+    joined = torch.cat([head] + [b.latents for b in tail], dim=1)
+    assert relative_l2(joined, whole) <= BOUND
+
+
+def test_continuing_needs_a_finished_run(model):
+    streamer = Streamer(model, inputs_for(2, 24), StreamSettings(infer_frames=24, steps=2))
+    blocks = streamer.blocks()
+    next(blocks)
+    with pytest.raises(RuntimeError, match="finished run"):
+        streamer.extend(inputs_for(1, 24).audio)
+    blocks.close()  # abandoned mid-run, like a cancel: the state is no longer continuable
+    with pytest.raises(RuntimeError, match="new one"):
+        streamer.extend(inputs_for(1, 24).audio)
