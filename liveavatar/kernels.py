@@ -377,6 +377,10 @@ def self_check_cases(rand):
     out = q.new_empty(48, 2, 128)
     _backend.rms_norm_rope(q, w, _table(cos), _table(sin), out, 1e-6, norm=True)
     yield "rms_norm_rope", out, rms_norm_rope_reference(q, w, 1e-6, cos, sin, 2), 1e-2
+    q8, s8 = torch.empty(48, 256, dtype=FP8, device=x.device), torch.empty(48, 1, device=x.device)
+    _backend.modulated_norm(_rows(x), _rows(scale), _rows(shift), 24, 1e-6, True, fp8_rows=(q8, s8))
+    yield ("modulated_norm fp8", (q8.float() * s8).view_as(x), modulated_norm_reference(x, shift, scale, 1e-6, torch.float32),
+           0.1)
     y, gate = rand(2, 24, 256, dtype=torch.bfloat16), rand(2, 1, 256)
     out = torch.empty_like(x)
     _backend.gated_add(x.view(-1, 256), y.view(-1, 256), _rows(gate), 24, out.view(-1, 256))

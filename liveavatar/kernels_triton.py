@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn (a constexpr: kernels may read it)
 
 
 @triton.jit
@@ -67,20 +67,18 @@ def _rms_norm_rope_kernel(x_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr,
     x_row = x_ptr + row.to(tl.int64) * x_row_stride
     a = tl.load(x_row + 2 * pair, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(x_row + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
-    io_dtype: tl.constexpr = x_ptr.dtype.element_ty
     if NORM:
         rstd = 1.0 / tl.sqrt(tl.sum(a * a + b * b, axis=0) / (2 * pairs) + eps)
-        w_a = _round_to(tl.load(weight_ptr + 2 * pair, mask=mask, other=0.0).to(tl.float32), io_dtype)
-        w_b = _round_to(tl.load(weight_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32), io_dtype)
-        a = _round_to(_round_to(a * rstd, io_dtype) * w_a, io_dtype)
-        b = _round_to(_round_to(b * rstd, io_dtype) * w_b, io_dtype)
+        w_a = _round_to(tl.load(weight_ptr + 2 * pair, mask=mask, other=0.0).to(tl.float32), x_ptr.dtype.element_ty)
+        w_b = _round_to(tl.load(weight_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32), x_ptr.dtype.element_ty)
+        a = _round_to(_round_to(a * rstd, x_ptr.dtype.element_ty) * w_a, x_ptr.dtype.element_ty)
+        b = _round_to(_round_to(b * rstd, x_ptr.dtype.element_ty) * w_b, x_ptr.dtype.element_ty)
     table = row.to(tl.int64) * half_head + pair % half_head
     c = tl.load(cos_ptr + table, mask=mask, other=0.0)
     s = tl.load(sin_ptr + table, mask=mask, other=0.0)
     out_row = out_ptr + row.to(tl.int64) * out_row_stride
-    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
-    tl.store(out_row + 2 * pair, (a * c - b * s).to(out_dtype, fp_downcast_rounding="rtne"), mask=mask)
-    tl.store(out_row + 2 * pair + 1, (a * s + b * c).to(out_dtype, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(out_row + 2 * pair, (a * c - b * s).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(out_row + 2 * pair + 1, (a * s + b * c).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 @triton.jit

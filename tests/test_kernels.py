@@ -65,10 +65,12 @@ def randn(*shape, dtype=torch.float32, seed=0):
 
 
 def assert_within_bf16_step(got, want):
-    """Equal up to one bf16 rounding step of the expected value."""
+    """Equal up to one bf16 rounding step of the expected value (plus 1e-5 of the RMS for
+    fp32 rounding differences where RoPE's a*c - b*s cancels, e.g. FMA on a GPU)."""
     assert got.dtype == want.dtype and got.shape == want.shape
     diff = (got.float() - want.float()).abs()
-    assert (diff <= want.float().abs() * BF16_STEP + 1e-6).all(), float(diff.max())
+    floor = 1e-5 * want.float().pow(2).mean().sqrt()
+    assert (diff <= want.float().abs() * BF16_STEP + floor).all(), float(diff.max())
     assert (got == want).float().mean() > 0.95  # nearly all exactly equal
 
 
@@ -164,16 +166,20 @@ def test_gelu_fp8_rows_and_quantize_rows(triton_on):
 
 
 def test_linear_takes_fp8_rows_on_cpu_by_dequantising(triton_on):
-    linear = Linear(96, 48)
+    linear = Linear(96, 48).to(DEVICE)
     x = randn(20, 96)
     rows = kernels.quantize_rows(x)
     torch.testing.assert_close(linear(rows), F.linear(rows.dequantize(torch.float32), linear.weight, linear.bias))
 
 
 # ---- the switch and the references ---------------------------------------------------------
+def test_self_check_passes(triton_on):
+    assert kernels._self_check(torch.device(DEVICE)) is None
+
+
 def test_kernels_off_on_cpu_by_default_and_when_switched_off(monkeypatch):
     monkeypatch.delenv("LIVEAVATAR_KERNELS", raising=False)
-    x = randn(2, 4, 16)
+    x = torch.zeros(2, 4, 16)
     assert not kernels.active_for(x)
     monkeypatch.setattr(kernels, "_setting", False)
     assert not kernels.active_for(x) and "off" in kernels.status()
@@ -182,7 +188,8 @@ def test_kernels_off_on_cpu_by_default_and_when_switched_off(monkeypatch):
     assert kernels._wanted() is False
 
 
-def test_references_match_todays_layers():
+def test_references_match_todays_layers(monkeypatch):
+    monkeypatch.setattr(kernels, "_setting", False)
     x, shift, scale = randn(2, 5, 64), randn(2, 1, 64, seed=1), randn(2, 1, 64, seed=2)
     assert torch.equal(kernels.modulated_norm(x, shift, scale, 1e-6, torch.bfloat16),
                        layers.modulated_norm(x, shift, scale, 1e-6, torch.bfloat16))
