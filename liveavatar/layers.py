@@ -1,9 +1,14 @@
 """Small building blocks shared by the DiT: a Linear that knows its compute dtype
 (including fp8 e4m3fn weight storage), RMSNorm, and attention over [..., L, heads, dim].
+
+The element-wise pieces of a block go through `Fusion`: fused Triton kernels (kernels.py) on
+CUDA when they work, plain PyTorch (optionally torch.compile'd) otherwise.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
 
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
@@ -26,12 +31,31 @@ class Linear(nn.Linear):
         scale = getattr(self, "scale_weight", None)
         return weight * scale.to(dtype) if scale is not None else weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_fp8_rows(self) -> bool:
+        """Whether forward() multiplies kernels.Fp8Rows input on the fp8 tensor cores as it is
+        (fp8 weights on a GPU where the fused kernels and per-row scaled matmuls work): then the
+        producer of the input (norm, GELU) can quantise it in the same pass."""
+        weight = self.weight
+        return weight.dtype in FP8_DTYPES and kernels.active_for(weight) and kernels.fp8_rows_supported(weight.device)
+
+    def forward(self, x) -> torch.Tensor:
+        """x: a tensor [..., in] (any float dtype) or kernels.Fp8Rows from a fused producer."""
         dtype = self.compute_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
+        if isinstance(x, kernels.Fp8Rows):
+            if self.takes_fp8_rows:
+                return self._fp8_rows_product(x, bias)
+            x = x.dequantize(dtype)  # e.g. a bf16 layer sharing a quantised input
         if self.weight.dtype in FP8_DTYPES and x.is_cuda:
+            if self.takes_fp8_rows:  # one fused pass: per-row scales instead of amax, divide, cast
+                return self._fp8_rows_product(kernels.quantize_rows(x), bias)
             return fp8_linear(x.to(dtype), self.weight, self.scale_weight, bias)
         return F.linear(x.to(dtype), self.weight_as(dtype), bias)
+
+    def _fp8_rows_product(self, rows: "kernels.Fp8Rows", bias) -> torch.Tensor:
+        scale = kernels.rowwise_weight_scale(self.scale_weight, self.weight.shape[0])
+        return kernels.fp8_linear_rows(rows, self.weight, scale, bias, self.compute_dtype)
 
     def forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
         """Full-precision path for the small conditioning MLPs the original runs in fp32."""
@@ -65,6 +89,11 @@ class RMSNorm(nn.Module):
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return normed * self.weight.to(x.dtype)
 
+    def forward_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, out=None):
+        """forward() then rope.apply_rope per head, in one pass on CUDA: x [N, dim] -> [N, heads,
+        dim/heads]; cos/sin [N, 1, head_dim/2]; `out` (x's dtype, e.g. a KV ring slice) gets the result."""
+        return kernels.rms_norm_rope(x, self.weight, self.eps, cos, sin, heads, out)
+
 
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Affine-free LayerNorm in fp32 (the modulated norms of the DiT blocks and head)."""
@@ -82,23 +111,68 @@ def quantize(rows: torch.Tensor, dtype: torch.dtype):
     return (rows.float() / scale).to(dtype), scale
 
 
-def gated_add(x, y, gate):
-    """Residual update x + y * gate in fp32 (the original's autocast-fp32 region)."""
-    return x + y.float() * gate
+def gated_add(x, y, gate=None):
+    """Residual update x + y * gate in fp32 (the original's autocast-fp32 region); x + y without a gate."""
+    return x + (y.float() if gate is None else y.float() * gate)
 
 
 class Fusion:
-    """The elementwise pieces of a block, optionally compiled (torch.compile fuses each into
-    one kernel instead of 4-6 passes over the activations). Off by default."""
+    """The element-wise pieces of a block. On CUDA the fused Triton kernels of kernels.py run
+    when they work (default; `use_kernels`, or LIVEAVATAR_KERNELS=0/1); otherwise plain PyTorch,
+    optionally compiled (`compile`: torch.compile fuses each piece into one kernel, off by default).
 
-    modulated_norm = staticmethod(modulated_norm)
-    gated_add = staticmethod(gated_add)
-    quantize = staticmethod(quantize)
+    Each method takes the same arguments either way; `fp8=True` asks a producer for
+    kernels.Fp8Rows (quantised in the same pass) and is only honoured by the kernels."""
+
+    _torch = {"modulated_norm": modulated_norm, "gated_add": gated_add, "quantize": quantize}
 
     @classmethod
     def compile(cls, enabled: bool = True):
+        """torch.compile the PyTorch versions (used where the Triton kernels do not run)."""
         for name, fn in (("modulated_norm", modulated_norm), ("gated_add", gated_add), ("quantize", quantize)):
-            setattr(cls, name, staticmethod(torch.compile(fn, dynamic=False) if enabled else fn))
+            cls._torch[name] = torch.compile(fn, dynamic=False) if enabled else fn
+
+    @staticmethod
+    def use_kernels(enabled: bool | None = True):
+        """True/False: fused Triton kernels on/off for CUDA tensors; None: automatic."""
+        kernels.use_kernels(enabled)
+
+    @staticmethod
+    def kernels_status() -> str:
+        return kernels.status()
+
+    @staticmethod
+    def modulated_norm(x, shift, scale, eps: float, dtype, fp8: bool = False):
+        """x [..., n, dim] fp32, shift/scale [..., 1, dim] -> LayerNorm(x) * (1 + scale) + shift in dtype."""
+        if kernels.active_for(x):
+            return kernels.modulated_norm(x, shift, scale, eps, dtype, fp8)
+        return Fusion._torch["modulated_norm"](x, shift, scale, eps, dtype)
+
+    @staticmethod
+    def layer_norm_affine(x, weight, bias, eps: float, dtype, fp8: bool = False):
+        """fp32 LayerNorm(x) * weight + bias handed on in dtype (DiTBlock.norm3)."""
+        return kernels.layer_norm_affine(x, weight, bias, eps, dtype, fp8)
+
+    @staticmethod
+    def gated_add(x, y, gate=None):
+        """x fp32 + y * gate (per group [..., 1, dim]) in fp32; x + y without a gate."""
+        if kernels.active_for(x):
+            return kernels.gated_add(x, y, gate)
+        return Fusion._torch["gated_add"](x, y, gate)
+
+    @staticmethod
+    def gelu(x, fp8: bool = False):
+        """tanh GELU; fp8=True: Fp8Rows for an fp8 linear when the kernels run."""
+        return kernels.gelu(x, fp8)
+
+    @staticmethod
+    def rope(x, cos, sin, out=None):
+        """rope.apply_rope, optionally written straight into `out` (a cache slice)."""
+        return kernels.rope(x, cos, sin, out)
+
+    @staticmethod
+    def quantize(rows, dtype):
+        return Fusion._torch["quantize"](rows, dtype)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

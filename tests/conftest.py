@@ -48,6 +48,10 @@ def _alias_pack_modules():
     return pack
 
 
+if not torch.cuda.is_available():
+    # No GPU: Triton (if installed) can only run interpreted, and the interpreter must be
+    # chosen before triton is first imported (importing the pack below imports it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 _alias_pack_modules()
 
 

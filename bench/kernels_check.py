@@ -1,0 +1,250 @@
+"""GPU check and microbenchmark of the fused kernels (liveavatar/kernels.py) at the real
+Wan2.2-S2V-14B shapes: each kernel against its PyTorch reference (errors printed, exit status
+1 on any mismatch), then kernel vs reference time (CUDA events, warm-up, median).
+
+    python bench/kernels_check.py [--reps 20] [--sizes 384*256,704*384] [--batches 1,4]
+
+Needs only torch + triton and a CUDA GPU; loads kernels.py and rope.py on their own (not the
+pack), so it depends on nothing in dit.py. Tokens per block-step = 3 latent frames x
+(H/16)*(W/16): 384*256 -> 3 x 384, 704*384 -> 3 x 1056; batch b stacks b block-steps.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "liveavatar"))
+import kernels  # noqa: E402  (liveavatar/kernels.py, standalone)
+import rope  # noqa: E402
+
+DIM, HEADS, HEAD_DIM, FFN, EPS = 5120, 40, 128, 13824, 1e-6
+FRAMES = 3
+BF16_STEP = 2.0 ** -7
+FP8_HALF_STEP = 2.0 ** -4
+
+
+def token_grid(size: str) -> tuple[int, int]:
+    """(rows, columns) of one latent frame's tokens: the VAE divides by 8, the patchify by 2."""
+    width, height = (int(v) for v in size.split("*"))
+    return height // 16, width // 16
+
+
+class Report:
+    def __init__(self):
+        self.failures = []
+        self.rows = []
+
+    def check(self, name, ok, detail):
+        print(f"  {'ok  ' if ok else 'FAIL'} {name:34s} {detail}")
+        if not ok:
+            self.failures.append(name)
+
+
+def bf16_errors(got, want):
+    """(max |diff|, max diff in bf16 steps of |want|, share exactly equal)."""
+    diff = (got.float() - want.float()).abs()
+    steps = diff / (want.float().abs() * BF16_STEP).clamp_min(1e-30)
+    return diff.max().item(), steps.max().item(), (got == want).float().mean().item()
+
+
+def check_bf16(report, name, got, want):
+    """Within one bf16 step of the reference, allowing for fp32 rounding (FMA) differences
+    before the cast where RoPE's a*c - b*s cancels: 1e-5 of the tensor's RMS absolute."""
+    max_abs, max_steps, equal = bf16_errors(got, want)
+    floor = 1e-5 * want.float().pow(2).mean().sqrt()
+    within = ((got.float() - want.float()).abs() <= want.float().abs() * BF16_STEP * 1.0001 + floor).all().item()
+    ok = within and equal >= 0.99 and torch.isfinite(got).all().item()
+    report.check(name, ok, f"max abs {max_abs:.3e}, max {max_steps:.2f} bf16 steps, {100 * equal:.3f}% identical")
+
+
+def check_fp32(report, name, got, want, rtol=1e-5):
+    rel = ((got - want).abs() / want.abs().clamp_min(1e-3)).max().item()
+    report.check(name, rel <= rtol, f"max rel {rel:.2e} (tol {rtol:.0e})")
+
+
+def check_fp8(report, name, rows: kernels.Fp8Rows, want_fp32):
+    if not isinstance(rows, kernels.Fp8Rows):
+        print(f"  skip {name:34s} no fp8 rows: torch._scaled_mm takes no row-wise scales here")
+        return
+    want = want_fp32.reshape(-1, want_fp32.shape[-1]).float()
+    count = want.shape[0]
+    scales = rows.scales[:count]
+    scale_rel = ((scales - want.abs().amax(1, keepdim=True) / 448.0).abs() / scales).max().item()
+    got = rows.data[:count].float() * scales
+    bound = want.abs() * FP8_HALF_STEP + scales * 2.0 ** -9 * 1.01
+    within = ((got - want).abs() <= bound).float().mean().item()
+    same = (rows.data[:count].view(torch.uint8) == kernels.quantize_rows_reference(want).data[:count].view(torch.uint8))
+    same = same.float().mean().item()
+    ok = scale_rel <= 1e-5 and within == 1.0 and same >= 0.99
+    report.check(name, ok, f"scales rel {scale_rel:.1e}, {100 * within:.3f}% within fp8 rounding, "
+                           f"{100 * same:.3f}% bytes = reference")
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, reps: int) -> float:
+    """Median of reps timed calls after 3 warm-up calls (CUDA events; wall clock on CPU)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - begin))
+    return statistics.median(times)
+
+
+def first_call_s(fn) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def rope_tables(frames: int, grid, device):
+    """Real RoPE tables of a block: frames x (h/2 x w/2) token grid from latent frame 5 on."""
+    positions = rope.grid_positions(range(5, 5 + frames), range(grid[0]), range(grid[1]))
+    return rope.rope_tables(positions.to(device), HEAD_DIM)
+
+
+def per_tensor_fp8_linear(x, weight_fp8, weight_scale, bias):
+    """Today's layers.fp8_linear: amax, divide, cast passes then _scaled_mm (per-tensor scales)."""
+    scale = x.abs().amax().float().clamp_min(1e-12) / 448.0
+    quantised = (x.float() / scale).to(torch.float8_e4m3fn)
+    return torch._scaled_mm(quantised, weight_fp8.t(), scale_a=scale, scale_b=weight_scale, bias=bias,
+                            out_dtype=torch.bfloat16)
+
+
+def run_shape(report, label, groups, grid, reps, device):
+    n = grid[0] * grid[1]
+    rows = groups * n
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x = rand(groups, n, DIM, scale=4.0) + rand(1, 1, DIM)  # residual stream: offset per channel
+    shift, scale, gate = rand(groups, 1, DIM, scale=0.5), rand(groups, 1, DIM, scale=0.5), rand(groups, 1, DIM, scale=0.5)
+    proj = rand(rows, DIM, dtype=torch.bfloat16, scale=2.0)
+    norm_weight = 1.0 + rand(DIM, scale=0.2)
+    cos, sin = rope_tables(groups, grid, device)
+    y = rand(groups, n, DIM, dtype=torch.bfloat16)
+    hidden = rand(rows, FFN, dtype=torch.bfloat16, scale=2.0)
+    ring = torch.zeros(rows + 4 * n, HEADS, HEAD_DIM, dtype=torch.bfloat16, device=device)
+
+    cases = [  # name, kernel, reference, check
+        ("modulated_norm -> bf16", lambda: kernels.modulated_norm(x, shift, scale, EPS, torch.bfloat16),
+         lambda: kernels.modulated_norm_reference(x, shift, scale, EPS, torch.bfloat16), check_bf16),
+        ("modulated_norm -> fp8 rows", lambda: kernels.modulated_norm(x, shift, scale, EPS, torch.bfloat16, fp8=True),
+         lambda: kernels.modulated_norm_reference(x, shift, scale, EPS, torch.bfloat16, fp8=True), None),
+        ("rms_norm + rope (q/k)", lambda: kernels.rms_norm_rope(proj, norm_weight, EPS, cos, sin, HEADS),
+         lambda: kernels.rms_norm_rope_reference(proj, norm_weight, EPS, cos, sin, HEADS), check_bf16),
+        ("rms_norm + rope -> ring slice", lambda: kernels.rms_norm_rope(proj, norm_weight, EPS, cos, sin, HEADS, out=ring[n:n + rows]),
+         lambda: ring[n:n + rows].copy_(kernels.rms_norm_rope_reference(proj, norm_weight, EPS, cos, sin, HEADS)), None),
+        ("rope (reference keys)", lambda: kernels.rope(proj.view(rows, HEADS, HEAD_DIM), cos, sin),
+         lambda: kernels.rope_reference(proj.view(rows, HEADS, HEAD_DIM), cos, sin), check_bf16),
+        ("gated_add", lambda: kernels.gated_add(x, y, gate), lambda: kernels.gated_add_reference(x, y, gate), check_fp32),
+        ("gelu -> fp8 rows (FFN)", lambda: kernels.gelu(hidden, fp8=True),
+         lambda: kernels.quantize_rows_reference(F.gelu(hidden, approximate="tanh")), None),
+        ("quantize_rows (bf16 -> fp8)", lambda: kernels.quantize_rows(proj), lambda: kernels.quantize_rows_reference(proj), None),
+    ]
+    print(f"\n{label}: {groups} frames x {n} tokens = {rows} rows")
+    for name, kernel, reference, check in cases:
+        compile_s = first_call_s(kernel)
+        got, want = kernel(), reference()
+        if check is not None:
+            check(report, name, got, want)
+        report.rows.append((label, name, time_ms(reference, reps), time_ms(kernel, reps), compile_s))
+    ring.zero_()
+    kernels.rms_norm_rope(proj, norm_weight, EPS, cos, sin, HEADS, out=ring[n:n + rows])
+    check_bf16(report, "rms_norm + rope -> ring slice", ring[n:n + rows],
+               kernels.rms_norm_rope_reference(proj, norm_weight, EPS, cos, sin, HEADS))
+    report.check("ring outside the slice untouched", bool((ring[:n] == 0).all() and (ring[n + rows:] == 0).all()), "")
+    check_fp8(report, "modulated_norm -> fp8 rows", kernels.modulated_norm(x, shift, scale, EPS, torch.bfloat16, fp8=True),
+              kernels.modulated_norm_reference(x, shift, scale, EPS, torch.float32))
+    check_fp8(report, "gelu -> fp8 rows", kernels.gelu(hidden, fp8=True), F.gelu(hidden, approximate="tanh").float())
+    check_fp8(report, "quantize_rows", kernels.quantize_rows(proj), proj.float())
+    if device.type == "cuda":
+        fp8_linear_case(report, label, rows, rand, reps)
+
+
+def fp8_linear_case(report, label, rows, rand, reps):
+    """One 5120x5120 fp8 projection: today's per-tensor quantisation passes + _scaled_mm vs the
+    fused per-row quantisation + row-wise _scaled_mm, and both against bf16."""
+    x = rand(rows, DIM, dtype=torch.bfloat16, scale=2.0)
+    weight = rand(DIM, DIM, scale=0.02)
+    w_scale = weight.abs().amax() / 448.0
+    w_fp8 = (weight / w_scale).to(torch.float8_e4m3fn)
+    bias = rand(DIM, dtype=torch.bfloat16, scale=0.1)
+    exact = F.linear(x.float(), w_fp8.float() * w_scale, bias.float())
+    row_scale = kernels.rowwise_weight_scale(w_scale, DIM)
+    if not kernels.fp8_rows_supported(x.device):
+        report.check("fp8 per-row matmul", False, "torch._scaled_mm rejects row-wise scales on this GPU/torch")
+        return
+    fused = lambda: kernels.fp8_linear_rows(kernels.quantize_rows(x), w_fp8, row_scale, bias)  # noqa: E731
+    today = lambda: per_tensor_fp8_linear(x, w_fp8, w_scale.float(), bias)  # noqa: E731
+    for name, fn in (("fp8 linear, per-row (fused)", fused), ("fp8 linear, per-tensor (today)", today)):
+        rel = ((fn().float() - exact).norm() / exact.norm()).item()
+        report.check(name, rel < 0.05, f"rel L2 vs fp32 product {rel:.2e} (bias {'on' if kernels._rowwise_bias_ok else 'added after'})")
+    bf16 = lambda: F.linear(x, (w_fp8.float() * w_scale).to(torch.bfloat16), bias)  # noqa: E731
+    report.rows.append((label, "fp8 linear 5120^2: today -> fused", time_ms(today, reps), time_ms(fused, reps), 0.0))
+    report.rows.append((label, "bf16 linear 5120^2 -> fp8 fused", time_ms(bf16, reps), time_ms(fused, reps), 0.0))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="384*256,704*384")
+    parser.add_argument("--batches", default="1,4", help="block-steps stacked in one call")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke test of this script on CPU under TRITON_INTERPRET=1: tiny model dims, "
+                             "checks not meaningful (the interpreter rounds approximately)")
+    args = parser.parse_args()
+    if args.tiny:
+        global DIM, HEADS, FFN
+        DIM, HEADS, FFN = 256, 2, 512
+        args.sizes, args.batches, args.reps = "64*32", "1", 2
+    elif not torch.cuda.is_available():
+        print("kernels_check: needs a CUDA GPU")
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kernels.use_kernels(True)
+    start = time.perf_counter()
+    backend = kernels._load_backend(device)
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (interpreter)'}; {kernels.status()}; "
+          f"load + self-check {time.perf_counter() - start:.1f} s")
+    if backend is None:
+        return 1
+    report = Report()
+    for size in args.sizes.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            with torch.no_grad():
+                run_shape(report, f"{size} x{batch}", batch * FRAMES, token_grid(size), args.reps, device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(f"\n| shape | kernel | reference ms | fused ms | speedup | first call s (compile) |\n|---|---|---|---|---|---|")
+    for label, name, ref_ms, kernel_ms, compile_s in report.rows:
+        print(f"| {label} | {name} | {ref_ms:.3f} | {kernel_ms:.3f} | {ref_ms / kernel_ms:.2f}x | {compile_s:.2f} |")
+    print(f"\ntotal {time.perf_counter() - start:.0f} s; "
+          + (f"FAILED: {sorted(set(report.failures))}" if report.failures else "all checks passed"))
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Fused element-wise kernels for the DiT block's hot path, each with a plain-PyTorch
+reference of the same signature (used on CPU, without Triton, or when switched off).
+
+The block spends about a third of a block-step in memory-bound passes around the matrix
+products: fp32 LayerNorm + per-frame modulation, q/k RMSNorm + RoPE, gated residual adds,
+fp8 activation quantisation, KV ring writes. Each kernel here does one of those in a single
+read and write of the activations (kernels_triton.py).
+
+Shapes are generic: leading dims are flattened, so x [G, n, dim] with per-group (frame)
+modulation [G, 1, dim] works for any G (frames, or batch*frames).
+
+Switch: `use_kernels(True/False/None)` or the environment variable LIVEAVATAR_KERNELS=1/0.
+Default (None): on for CUDA tensors when Triton imports and a one-time self-check on the GPU
+passes; off on CPU. Triton is imported (and kernels compiled) only on first use.
+
+This module imports nothing from the pack, so bench/kernels_check.py can load it alone.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FP8 = getattr(torch, "float8_e4m3fn", None)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+ROW_ALIGN = 16  # torch._scaled_mm wants the row count of its fp8 operand a multiple of 16
+
+
+# ---- fp8 activations quantised per row ---------------------------------------------------
+@dataclass
+class Fp8Rows:
+    """Activations [..., dim] as fp8 e4m3 rows with one fp32 scale per row (value = data *
+    scale), ready for an fp8 linear. data [R, dim], scales [R, 1] with R = rows rounded up
+    to 16 (pad rows are zero, scale 1); `shape` is the logical shape of the activation."""
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    shape: tuple
+
+    @property
+    def rows(self) -> int:
+        return int(torch.Size(self.shape[:-1]).numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def flatten(self, start: int = 0, end: int = -1) -> "Fp8Rows":
+        """Reshape the logical leading dims like Tensor.flatten (the rows stay as they are)."""
+        return Fp8Rows(self.data, self.scales, tuple(torch.empty(self.shape, device="meta").flatten(start, end).shape))
+
+    def dequantize(self, dtype=torch.bfloat16) -> torch.Tensor:
+        rows = self.rows
+        return (self.data[:rows].float() * self.scales[:rows]).to(dtype).reshape(self.shape)
+
+
+def _empty_fp8_rows(rows: int, dim: int, shape, device) -> Fp8Rows:
+    padded = rows + (-rows % ROW_ALIGN)
+    data = torch.empty(padded, dim, dtype=FP8, device=device)
+    scales = torch.empty(padded, 1, dtype=torch.float32, device=device)
+    if padded > rows:
+        data[rows:].zero_()
+        scales[rows:].fill_(1.0)
+    return Fp8Rows(data, scales, tuple(shape))
+
+
+def quantize_rows_reference(x: torch.Tensor) -> Fp8Rows:
+    """Per-row fp8: scale = amax(|row|) / 448 (at least 1e-12 / 448), data = row / scale."""
+    rows2 = x.reshape(-1, x.shape[-1]).float()
+    out = _empty_fp8_rows(rows2.shape[0], rows2.shape[1], x.shape, x.device)
+    scale = rows2.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    out.data[:rows2.shape[0]] = (rows2 / scale).to(FP8)
+    out.scales[:rows2.shape[0]] = scale
+    return out
+
+
+# ---- references: today's numerics, written out -------------------------------------------
+def modulated_norm_reference(x, shift, scale, eps: float, dtype, fp8: bool = False):
+    """LayerNorm(x) (no affine, fp32 statistics) * (1 + scale) + shift in fp32, cast to dtype.
+    fp8=True: per-row fp8 of the fp32 result instead (Fp8Rows)."""
+    y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps) * (1 + scale) + shift
+    return quantize_rows_reference(y) if fp8 else y.to(dtype)
+
+
+def layer_norm_affine_reference(x, weight, bias, eps: float, dtype):
+    """fp32 LayerNorm with weight and bias (the cross-attention norm3), cast to dtype."""
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(dtype)
+
+
+def rope_reference(x, cos, sin, out=None):
+    """x [N, heads, head_dim]: consecutive channel pairs (a, b) times (cos + i sin), in fp32,
+    cast back to x's dtype (rope.apply_rope)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    roped = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
+    return roped if out is None else out.copy_(roped)
+
+
+def rms_norm_rope_reference(x, weight, eps: float, cos, sin, heads: int, out=None):
+    """RMSNorm over the whole feature dim (fp32 statistics, result cast to x's dtype, times the
+    weight in x's dtype: layers.RMSNorm), then RoPE per head. x [N, dim] -> [N, heads, dim/heads]."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight.to(x.dtype)
+    return rope_reference(normed.unflatten(-1, (heads, -1)), cos, sin, out)
+
+
+def gated_add_reference(x, y, gate=None, inplace: bool = False):
+    """Residual update in fp32: x + y * gate (x + y without a gate). y is viewed as x."""
+    update = y.reshape(x.shape).float()
+    if gate is not None:
+        update = update * gate
+    return x.add_(update) if inplace else x + update
+
+
+def gelu_reference(x, fp8: bool = False):
+    """tanh GELU in x's dtype; fp8=True: then quantised per row (Fp8Rows)."""
+    y = F.gelu(x, approximate="tanh")
+    return quantize_rows_reference(y) if fp8 else y
+
+
+# ---- the switch ----------------------------------------------------------------------------
+_setting: bool | None = None  # None: automatic (CUDA + Triton + self-check)
+_backend = None  # kernels_triton once imported and checked
+_failure: str | None = None  # why the kernels are unavailable, once known
+_rowwise_ok: bool | None = None  # torch._scaled_mm with per-row scales works on this GPU
+_rowwise_bias_ok: bool | None = None
+
+
+def use_kernels(enabled: bool | None = True):
+    """True: use the Triton kernels for CUDA tensors (still self-checked once); False: always
+    the PyTorch references; None: automatic (LIVEAVATAR_KERNELS=0/1 overrides)."""
+    global _setting
+    _setting = enabled
+
+
+def _wanted() -> bool | None:
+    if _setting is not None:
+        return _setting
+    env = os.environ.get("LIVEAVATAR_KERNELS", "").strip().lower()
+    return {"1": True, "on": True, "true": True, "0": False, "off": False, "false": False}.get(env)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def active_for(t) -> bool:
+    """Whether the Triton kernels run for tensors like t: CUDA (or CPU under Triton's
+    interpreter when switched on explicitly), switched on or automatic, and working."""
+    wanted = _wanted()
+    if wanted is False or _failure is not None:
+        return False
+    if not t.is_cuda and not (wanted and _interpreting()):
+        return False
+    return _load_backend(t.device) is not None
+
+
+def status() -> str:
+    """One line for logs: whether the kernels are used, and if not why."""
+    if _wanted() is False:
+        return "fused kernels: off (switched off)"
+    if _failure is not None:
+        return f"fused kernels: off ({_failure})"
+    if _backend is None:
+        return "fused kernels: not loaded yet (loaded on the first CUDA block)"
+    return f"fused kernels: on (Triton {_backend.triton.__version__}; fp8 per-row matmul: {bool(_rowwise_ok)})"
+
+
+def _load_backend(device):
+    global _backend, _failure
+    if _backend is not None:
+        return _backend
+    try:
+        name = f"{__package__}.kernels_triton" if __package__ else "kernels_triton"
+        backend = importlib.import_module(name)
+    except Exception as error:  # no Triton, or one that does not import with this torch
+        _failure = f"Triton unavailable: {error}"
+        return None
+    _backend = backend
+    if device.type == "cuda":
+        problem = _self_check(device)
+        if problem:
+            _backend, _failure = None, f"self-check failed: {problem}"
+            warnings.warn(f"liveavatar: fused Triton kernels disabled, using PyTorch ({problem})")
+            return None
+    return _backend
+
+
+# ---- public kernels: Triton when active, the reference otherwise --------------------------
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., dim] as [rows, dim] with unit stride in dim (a view when possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _per_group(mod: torch.Tensor, x: torch.Tensor):
+    """Modulation [..., 1, dim] matching x [..., n, dim] (or [dim]: one group) as [groups, dim]
+    and rows per group; None when it broadcasts some other way (then the reference runs)."""
+    dim = x.shape[-1]
+    if mod.dim() == 1 and mod.shape[0] == dim:
+        return mod.reshape(1, dim).float().contiguous(), x.numel() // dim
+    if mod.dim() == x.dim() and mod.shape[-2] == 1 and mod.shape[:-2] == x.shape[:-2] and mod.shape[-1] == dim:
+        return _rows(mod.float()), x.shape[-2]
+    return None
+
+
+def modulated_norm(x, shift, scale, eps: float, dtype, fp8: bool = False):
+    """x [..., n, dim] fp32, shift/scale [..., 1, dim] fp32 -> LayerNorm(x) * (1 + scale) + shift
+    in dtype (fp32 statistics); fp8=True asks for Fp8Rows for an fp8 linear instead (given only
+    when the kernels run and the GPU can multiply per-row scaled fp8; otherwise dtype)."""
+    if active_for(x):
+        shift_g, scale_g = _per_group(shift, x), _per_group(scale, x)
+        if shift_g is not None and scale_g is not None and shift_g[1] == scale_g[1]:
+            return _modulated_norm_triton(x, shift_g[0], scale_g[0], scale_g[1], eps, dtype, fp8, one_plus=True)
+    return modulated_norm_reference(x, shift, scale, eps, dtype)
+
+
+def layer_norm_affine(x, weight, bias, eps: float, dtype, fp8: bool = False):
+    """fp32 LayerNorm(x) * weight + bias -> dtype (or Fp8Rows, as modulated_norm)."""
+    if active_for(x):
+        return _modulated_norm_triton(x, bias.float().reshape(1, -1), weight.float().reshape(1, -1),
+                                      x.numel() // x.shape[-1], eps, dtype, fp8, one_plus=False)
+    return layer_norm_affine_reference(x, weight, bias, eps, dtype)
+
+
+def _modulated_norm_triton(x, shift_g, scale_g, rows_per_group, eps, dtype, fp8, one_plus):
+    x2 = _rows(x)
+    if fp8 and fp8_rows_supported(x.device):
+        out = _empty_fp8_rows(x2.shape[0], x2.shape[1], x.shape, x.device)
+        _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, fp8_rows=(out.data, out.scales))
+        return out
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, out=out.view(-1, x.shape[-1]))
+    return out
+
+
+def rms_norm_rope(x, weight, eps: float, cos, sin, heads: int, out=None):
+    """q/k RMSNorm over the whole dim + RoPE: x [N, dim] (the projection output), weight [dim],
+    cos/sin [N, 1, head_dim/2] fp32 -> [N, heads, head_dim] in x's dtype. `out` (same dtype as
+    x, e.g. this block's slice of the KV ring) receives the result directly."""
+    if active_for(x) and _rope_fits(x, cos, out):
+        if out is None:  # [..., dim] -> [..., heads, head_dim]
+            out = x.new_empty(*x.shape[:-1], heads, x.shape[-1] // heads)
+        _backend.rms_norm_rope(_rows(x), weight, _table(cos), _table(sin), out, eps, norm=True)
+        return out
+    return rms_norm_rope_reference(x, weight, eps, cos, sin, heads, out)
+
+
+def rope(x, cos, sin, out=None):
+    """RoPE alone on x [N, heads, head_dim] (e.g. the reference keys, re-roped each block),
+    optionally written straight into `out` (same dtype as x)."""
+    if active_for(x) and _rope_fits(x, cos, out):
+        out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+        _backend.rms_norm_rope(_rows(x.flatten(-2)), None, _table(cos), _table(sin), out, 0.0, norm=False)
+        return out
+    return rope_reference(x, cos, sin, out)
+
+
+def _rope_fits(x, cos, out) -> bool:
+    rows = x.numel() // (x.shape[-1] * (x.shape[-2] if x.dim() == 3 else 1))
+    ok_out = out is None or (out.dim() == 3 and out.dtype == x.dtype and out.stride(-1) == 1 and out.stride(-2) == out.shape[-1])
+    return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and cos.numel() // cos.shape[-1] == rows and ok_out
+
+
+def _table(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).float().contiguous()
+
+
+def gated_add(x, y, gate=None, inplace: bool = False):
+    """x [..., n, dim] fp32 + y (any float dtype, same number of elements) * gate [..., 1, dim]
+    fp32, in fp32; without gate x + y. inplace=True writes into x."""
+    if active_for(x) and x.dtype == torch.float32 and x.is_contiguous() and y.numel() == x.numel():
+        gate_g = _per_group(gate, x) if gate is not None else (None, 1)
+        if gate_g is not None:
+            out = x if inplace else torch.empty_like(x)
+            x2 = x.view(-1, x.shape[-1])
+            _backend.gated_add(x2, y.reshape(x2.shape).contiguous(), gate_g[0], gate_g[1], out.view(x2.shape))
+            return out
+    return gated_add_reference(x, y, gate, inplace)
+
+
+def gelu(x, fp8: bool = False):
+    """tanh GELU. fp8=True asks for Fp8Rows for the FFN's second (fp8) linear: GELU and
+    quantisation in one pass (when the kernels run; otherwise the plain GELU)."""
+    if fp8 and active_for(x) and fp8_rows_supported(x.device):
+        return _quantize_rows_triton(x, gelu=True)
+    return F.gelu(x, approximate="tanh")
+
+
+def quantize_rows(x) -> Fp8Rows:
+    """Per-row fp8 quantisation (one pass) of x [..., dim]."""
+    if active_for(x):
+        return _quantize_rows_triton(x, gelu=False)
+    return quantize_rows_reference(x)
+
+
+def _quantize_rows_triton(x, gelu: bool) -> Fp8Rows:
+    x2 = _rows(x)
+    out = _empty_fp8_rows(x2.shape[0], x2.shape[1], x.shape, x.device)
+    _backend.quantize_rows(x2, out.data, out.scales, gelu)
+    return out
+
+
+# ---- fp8 matrix product with per-row activation scales -----------------------------------
+def rowwise_weight_scale(weight_scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The per-tensor weight scale as the [1, out_features] fp32 row _scaled_mm's row-wise mode takes."""
+    return weight_scale.float().reshape(1, 1).expand(1, out_features).contiguous()
+
+
+def fp8_linear_rows(a: Fp8Rows, weight, weight_scale_row, bias=None, out_dtype=torch.bfloat16):
+    """a (Fp8Rows [..., in]) @ weight^T (fp8 [out, in], scale row [1, out]) + bias -> [..., out]."""
+    global _rowwise_bias_ok
+    b = weight.t()
+    if bias is not None and _rowwise_bias_ok is not False:
+        try:
+            out = torch._scaled_mm(a.data, b, scale_a=a.scales, scale_b=weight_scale_row,
+                                   bias=bias.to(out_dtype), out_dtype=out_dtype)
+            _rowwise_bias_ok = True
+        except RuntimeError:  # some torch builds take no bias with row-wise scales
+            _rowwise_bias_ok = False
+    if bias is None or _rowwise_bias_ok is False:
+        out = torch._scaled_mm(a.data, b, scale_a=a.scales, scale_b=weight_scale_row, out_dtype=out_dtype)
+        if bias is not None:
+            out = out + bias.to(out_dtype)
+    return out[:a.rows].reshape(*a.shape[:-1], weight.shape[0])
+
+
+def fp8_rows_supported(device) -> bool:
+    """Whether torch._scaled_mm takes per-row activation scales on this GPU (sm90 and newer
+    with recent torch); checked once with a tiny product."""
+    global _rowwise_ok
+    if _rowwise_ok is None:
+        _rowwise_ok = device.type == "cuda" and FP8 is not None and _rowwise_product_works(device)
+    return _rowwise_ok
+
+
+def _rowwise_product_works(device) -> bool:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(32, 64, generator=gen).to(device)
+    w = torch.randn(48, 64, generator=gen).to(device)
+    try:
+        rows = quantize_rows_reference(a)
+        w_scale = w.abs().amax() / FP8_MAX
+        got = fp8_linear_rows(rows, (w / w_scale).to(FP8), rowwise_weight_scale(w_scale, 48), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    want = a @ w.t()
+    return bool(((got.float() - want).norm() / want.norm()) < 0.1)
+
+
+# ---- one-time self-check on the GPU --------------------------------------------------------
+def _self_check(device) -> str | None:
+    """Each kernel against its reference on small random inputs; returns what failed, or None."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    try:
+        for name, got, want, tol in self_check_cases(rand):
+            err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+            if not err <= tol:  # also catches NaN
+                return f"{name}: relative error {err:.2e} > {tol:.0e}"
+    except Exception as error:  # a Triton/driver problem: fall back rather than fail the run
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def self_check_cases(rand):
+    """(name, kernel output, reference output, relative L2 tolerance) on small shapes."""
+    x, shift, scale = rand(2, 24, 256), rand(2, 1, 256), rand(2, 1, 256)
+    yield ("modulated_norm", _modulated_norm_triton(x, _rows(shift), _rows(scale), 24, 1e-6, torch.bfloat16, False, True),
+           modulated_norm_reference(x, shift, scale, 1e-6, torch.bfloat16), 1e-2)
+    q, w, cos, sin = rand(48, 256, dtype=torch.bfloat16), rand(256), rand(48, 1, 64), rand(48, 1, 64)
+    out = q.new_empty(48, 2, 128)
+    _backend.rms_norm_rope(q, w, _table(cos), _table(sin), out, 1e-6, norm=True)
+    yield "rms_norm_rope", out, rms_norm_rope_reference(q, w, 1e-6, cos, sin, 2), 1e-2
+    q8, s8 = torch.empty(48, 256, dtype=FP8, device=x.device), torch.empty(48, 1, device=x.device)
+    _backend.modulated_norm(_rows(x), _rows(scale), _rows(shift), 24, 1e-6, True, fp8_rows=(q8, s8))
+    yield ("modulated_norm fp8", (q8.float() * s8).view_as(x), modulated_norm_reference(x, shift, scale, 1e-6, torch.float32),
+           0.1)
+    y, gate = rand(2, 24, 256, dtype=torch.bfloat16), rand(2, 1, 256)
+    out = torch.empty_like(x)
+    _backend.gated_add(x.view(-1, 256), y.view(-1, 256), _rows(gate), 24, out.view(-1, 256))
+    yield "gated_add", out, gated_add_reference(x, y, gate), 1e-5
+    h = rand(40, 512, dtype=torch.bfloat16)
+    yield "gelu_fp8", _quantize_rows_triton(h, gelu=True).dequantize(torch.float32), gelu_reference(h), 0.1

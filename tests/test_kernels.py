@@ -1,0 +1,203 @@
+"""Fused kernels (liveavatar/kernels.py) against independent PyTorch references.
+
+On a GPU the compiled Triton kernels run; on CPU Triton's interpreter runs them (conftest.py
+selects it). Without Triton those tests skip; the reference paths are tested either way.
+Shapes are small (interpreter speed) with a non-power-of-two dim so the masking is exercised.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from liveavatar import kernels, layers, rope
+from liveavatar.layers import Fusion, Linear, RMSNorm
+
+BF16_STEP = 2.0 ** -7  # bf16 keeps 8 significant bits: neighbours differ by <= 2^-7 relative
+FP8_HALF_STEP = 2.0 ** -4  # e4m3 keeps 4: rounding error <= 2^-4 relative (normal range)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_on(monkeypatch):
+    """Kernels switched on: compiled on a GPU; on CPU run by Triton's interpreter (conftest
+    selects it before triton is imported), with per-row fp8 matmuls treated as available so
+    the fp8 producers hand out Fp8Rows."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(kernels, "_setting", True)
+    monkeypatch.setattr(kernels, "_failure", None)
+    if DEVICE == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("no GPU and Triton's interpreter not selected (see conftest.py)")
+        monkeypatch.setattr(kernels, "_rowwise_ok", True)
+        exact_interpreter_casts(monkeypatch)
+    assert kernels._load_backend(torch.device(DEVICE)) is not None, kernels.status()
+
+
+def exact_interpreter_casts(monkeypatch):
+    """Triton's interpreter rounds float down-casts approximately (ties away from zero, a
+    mantissa carry can land in the wrong exponent bit); the GPU rounds to nearest even. Let the
+    interpreter cast through torch instead so it rounds like the hardware (and like PyTorch)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    as_torch = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16,
+                tl.float8e4nv: torch.float8_e4m3fn}
+    as_bits = {1: torch.int8, 2: torch.int16, 4: torch.int32}
+    approximate = interpreter._convert_float
+
+    def convert(data, src, dst, rounding_mode):
+        if src not in as_torch or dst not in as_torch or rounding_mode == interpreter._ir.ROUNDING_MODE.RTZ:
+            return approximate(data, src, dst, rounding_mode)
+        raw = torch.from_numpy(np.ascontiguousarray(data).view(f"int{data.dtype.itemsize * 8}"))
+        out = raw.view(as_torch[src]).to(as_torch[dst])
+        bits = out.view(as_bits[out.element_size()]).numpy()
+        return bits.view(f"uint{bits.dtype.itemsize * 8}").reshape(data.shape)
+
+    monkeypatch.setattr(interpreter, "_convert_float", convert)
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+
+
+def assert_within_bf16_step(got, want):
+    """Equal up to one bf16 rounding step of the expected value (plus 1e-5 of the RMS for
+    fp32 rounding differences where RoPE's a*c - b*s cancels, e.g. FMA on a GPU)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    diff = (got.float() - want.float()).abs()
+    floor = 1e-5 * want.float().pow(2).mean().sqrt()
+    assert (diff <= want.float().abs() * BF16_STEP + floor).all(), float(diff.max())
+    assert (got == want).float().mean() > 0.95  # nearly all exactly equal
+
+
+def assert_fp8_rows_close(rows: kernels.Fp8Rows, want_fp32):
+    """Dequantised rows within one fp8 rounding of the fp32 values, scales = amax / 448."""
+    want = want_fp32.reshape(-1, want_fp32.shape[-1]).float()
+    count = want.shape[0]
+    scales = rows.scales[:count]
+    torch.testing.assert_close(scales, want.abs().amax(1, keepdim=True) / 448.0, rtol=1e-6, atol=0)
+    got = rows.data[:count].float() * scales
+    assert ((got - want).abs() <= want.abs() * FP8_HALF_STEP + scales * 2.0 ** -9 * 1.01).all()
+    assert rows.data.shape[0] % 16 == 0 and (rows.data[count:].float() == 0).all() and (rows.scales[count:] == 1).all()
+
+
+# ---- kernels (interpreted on CPU) against the references ----------------------------------
+def test_modulated_norm_kernel_matches_fp32_layer_norm(triton_on):
+    x, shift, scale = randn(3, 20, 96) * 3 + 1, randn(3, 1, 96, seed=1), randn(3, 1, 96, seed=2)
+    want = layers.modulated_norm(x, shift, scale, 1e-6, torch.float32)
+    torch.testing.assert_close(kernels.modulated_norm(x, shift, scale, 1e-6, torch.float32), want, rtol=1e-5, atol=1e-5)
+    assert_within_bf16_step(Fusion.modulated_norm(x, shift, scale, 1e-6, torch.bfloat16),
+                            layers.modulated_norm(x, shift, scale, 1e-6, torch.bfloat16))
+
+
+def test_modulated_norm_fp8_rows(triton_on):
+    x, shift, scale = randn(3, 20, 96), randn(3, 1, 96, seed=1), randn(3, 1, 96, seed=2)
+    rows = kernels.modulated_norm(x, shift, scale, 1e-6, torch.bfloat16, fp8=True)
+    assert isinstance(rows, kernels.Fp8Rows) and rows.shape == (3, 20, 96)
+    assert_fp8_rows_close(rows, layers.modulated_norm(x, shift, scale, 1e-6, torch.float32))
+    assert rows.flatten(0, 1).shape == (60, 96)
+
+
+def test_layer_norm_affine_kernel(triton_on):
+    x, weight, bias = randn(2, 10, 96), randn(96, seed=1), randn(96, seed=2)
+    want = F.layer_norm(x, (96,), weight, bias, 1e-6)
+    torch.testing.assert_close(kernels.layer_norm_affine(x, weight, bias, 1e-6, torch.float32), want, rtol=1e-5, atol=1e-5)
+
+
+def rope_tables(tokens: int, head_dim: int):
+    positions = rope.grid_positions(range(-1, 1), range(2), range(tokens // 4))  # includes negative times
+    return rope.rope_tables(positions, head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_rope_kernel_matches_rmsnorm_then_apply_rope(triton_on, dtype):
+    heads, head_dim = 3, 32
+    x = (randn(20, heads * head_dim) * 4).to(dtype)
+    norm = RMSNorm(heads * head_dim, eps=1e-6)
+    norm.weight.data = randn(heads * head_dim, seed=1)
+    cos, sin = rope_tables(20, head_dim)
+    want = rope.apply_rope(norm(x).unflatten(-1, (heads, head_dim)), cos, sin)
+    got = norm.forward_rope(x, cos, sin, heads)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert_within_bf16_step(got, want)
+
+
+def test_rms_norm_rope_writes_into_a_ring_slice(triton_on):
+    heads, head_dim = 2, 32
+    x, weight = randn(8, heads * head_dim, dtype=torch.bfloat16), randn(heads * head_dim, seed=1)
+    cos, sin = rope_tables(8, head_dim)
+    ring = torch.zeros(20, heads, head_dim, dtype=torch.bfloat16)
+    returned = kernels.rms_norm_rope(x, weight, 1e-6, cos, sin, heads, out=ring[4:12])
+    assert returned.data_ptr() == ring[4:12].data_ptr()
+    assert_within_bf16_step(ring[4:12], kernels.rms_norm_rope_reference(x, weight, 1e-6, cos, sin, heads))
+    assert (ring[:4] == 0).all() and (ring[12:] == 0).all()
+
+
+def test_rope_kernel_matches_apply_rope(triton_on):
+    x = randn(8, 2, 32, dtype=torch.bfloat16)
+    cos, sin = rope_tables(8, 32)
+    assert_within_bf16_step(Fusion.rope(x, cos, sin), rope.apply_rope(x, cos, sin))
+
+
+def test_gated_add_kernel(triton_on):
+    x, y, gate = randn(3, 20, 96), randn(60, 96, dtype=torch.bfloat16, seed=1), randn(3, 1, 96, seed=2)
+    want = x + y.float().view_as(x) * gate
+    torch.testing.assert_close(Fusion.gated_add(x, y.view_as(x), gate), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(Fusion.gated_add(x, y.view_as(x)), x + y.float().view_as(x), rtol=1e-6, atol=1e-6)
+    inplace = x.clone()
+    assert kernels.gated_add(inplace, y, gate, inplace=True) is inplace
+    torch.testing.assert_close(inplace, want, rtol=1e-6, atol=1e-6)
+
+
+def test_gelu_fp8_rows_and_quantize_rows(triton_on):
+    h = randn(20, 200, dtype=torch.bfloat16) * 3
+    gelu = F.gelu(h, approximate="tanh")
+    rows = Fusion.gelu(h, fp8=True)
+    assert_fp8_rows_close(rows, gelu.float())
+    reference = kernels.quantize_rows_reference(gelu)
+    assert (rows.data.view(torch.uint8) == reference.data.view(torch.uint8)).float().mean() > 0.98
+    assert_fp8_rows_close(kernels.quantize_rows(h), h.float())
+
+
+def test_linear_takes_fp8_rows_on_cpu_by_dequantising(triton_on):
+    linear = Linear(96, 48).to(DEVICE)
+    x = randn(20, 96)
+    rows = kernels.quantize_rows(x)
+    torch.testing.assert_close(linear(rows), F.linear(rows.dequantize(torch.float32), linear.weight, linear.bias))
+
+
+# ---- the switch and the references ---------------------------------------------------------
+def test_self_check_passes(triton_on):
+    assert kernels._self_check(torch.device(DEVICE)) is None
+
+
+def test_kernels_off_on_cpu_by_default_and_when_switched_off(monkeypatch):
+    monkeypatch.delenv("LIVEAVATAR_KERNELS", raising=False)
+    x = torch.zeros(2, 4, 16)
+    assert not kernels.active_for(x)
+    monkeypatch.setattr(kernels, "_setting", False)
+    assert not kernels.active_for(x) and "off" in kernels.status()
+    monkeypatch.setattr(kernels, "_setting", None)
+    monkeypatch.setenv("LIVEAVATAR_KERNELS", "0")
+    assert kernels._wanted() is False
+
+
+def test_references_match_todays_layers(monkeypatch):
+    monkeypatch.setattr(kernels, "_setting", False)
+    x, shift, scale = randn(2, 5, 64), randn(2, 1, 64, seed=1), randn(2, 1, 64, seed=2)
+    assert torch.equal(kernels.modulated_norm(x, shift, scale, 1e-6, torch.bfloat16),
+                       layers.modulated_norm(x, shift, scale, 1e-6, torch.bfloat16))
+    y, gate = randn(10, 64, dtype=torch.bfloat16), randn(2, 1, 64)
+    assert torch.equal(kernels.gated_add(x, y, gate), layers.gated_add(x, y.view_as(x), gate))
+    q, weight = randn(8, 64, dtype=torch.bfloat16), randn(64)
+    cos, sin = rope_tables(8, 32)
+    norm = RMSNorm(64, 1e-6)
+    norm.weight.data = weight
+    assert torch.equal(norm.forward_rope(q, cos, sin, 2), rope.apply_rope(norm(q).unflatten(-1, (2, 32)), cos, sin))
+    assert torch.equal(Fusion.gelu(q, fp8=True), F.gelu(q, approximate="tanh"))  # no fp8 rows off the kernels
