@@ -116,6 +116,12 @@ class Attention(nn.Module):
     def out(self, x: torch.Tensor) -> torch.Tensor:
         return self.o(x.flatten(-2))
 
+    def roped_qkv(self, h, cos, sin):
+        """q and k normed and roped (one fused pass each on the GPU), v: [N, H, D] each."""
+        q = self.norm_q.forward_rope(self.q(h), cos, sin, self.num_heads)
+        k = self.norm_k.forward_rope(self.k(h), cos, sin, self.num_heads)
+        return q, k, self.heads(self.v(h))
+
 
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
@@ -129,23 +135,31 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, time_mod, self_attention, text_kv):
         """x [G, n, dim] fp32 residual stream (G frames of n tokens, or one group for the sink);
-        time_mod [G, 6, dim] fp32; self_attention(q, k, v) with [G*n, H, D] tensors does the
-        roping and caching; text_kv the layer's cross-attention keys/values."""
+        time_mod [G, 6, dim] fp32; self_attention(attn, h) maps the normed tokens [G*n, dim]
+        to attention outputs [G*n, H, D] (projections, roping and caching are the caller's);
+        text_kv the layer's cross-attention keys/values. The element-wise steps go through
+        Fusion (fused kernels on the GPU; fp8 rows straight from the norm for fp8 linears)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + time_mod).unsqueeze(2).unbind(1)
-        dtype = self.self_attn.q.compute_dtype
-        h = Fusion.modulated_norm(x, shift1, scale1, self.eps, dtype).flatten(0, 1)
-        q = self.self_attn.query(h)
-        k, v = self.self_attn.key_value(h)
-        y = self.self_attn.out(self_attention(q, k, v))
+        attn = self.self_attn
+        dtype = attn.q.compute_dtype
+        h = Fusion.modulated_norm(x, shift1, scale1, self.eps, dtype, fp8=attn.q.takes_fp8_rows).flatten(0, 1)
+        y = attn.out(self_attention(attn, h))
         x = Fusion.gated_add(x, y.view_as(x), gate1)
-        x = x + self.cross_attention(x, *text_kv)
-        h = Fusion.modulated_norm(x, shift2, scale2, self.eps, dtype)
-        return Fusion.gated_add(x, self.ffn(h), gate2)
+        x = Fusion.gated_add(x, self.cross_attention(x, *text_kv))
+        h = Fusion.modulated_norm(x, shift2, scale2, self.eps, dtype, fp8=self.ffn[0].takes_fp8_rows)
+        return Fusion.gated_add(x, self.feed_forward(h), gate2)
+
+    def feed_forward(self, h):
+        up, down = self.ffn[0], self.ffn[2]
+        return down(Fusion.gelu(up(h), fp8=down.takes_fp8_rows))
 
     def cross_attention(self, x, text_k, text_v):
-        normed = F.layer_norm(x.float(), (x.shape[-1],), self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
-        q = self.cross_attn.query(normed.flatten(0, 1))
-        return self.cross_attn.out(attend(q, text_k, text_v)).view_as(x).float()
+        """fp32 affine LayerNorm (norm3), then attention to the prompt; residual [G, n, dim]."""
+        attn = self.cross_attn
+        normed = Fusion.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, self.eps, attn.q.compute_dtype,
+                                          fp8=attn.q.takes_fp8_rows)
+        q = attn.query(normed.flatten(0, 1))
+        return attn.out(attend(q, text_k, text_v)).view(x.shape)
 
     def text_key_value(self, text: torch.Tensor):
         return self.cross_attn.key_value(text)
@@ -464,8 +478,10 @@ class LiveAvatarDiT(nn.Module):
         def layer(i, block, x):
             c, s = cos.to(x.device), sin.to(x.device)
 
-            def self_attention(q, k, v):
-                sink.ref_keys.append(k[:sink.ref_len].clone())
+            def self_attention(attn, h):
+                q = attn.query(h)
+                k, v = attn.key_value(h)
+                sink.ref_keys.append(k[:sink.ref_len].clone())  # re-roped at the rolling position later
                 k = rope.apply_rope(k, c, s)
                 sink.keys.append(k)
                 sink.values.append(v)
@@ -501,8 +517,8 @@ class LiveAvatarDiT(nn.Module):
             dev = x.device
             c, s = cos.to(dev), sin.to(dev)
 
-            def self_attention(q, k, v):
-                q, k = rope.apply_rope(q, c, s), rope.apply_rope(k, c, s)
+            def self_attention(attn, h):
+                q, k, v = attn.roped_qkv(h, c, s)
                 out = []
                 for j, item in enumerate(items):
                     rows = slice(j * per_item, (j + 1) * per_item)
