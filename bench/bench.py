@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -55,7 +56,7 @@ def random_tensor_for(cfg: DiTConfig, generator_seed=0):
 
 def build(mode: str, cfg: DiTConfig):
     """Mode names: bf16 | fp8 | offload<N>[-fp8] | sharded[-fp8] | stepgpu[-fp8], each with an
-    optional -seq (today's sequential schedule) and -compile."""
+    optional -seq (today's sequential schedule), -nok (fused kernels off) and -compile."""
     storage = "fp8" if "fp8" in mode else "bf16"
     gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     if mode.startswith("offload"):
@@ -123,12 +124,15 @@ def bench_dit(mode, sizes, clips, args, vaes):
     reset_peaks()
     from liveavatar.layers import Fusion
     Fusion.compile("compile" in mode)
+    Fusion.use_kernels(False if "-nok" in mode else None)  # -nok: plain PyTorch element-wise work
     compile_start = time.perf_counter()
     model, gpus = build(mode, cfg)
     load_s = time.perf_counter() - compile_start
     total = torch.cuda.get_device_properties(0).total_memory
     rows = []
     for size in sizes:
+        if mode.startswith("offload") and size not in args.offload_sizes.split(","):
+            continue
         capped = mode.startswith("offload") and size in args.cap_sizes.split(",")
         torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * GIB / total if capped else 1.0)
         torch.cuda.empty_cache()
@@ -140,13 +144,14 @@ def bench_dit(mode, sizes, clips, args, vaes):
         block_step, first, kv_fp8 = time_stream(model, inputs, settings)
         peak = peak_gib()
         e2e = None
-        if vaes is not None and not capped:
+        if vaes is not None and not capped and "-seq" not in mode and "-nok" not in mode:
             e2e_block_step, _, _ = time_stream(model, inputs, settings, vae=vaes[gpus - 1])
             e2e = 12 / (4 * e2e_block_step)
         rows.append(dict(size=size, mode=mode + ("+kvfp8" if kv_fp8 and "kvfp8" not in mode else ""), gpus=gpus,
                          steps=settings.steps, pipelined=settings.pipelined, block_step_s=block_step,
                          fps4=12 / (4 * block_step), end_to_end_fps4=e2e, first_block_s=first, load_s=load_s,
-                         peak_gib=peak, memory_cap_gib=args.memory_cap_gib if capped else None))
+                         peak_gib=peak, memory_cap_gib=args.memory_cap_gib if capped else None,
+                         kernels=Fusion.kernels_status()))
         print(json.dumps(rows[-1]), flush=True)
         if args.profile and mode in args.profile_modes.split(","):
             profile(model, inputs_for(size, cfg, 1), settings, Path(args.out_dir) / f"profile_{mode}_{size.replace('*', 'x')}.txt")
@@ -242,6 +247,7 @@ def main():
     parser.add_argument("--clips", type=int, default=3)
     parser.add_argument("--memory-cap-gib", type=float, default=22.0, help="per-process GPU memory cap for offload modes")
     parser.add_argument("--cap-sizes", default="384*256", help="sizes at which offload modes run under the cap")
+    parser.add_argument("--offload-sizes", default="384*256,704*384", help="sizes at which offload modes run at all")
     parser.add_argument("--profile", action="store_true", help="kernel time breakdown of one clip (bf16)")
     parser.add_argument("--profile-modes", default="bf16")
     parser.add_argument("--skip-vae", action="store_true")
@@ -250,6 +256,7 @@ def main():
     parser.add_argument("--out-dir", default=".", help="profiles and the original's raw output")
     parser.add_argument("--results", default="docs/bench_results.json", help="the rows, as a JSON list")
     args = parser.parse_args()
+    torch.cuda.init()  # the memory-stat calls below need an initialised CUDA
     sizes = args.sizes.split(",")
     vaes = None if args.skip_vae else real_size_vaes()
     vae = {} if vaes is None else bench_vae(vaes[0], sizes)
@@ -257,8 +264,8 @@ def main():
     for mode in filter(None, args.modes.split(",")):
         try:
             rows += bench_dit(mode, sizes, args.clips, args, vaes)
-        except Exception as error:  # one failing mode must not lose the others' numbers
-            print(f"mode {mode} failed: {type(error).__name__}: {error}", flush=True)
+        except Exception:  # one failing mode must not lose the others' numbers
+            print(f"mode {mode} failed:\n{traceback.format_exc()}", flush=True)
             gc.collect()
             torch.cuda.empty_cache()
     if args.peak_clips:

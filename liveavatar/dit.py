@@ -85,6 +85,10 @@ class DiTConfig:
         return cls(**values)
 
 
+def _current(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 def sinusoidal_embedding(dim: int, timesteps: torch.Tensor) -> torch.Tensor:
     """Wan's timestep embedding [N, dim]: cos then sin of t * 10000^(-i/half), in float64."""
     half = dim // 2
@@ -410,9 +414,10 @@ class LiveAvatarDiT(nn.Module):
 
     def _run_layers(self, x, layer_fn):
         """The one loop over DiT layers; placement decides where each runs (sharded over
-        GPUs, streamed from CPU, or all in place)."""
+        GPUs, streamed from CPU, or all in place). Each layer runs with its GPU as the current
+        device: Triton kernels launch there."""
         for i, block in enumerate(self.blocks):
-            with self._on_layer(i) as device:
+            with self._on_layer(i) as device, _current(device):
                 x = layer_fn(i, block, x.to(device))
         return x.to(self.device)
 
