@@ -3,7 +3,8 @@
 - `OneDevice(device)`: everything on one device.
 - `Sharded(devices)`: whole transformer blocks spread evenly over several GPUs (each audio
   injector goes with the block it follows); activations hop between GPUs, weights never move,
-  and each block is loaded straight onto its GPU (no full-model copy anywhere).
+  and each block is loaded straight onto its GPU (no full-model copy anywhere). A tick's
+  block-steps go through one by one, so the GPUs work on different block-steps at once.
 - `Offload(device, blocks)`: the last `blocks` transformer blocks stay in (pinned) CPU
   memory and are streamed into two reusable GPU slots just before they run, the next one
   copied while the current one computes. The pipelined sampler runs all steps of a tick in
@@ -29,6 +30,8 @@ _INJECTOR = re.compile(r"audio_injector\.(?:injector|injector_adain_layers)\.(\d
 
 
 class Placement:
+    micro_batches = False  # run a tick's block-steps one by one (see Sharded)
+
     def __init__(self, device):
         self.device = torch.device(device)
         self.model = None
@@ -71,6 +74,8 @@ class OneDevice(Placement):
 
 
 class Sharded(Placement):
+    micro_batches = True  # GPU k runs block-step j while GPU k+1 runs block-step j-1
+
     def __init__(self, devices, num_layers: int):
         super().__init__(devices[0])
         self.devices = [torch.device(d) for d in devices]

@@ -301,9 +301,13 @@ class Streamer:
         """Jobs that one model copy runs: their next step, as one forward, then the Euler update."""
         replica = self.step_replica[jobs[0].step]
         device = replica.model.device
+        placement = replica.model.placement
         with torch.no_grad(), (torch.cuda.device(device) if device.type == "cuda" else nullcontext()):
             items = [self._block_step(job) for job in jobs]
-            flows = replica.model.denoise(items, replica.text_kv)
+            # Layers sharded over GPUs: one item at a time, so that while the last GPU runs
+            # item j the first already runs item j+1 (the tick's block-steps pipeline through).
+            batches = [[item] for item in items] if placement and placement.micro_batches else [items]
+            flows = [flow for batch in batches for flow in replica.model.denoise(batch, replica.text_kv)]
             for job, item, flow in zip(jobs, items, flows):
                 job.x = item.latents + self.step_sizes[job.step] * flow
                 job.step += 1

@@ -42,7 +42,9 @@ def test_sharded_layers_give_identical_latents(checkpoint, reference):
     placement = Sharded(["cpu", "cpu"], cfg.num_layers)
     assert placement.layer_device(0) == placement.devices[0]
     assert placement.layer_device(cfg.num_layers - 1) == placement.devices[-1]
-    assert torch.equal(run(checkpoint, placement)[1], reference)
+    # a tick's block-steps go through one by one here (batched in the reference): same math,
+    # other matrix shapes, so equal up to float rounding
+    assert relative_l2(run(checkpoint, placement)[1], reference) < 1e-5
 
 
 def test_sharding_assigns_whole_blocks_and_their_injectors():
