@@ -16,6 +16,7 @@ The path (shapes for the real model: 25 hidden states of width 1024):
 
 Public API:
     load_audio(path_or_comfy_audio) -> Tensor[T]                      16 kHz mono float32
+    float_pcm(samples) -> float32 in [-1, 1] (int PCM by full scale, loud float by its peak)
     Wav2Vec2Encoder.load(path, device="cpu", dtype=torch.float32, config=None)
         path: the Hugging Face folder (config.json + model.safetensors / pytorch_model.bin)
         or one safetensors file (ComfyUI's wav2vec2_large_english_fp16.safetensors)
@@ -85,10 +86,24 @@ def _comfy_audio_to_16k(audio: dict) -> torch.Tensor:
     rate = int(audio["sample_rate"])
     if rate <= 0:
         raise ValueError(f"AUDIO sample_rate must be positive, got {audio['sample_rate']}")
-    mono = wave[0].float().mean(0).cpu().numpy()  # librosa.load also averages channels first
+    mono = float_pcm(wave[0]).mean(0).cpu().numpy()  # librosa.load also averages channels first
     if rate != SAMPLE_RATE and mono.size:
         mono = librosa.resample(mono, orig_sr=rate, target_sr=SAMPLE_RATE)
     return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+
+
+def float_pcm(wave: torch.Tensor) -> torch.Tensor:
+    """Samples of any PCM dtype -> float32 in [-1, 1]: integers by their full scale (int16
+    / 32768, uint8 centred on 128), floats louder than 1.0 scaled down by their peak rather
+    than clipped into a square wave. NaN stays NaN (callers decide)."""
+    if wave.dtype == torch.uint8:
+        return (wave.float() - 128) / 128
+    if not wave.is_floating_point():
+        return wave.float() / float(2 ** (torch.iinfo(wave.dtype).bits - 1))
+    wave = wave.float()
+    finite = wave[torch.isfinite(wave)]
+    peak = float(finite.abs().max()) if finite.numel() else 0.0
+    return wave / peak if peak > 1.0 else wave
 
 
 def _read_audio_file(path: Path) -> torch.Tensor:

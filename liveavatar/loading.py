@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .dit import WAN_S2V_14B_INJECT_LAYERS, DiTConfig, LiveAvatarDiT
 from .layers import FP8_DTYPES, Linear
-from .weights import read_state_dict, safetensors_config
+from .weights import CheckpointError, open_safetensors, read_state_dict, safetensors_config
 
 S2V_MARKER_KEY = "casual_audio_encoder.encoder.final_linear.weight"
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "")
@@ -36,10 +35,6 @@ FP8_MARKER = "scaled_fp8"
 HEAD_DIM = 128  # Wan's head size, used when no config.json gives num_heads
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-class CheckpointError(ValueError):
-    """A weights file that is not what it should be; the message says what and why."""
 
 
 # ---- reading tensors lazily ----------------------------------------------------------------
@@ -53,13 +48,10 @@ class TensorSource:
         files = self._weight_files(path)
         if files[0].suffix == ".safetensors":
             for file in files:
-                with safe_open(str(file), framework="pt") as f:
+                with open_safetensors(file) as f:
                     self.files.update(dict.fromkeys(f.keys(), str(file)))
         else:
-            try:
-                self.state_dict = read_state_dict(files[0], mmap=True)
-            except ValueError as error:
-                raise CheckpointError(str(error)) from None
+            self.state_dict = read_state_dict(files[0], mmap=True)
         self._handles: dict[str, object] = {}
 
     @staticmethod
@@ -70,8 +62,7 @@ class TensorSource:
             return [path]
         index = sorted(path.glob("*.safetensors.index.json"))
         if index:
-            shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
-            return [path / s for s in shards]
+            return [path / s for s in _shards_of(index[0])]
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.pth")) + sorted(path.glob("*.bin"))
         if not files:
             raise CheckpointError(f"no .safetensors/.pth weights in folder {path}")
@@ -96,8 +87,24 @@ class TensorSource:
     def _handle(self, key: str):
         file = self.files[key]
         if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt")
+            self._handles[file] = open_safetensors(file)
         return self._handles[file]
+
+
+def _shards_of(index: Path) -> list[str]:
+    """The shard files an official `*.safetensors.index.json` lists (its weight_map values)."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise CheckpointError(f"{index} is not a valid sharded-checkpoint index ({error}): download it again") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no 'weight_map' (tensor name -> shard file): it is not a sharded-checkpoint "
+                              "index; download it again or pick a single .safetensors file")
+    shards = sorted(set(map(str, weight_map.values())))
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{index} lists shards that are not in {index.parent}: {missing[:5]}")
+    return shards
 
 
 @dataclass
@@ -139,13 +146,35 @@ class Checkpoint:
         audio_layers = self.shape("casual_audio_encoder.weights")[1]
         config = self._stored_config()
         if config and "dim" in config and "audio_inject_layers" in config:
-            return DiTConfig.from_dict(config, audio_layers=audio_layers)
-        return self.infer_config(audio_layers)
+            try:
+                cfg = DiTConfig.from_dict(config, audio_layers=audio_layers)
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(f"{self.path}: its config cannot describe a Wan2.2-S2V DiT ({error})") from None
+        else:
+            cfg = self.infer_config(audio_layers)
+        self.validate(cfg)
+        return cfg
+
+    def validate(self, cfg: DiTConfig):
+        """Check a config (from a file's metadata or config.json, or passed in) against the
+        tensors present, before anything is built: a crafted config must not make us build
+        20000 layers or skip audio injectors."""
+        dim_in_file = self.shape("patch_embedding.weight")[0] if self.has("patch_embedding.weight") else cfg.dim
+        problems = _config_problems(cfg, self.names(), dim_in_file)
+        if problems:
+            raise CheckpointError(f"{self.path}: the config does not match the tensors in the file: "
+                                  f"{'; '.join(problems)}. Remove the wrong config (config.json beside the shards, "
+                                  f"or the file's 'config' metadata) or use the original file.")
 
     def _stored_config(self) -> dict | None:
         if self.path.is_dir():
             config_file = self.path / "config.json"
-            return json.loads(config_file.read_text()) if config_file.exists() else None
+            if not config_file.exists():
+                return None
+            try:
+                return json.loads(config_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise CheckpointError(f"{config_file} is not valid JSON ({error}): fix or remove it") from None
         return safetensors_config(self.path)
 
     def infer_config(self, audio_layers: int) -> DiTConfig:
@@ -166,6 +195,31 @@ class Checkpoint:
             out_dim=self.shape("head.head.weight")[0] // math.prod(patch),
             cond_dim=self.shape("cond_encoder.weight")[1], audio_dim=conv1_local[1], audio_layers=audio_layers,
             num_audio_token=conv1_local[0] // (dim // 4), audio_inject_layers=inject_layers)
+
+
+def _config_problems(cfg: DiTConfig, names: list[str], dim_in_file: int) -> list[str]:
+    layers = _block_indices(names, r"blocks\.(\d+)\.")
+    injectors = _block_indices(names, r"audio_injector\.injector\.(\d+)\.")
+    problems = []
+    if not isinstance(cfg.num_heads, int) or cfg.num_heads <= 0 or cfg.dim % cfg.num_heads:
+        problems.append(f"num_heads={cfg.num_heads} must be a positive divisor of dim={cfg.dim}")
+    if cfg.dim != dim_in_file:
+        problems.append(f"dim={cfg.dim} but patch_embedding.weight has {dim_in_file} channels")
+    if cfg.num_layers != len(layers):
+        problems.append(f"num_layers={cfg.num_layers} but the file has {len(layers)} blocks")
+    inject = list(cfg.audio_inject_layers)
+    outside = [i for i in inject if not isinstance(i, int) or not 0 <= i < cfg.num_layers]
+    if outside:
+        problems.append(f"audio_inject_layers {outside} are outside layers 0..{cfg.num_layers - 1}")
+    if len(set(inject)) != len(inject):
+        problems.append(f"audio_inject_layers {inject} repeat a layer")
+    if len(inject) != len(injectors):
+        problems.append(f"audio_inject_layers has {len(inject)} entries but the file has {len(injectors)} audio injectors")
+    return problems
+
+
+def _block_indices(names: list[str], pattern: str) -> set[int]:
+    return {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
 
 
 def _describe(keys: set) -> str:
@@ -192,6 +246,7 @@ def read_lora(path) -> tuple[dict[str, LoraPair], dict[str, torch.Tensor]]:
     `base_model.model.`), kohya/ComfyUI names (`lora_down`/`lora_up` + `.alpha`) and
     plain parameters saved beside them (peft's `base_layer` names mapped back)."""
     source = TensorSource(Path(path))
+    _check_is_lora(path, source.keys())  # by names alone: a 32 GB model here is refused before it is read
     pairs: dict[str, dict] = {}
     overrides: dict[str, torch.Tensor] = {}
     for key in source.keys():
@@ -208,6 +263,18 @@ def read_lora(path) -> tuple[dict[str, LoraPair], dict[str, torch.Tensor]]:
     if incomplete:
         raise CheckpointError(f"LoRA {path}: these modules lack lora_A/lora_B (down/up) halves: {incomplete[:10]}")
     return {k: LoraPair(p["down"], p["up"], p.get("alpha")) for k, p in pairs.items()}, overrides
+
+
+def _check_is_lora(path, keys: list[str]):
+    """A LoRA file must hold LoRA pairs: an empty file, or a whole model picked in the LoRA
+    slot, would otherwise load with nothing merged (4 steps without the distillation)."""
+    if not keys:
+        raise CheckpointError(f"LoRA {path} holds no tensors: download liveavatar.safetensors again")
+    if not any(LORA_PATTERN.match(_strip_prefix(k, LORA_PREFIXES)) for k in keys):
+        full_model = any(_strip_prefix(k, CHECKPOINT_PREFIXES[:-1]) == S2V_MARKER_KEY for k in keys)
+        looks = "a whole diffusion model, which belongs in model_name" if full_model else _describe(set(keys))
+        raise CheckpointError(f"LoRA {path} has no LoRA weights (lora_A/lora_B or lora_down/lora_up); it looks like "
+                              f"{looks}. Pick liveavatar.safetensors from models/loras.")
 
 
 def _strip_prefix(key: str, prefixes) -> str:
@@ -233,6 +300,7 @@ def load_dit(path, lora=None, lora_strength: float = 1.0, lora_alpha: float | No
     weights in the transformer blocks, computed in bf16)."""
     checkpoint = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     cfg = config or checkpoint.config()
+    checkpoint.validate(cfg)  # before expected_tensors builds anything from it
     pairs, overrides = read_lora(lora) if lora else ({}, {})
     expected = expected_tensors(cfg)
     _check_keys(checkpoint, expected, pairs, overrides, lora)

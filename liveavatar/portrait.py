@@ -22,6 +22,9 @@ import torch
 from PIL import Image
 
 DIVISOR = 64
+# Smallest side accepted: 16 pixels fill one DiT token (2x2 latent pixels of 8x8); a smaller
+# image (a 1x1 placeholder, a mask) holds no face to animate and would become a flat video.
+MIN_IMAGE_SIDE = 16
 SCALE_TRIES = 100
 
 
@@ -109,6 +112,9 @@ def resize_and_crop(image: Image.Image, height: int, width: int) -> np.ndarray:
 def prepare_portrait(image, size="704*384") -> torch.Tensor:
     """Any image + area budget -> pixels [3, 1, H, W] in [-1, 1] for the VAE."""
     pil = to_pil(image)
+    if min(pil.height, pil.width) < MIN_IMAGE_SIDE:
+        raise ValueError(f"the portrait image is {pil.width}x{pil.height} pixels: too small to hold a face (at least "
+                         f"{MIN_IMAGE_SIDE} pixels a side; a few hundred give good results). Load the portrait photo.")
     height, width = target_size(pil.height, pil.width, size)
     cropped = resize_and_crop(pil, height, width).astype(np.float32) / 255.0
     return torch.from_numpy(cropped).permute(2, 0, 1).unsqueeze(1) * 2 - 1

@@ -77,10 +77,13 @@ class RollingOffset:
         return REFERENCE_TIME + max(0, frame_start - (REFERENCE_TIME - offset))
 
 
+SEED_RANGE = 2 ** 64  # torch generators take seeds in [0, 2**64)
+
+
 def clip_noise(seed: int, clip: int, shape, device) -> torch.Tensor:
     """Initial noise of one clip: a CPU generator seeded with seed + clip, so results do not
-    depend on the device."""
-    generator = torch.Generator().manual_seed(seed + clip)
+    depend on the device. The sum wraps modulo 2**64 (the node's seed goes up to 2**64 - 1)."""
+    generator = torch.Generator().manual_seed((seed + clip) % SEED_RANGE)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     return _to_device(noise, torch.device(device))
 

@@ -17,8 +17,10 @@ Public API:
     WanVAE.from_state_dict(sd, device="cpu", dtype=torch.float32, config=None, mean=..., std=...)
     vae.encode(video [3, 1 + 4k, H, W] in [-1, 1]) -> latents [16, 1 + k, H/8, W/8] (fp32)
     vae.decode(latents [16, t, h, w], clamp=True) -> video [3, 1 + 4(t - 1), 8h, 8w] (fp32)
-    vae.stream_decoder() -> StreamDecoder: .decode(latents_chunk, clamp=True) -> frames, .reset()
-    vae.encode_portrait(image [3, 1, H, W]) -> (ref_latent [16, 1, h, w], motion [16, 19, h, w])
+    vae.stream_decoder() -> StreamDecoder: .decode(latents_chunk, clamp=True, on_step=None) -> frames, .reset()
+    vae.encode_portrait(image [3, 1, H, W], on_step=None) -> (ref_latent [16, 1, h, w], motion [16, 19, h, w])
+    (on_step: called after every encoded chunk / decoded latent, for progress and cancel;
+    LiveAvatar's priming, dropping and trimming of decoded frames: see decoding.VideoDecoder)
     normalised_to_raw(latents) / raw_to_normalised(raw)   [..., 16, t, h, w]; ComfyUI's LATENT
         for Wan holds raw latents (its Wan21 latent format normalises inside the sampler)
     config_from_state_dict(sd) -> dict(dim, z_dim, dim_mult, num_res_blocks, temporal_downsample)
@@ -42,6 +44,7 @@ LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 CACHE_FRAMES = 2  # a 3-tap causal time kernel needs the last two input frames
 MOTION_FRAMES = 73  # video frames of FramePack motion history -> 19 latents
 ENCODE_CHUNK = 4
+PORTRAIT_ENCODE_STEPS = 1 + 1 + (MOTION_FRAMES - 1) // ENCODE_CHUNK  # chunks: the portrait, then 1 + 18 motion
 FIRST_CHUNK = "first chunk"  # marker: an upsample3d site that has seen only the first chunk
 
 
@@ -293,24 +296,30 @@ class VideoVAE(nn.Module):
         self.conv2 = CausalConv3d(z_dim, z_dim, 1)
         self.decoder = Decoder3d(dim, z_dim, dim_mult, num_res_blocks, tuple(temporal_downsample)[::-1])
 
-    def encode_chunks(self, video, cache: TimeCache):
-        """Video [B, 3, T, H, W] -> latent mean [B, z, 1 + (T-1)/4, h, w], chunks of 1 then 4."""
+    def encode_chunks(self, video, cache: TimeCache, on_step=None):
+        """Video [B, 3, T, H, W] -> latent mean [B, z, 1 + (T-1)/4, h, w], chunks of 1 then 4.
+        `on_step()` runs after every chunk (progress; raise from it to cancel)."""
         starts = [0] + list(range(1, video.shape[2], ENCODE_CHUNK))
         out = []
         for start in starts:
             cache.rewind()
             end = 1 if start == 0 else start + ENCODE_CHUNK
             out.append(self.encoder(video[:, :, start:end], cache))
+            if on_step:
+                on_step()
         mu, _log_var = self.conv1(torch.cat(out, dim=2)).chunk(2, dim=1)
         return mu
 
-    def decode_frames(self, z, cache: TimeCache):
-        """Unnormalised latents [B, z, t, h, w] -> video frames, one latent at a time."""
+    def decode_frames(self, z, cache: TimeCache, on_step=None):
+        """Unnormalised latents [B, z, t, h, w] -> video frames, one latent at a time;
+        `on_step()` runs after every latent (progress; raise from it to cancel)."""
         x = self.conv2(z)
         out = []
         for i in range(x.shape[2]):
             cache.rewind()
             out.append(self.decoder(x[:, :, i:i + 1], cache))
+            if on_step:
+                on_step()
         return torch.cat(out, dim=2)
 
 
@@ -361,12 +370,12 @@ class StreamDecoder:
         self.vae = vae
         self.cache = TimeCache()
 
-    def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, clamp: bool = True, on_step=None) -> torch.Tensor:
         """Normalised latents [16, t, h, w] -> frames [3, T, 8h, 8w] (fp32, on the VAE's
-        device), T = 4t, or 4t - 3 on the stream's first call."""
+        device), T = 4t, or 4t - 3 on the stream's first call. `on_step()` after each latent."""
         self.vae.check_latents(latents)
         with torch.no_grad():
-            frames = self.vae.net.decode_frames(self.vae.denormalise(latents), self.cache)[0].float()
+            frames = self.vae.net.decode_frames(self.vae.denormalise(latents), self.cache, on_step)[0].float()
         return frames.clamp(-1, 1) if clamp else frames
 
     def reset(self):
@@ -439,29 +448,31 @@ class WanVAE:
             raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
 
     # ---- whole clips ------------------------------------------------------------------
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """Video [3, 1+4k, H, W] in [-1, 1] -> normalised latents [16, 1+k, H/8, W/8] (fp32)."""
+    def encode(self, video: torch.Tensor, on_step=None) -> torch.Tensor:
+        """Video [3, 1+4k, H, W] in [-1, 1] -> normalised latents [16, 1+k, H/8, W/8] (fp32).
+        `on_step()` runs after each of the 1 + k chunks."""
         self.check_video(video)
         with torch.no_grad():
-            mu = self.net.encode_chunks(video.unsqueeze(0).to(self.device, self.dtype), TimeCache())
+            mu = self.net.encode_chunks(video.unsqueeze(0).to(self.device, self.dtype), TimeCache(), on_step)
         return self.normalise(mu[0])
 
-    def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, clamp: bool = True, on_step=None) -> torch.Tensor:
         """Normalised latents [16, t, h, w] -> video [3, 1 + 4(t-1), 8h, 8w] (fp32)."""
-        return StreamDecoder(self).decode(latents, clamp=clamp)
+        return StreamDecoder(self).decode(latents, clamp=clamp, on_step=on_step)
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
-    def encode_portrait(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_portrait(self, image: torch.Tensor, on_step=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Portrait [3, 1, H, W] in [-1, 1] -> (reference latent [16, 1, h, w]: the portrait
         encoded alone; the 19 FramePack motion latents [16, 19, h, w]: the portrait held
-        still for 73 frames, encoded)."""
+        still for 73 frames, encoded). `on_step()` runs after each of the
+        PORTRAIT_ENCODE_STEPS chunks (the 73 frames take minutes on a CPU: progress, cancel)."""
         if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[:2] != (3, 1):
             shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
             raise ValueError(f"the portrait must be [3, 1, H, W] in [-1, 1] (see portrait.prepare_portrait), got {shape}")
-        ref = self.encode(image)
-        motion = self.encode(image.expand(-1, MOTION_FRAMES, -1, -1))
+        ref = self.encode(image, on_step)
+        motion = self.encode(image.expand(-1, MOTION_FRAMES, -1, -1), on_step)
         return ref, motion
 
 

@@ -18,6 +18,11 @@ def text_embeddings(conditioning, max_tokens: int) -> torch.Tensor:
     original tokenizer truncates long prompts."""
     if not conditioning:
         raise ValueError("empty CONDITIONING: connect a CLIPTextEncode (umt5-xxl, CLIPLoader type 'wan')")
+    if len(conditioning) > 1:
+        # ComfyUI samples each entry of a combined CONDITIONING separately and mixes the
+        # results; LiveAvatar's distilled 4-step model takes one text: refuse rather than drop.
+        raise ValueError(f"the positive CONDITIONING has {len(conditioning)} entries (e.g. from ConditioningCombine); "
+                         "LiveAvatar takes one prompt: write everything in one CLIPTextEncode")
     tensor, extras = conditioning[0][0], conditioning[0][1] if len(conditioning[0]) > 1 else {}
     if tensor.dim() != 3 or tensor.shape[-1] != 4096:
         raise ValueError(f"CONDITIONING has shape {tuple(tensor.shape)}; LiveAvatar needs umt5-xxl text embeddings "
@@ -37,5 +42,8 @@ def text_embeddings(conditioning, max_tokens: int) -> torch.Tensor:
 def image_tensor(image) -> torch.Tensor:
     """IMAGE [B, H, W, 3] float 0..1 -> the first image, [H, W, 3]."""
     if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (3, 4):
-        raise ValueError("the reference image must be a ComfyUI IMAGE [batch, height, width, 3]")
+        raise ValueError("the image input (portrait) must be a ComfyUI IMAGE [batch, height, width, 3]")
+    if image.shape[0] == 0:
+        raise ValueError(f"the image input (portrait) is an empty batch {tuple(image.shape)}: connect a LoadImage "
+                         "with the portrait, or check the node that filters the batch")
     return image[0, ..., :3]

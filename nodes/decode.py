@@ -1,17 +1,19 @@
 """LiveAvatar streaming decode node: latents -> frames, one block at a time."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from ..liveavatar.decoding import LATENTS_PER_BLOCK, VideoDecoder
 from ..liveavatar.vae import raw_to_normalised
 
 from . import host
 from .vae_adapter import streaming_vae
-from .video_writer import Mp4Writer
+from .video_writer import Mp4Writer, prepare_audio
 
-LATENTS_PER_BLOCK = 3
-WARMUP_MOTION_LATENTS = 7  # the original primes the decoder with its first 7 motion latents
-DROPPED_FIRST_FRAMES = 3  # ... and drops the first block's first 3 frames
+log = logging.getLogger("LiveAvatar")
+PREVIEW_FPS = 1.0  # return_frames off: one frame per second comes out, with this fps
 
 
 class LiveAvatarDecode:
@@ -34,69 +36,94 @@ class LiveAvatarDecode:
                                                 "output folder while decoding."}),
             "return_frames": ("BOOLEAN", {"default": True,
                                           "tooltip": "Output all frames as IMAGE. Turn off for long videos written "
-                                                     "to mp4: a 5-minute 704*384 video is ~24 GB of frames; only "
-                                                     "the last frame is then returned."}),
-            "filename_prefix": ("STRING", {"default": "LiveAvatar", "tooltip": "mp4 file name prefix."}),
+                                                     "to mp4 (a 5-minute 704*384 video is ~24 GB of frames): frames "
+                                                     "is then a preview, one frame per second, and fps is 1.0, so "
+                                                     "CreateVideo -> SaveVideo still make a video of the same length "
+                                                     "in sync with the audio."}),
+            "filename_prefix": ("STRING", {"default": "LiveAvatar",
+                                           "tooltip": "mp4 file name prefix, inside the output folder; may contain "
+                                                      "subfolders (videos/LiveAvatar)."}),
         }, "optional": {
             "audio": ("AUDIO", {"tooltip": "The speech, muxed into the mp4."}),
         }}
 
     def decode(self, latents, vae, save_mp4, return_frames, filename_prefix, audio=None):
-        samples = latents["samples"]
-        if samples.dim() != 5 or samples.shape[1] != 16:
-            raise ValueError(f"expected Wan video latents [1, 16, frames, h, w], got {tuple(samples.shape)}")
+        samples = checked_latents(latents)
         info = latents.get("liveavatar", {})
         fps = float(info.get("fps", 25))
+        # Everything that can fail without decoding fails now: the path, the folder, the audio.
+        path = host.save_path(filename_prefix, "mp4") if save_mp4 else None
+        mux_audio, notes = prepare_audio(audio) if save_mp4 else (None, [])
         engine = streaming_vae(vae, host.torch_device())
+        frames_out = FrameCollector(return_frames, fps)
         writer = None
-        kept, last = [], None
         try:
-            normalised = raw_to_normalised(samples[0])  # LATENT holds raw VAE means; the decoder takes normalised
-            for frames in stream_frames(engine, normalised, info.get("motion_latents"), info.get("video_frames")):
-                if save_mp4 and writer is None:
-                    writer = Mp4Writer(_mp4_path(filename_prefix), int(fps), frames.shape[2], frames.shape[1], audio)
+            for frames in stream_frames(engine, raw_to_normalised(samples[0]), info.get("motion_latents"),
+                                        info.get("video_frames")):
+                if path is not None and writer is None:
+                    writer = Mp4Writer(path, int(fps), frames.shape[2], frames.shape[1], mux_audio)
                 if writer is not None:
                     writer.write(frames)
-                if return_frames:
-                    kept.append(frames)
-                last = frames[-1:]
+                frames_out.add(frames)
         finally:
             if writer is not None:
                 writer.close()
+                notes += writer.notes
             host.release_memory()
-        images = torch.cat(kept) if kept else last
-        ui = {"text": [str(writer.path)]} if writer is not None else {}
-        return {"ui": ui, "result": (images, fps)}
+        for note in notes:
+            log.warning("LiveAvatar decode: %s", note)
+        ui = {"text": [str(writer.path), *notes]} if writer is not None else {}
+        return {"ui": ui, "result": frames_out.result()}
+
+
+def checked_latents(latents) -> torch.Tensor:
+    """The LATENT's samples [1, 16, frames >= 1, h, w], or a ValueError saying what came instead."""
+    samples = latents.get("samples") if isinstance(latents, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 5 or samples.shape[1] != 16:
+        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ValueError(f"the latents input must be Wan video latents [1, 16, frames, h, w] from LiveAvatar "
+                         f"Sampler, got {shape}")
+    if samples.shape[2] == 0 or samples.shape[3] == 0 or samples.shape[4] == 0:
+        raise ValueError(f"the latents input is empty ({tuple(samples.shape)}): nothing to decode; check the "
+                         "sampler's inputs (num_clip, audio)")
+    return samples
+
+
+class FrameCollector:
+    """The IMAGE output: every frame, or (return_frames off) one frame per second with fps
+    1.0, so downstream CreateVideo/SaveVideo still make a same-length, in-sync video."""
+
+    def __init__(self, every_frame: bool, fps: float):
+        self.stride = 1 if every_frame else max(1, round(fps / PREVIEW_FPS))
+        self.fps = fps if every_frame else fps / self.stride
+        self.kept, self.seen = [], 0
+
+    def add(self, frames: torch.Tensor):
+        first = (-self.seen) % self.stride  # index in this batch of the next frame to keep
+        self.kept.append(frames[first::self.stride])
+        self.seen += len(frames)
+
+    def result(self) -> tuple[torch.Tensor, float]:
+        return torch.cat(self.kept), self.fps
 
 
 def stream_frames(vae, latents: torch.Tensor, motion_latents=None, max_frames=None):
-    """Yield decoded frames [N, H, W, 3] in 0..1 (CPU) per block of 3 latents.
-
-    As LiveAvatar's streaming loop does it: with its motion latents known, the decoder is
-    first primed with the 7 oldest motion latents (output discarded) and the first block's
-    first 3 frames are dropped; otherwise the stream starts at the first latent (1 frame)."""
-    decoder = vae.stream_decoder()
-    progress = host.Progress(-(-latents.shape[1] // LATENTS_PER_BLOCK), "LiveAvatar decoding")
-    remaining = max_frames if max_frames is not None else float("inf")
-    if motion_latents is not None:
-        decoder.decode(motion_latents[:, :WARMUP_MOTION_LATENTS])
-    for start in range(0, latents.shape[1], LATENTS_PER_BLOCK):
+    """Yield the frames LiveAvatar shows [N, H, W, 3] in 0..1 (CPU), a block of 3 latents at a
+    time (priming, dropping and trimming: liveavatar.decoding.VideoDecoder). Progress and
+    cancel run after every latent the VAE decodes, the priming's included."""
+    def on_step():
         host.check_interrupted()
-        frames = decoder.decode(latents[:, start:start + LATENTS_PER_BLOCK])
-        if start == 0 and motion_latents is not None:
-            frames = frames[:, DROPPED_FIRST_FRAMES:]
-        frames = frames[:, :int(min(remaining, frames.shape[1]))]
-        remaining -= frames.shape[1]
         progress.step()
-        if frames.shape[1]:
-            yield ((frames.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()
-        if remaining <= 0:
-            return
 
-
-def _mp4_path(prefix: str):
-    folder = host.output_directory()
-    index = 1
-    while (folder / f"{prefix}_{index:05d}.mp4").exists():
-        index += 1
-    return folder / f"{prefix}_{index:05d}.mp4"
+    decoder = VideoDecoder(vae, motion_latents, max_frames, on_step)
+    progress = host.Progress(decoder.steps(latents.shape[1]), "LiveAvatar decoding")
+    try:
+        for start in range(0, latents.shape[1], LATENTS_PER_BLOCK):
+            frames = decoder.decode(latents[:, start:start + LATENTS_PER_BLOCK])
+            if frames.shape[1]:
+                yield ((frames.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()
+            if decoder.finished:
+                break
+        progress.finish()
+    finally:
+        progress.close()

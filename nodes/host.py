@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -63,10 +64,59 @@ def model_path(folder: str, name: str) -> Path:
 
 
 def output_directory() -> Path:
+    """ComfyUI's output folder, or $LIVEAVATAR_OUTPUT (default ./output) standalone; absolute."""
     folder_paths = _comfy("folder_paths")
-    path = Path(folder_paths.get_output_directory()) if folder_paths else Path(os.environ.get("LIVEAVATAR_OUTPUT", "output"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    path = folder_paths.get_output_directory() if folder_paths else os.environ.get("LIVEAVATAR_OUTPUT", "output")
+    return Path(os.path.abspath(path))
+
+
+def save_path(prefix: str, extension: str, width: int = 0, height: int = 0) -> Path:
+    """A new file `<subfolders>/<name>_00001.<extension>` inside the output folder for a
+    filename_prefix, by ComfyUI's rules (its folder_paths.get_save_image_path inside ComfyUI,
+    the same rules standalone): subfolders in the prefix are created; a prefix that leads
+    outside the output folder ('../x', an absolute path) is refused; the folder is checked to
+    be writable now, before any long work."""
+    root = output_directory()
+    _writable_folder(root, prefix)
+    folder_paths = _comfy("folder_paths")
+    try:
+        if folder_paths is not None:
+            folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, str(root), width, height)
+        else:
+            (folder, name), counter = _inside_output(prefix, root), 1
+    except OSError as error:
+        raise PermissionError(f"cannot write into the output folder {root} (for filename_prefix {prefix!r}): "
+                              f"{error}. Make it writable, or start ComfyUI with another --output-directory.") from None
+    except Exception:  # ComfyUI refuses paths outside the output folder with a bare Exception
+        raise ValueError(f"filename_prefix {prefix!r} points outside the output folder {root}: use a name, "
+                         "optionally with subfolders inside it, such as 'LiveAvatar' or 'videos/LiveAvatar'") from None
+    folder = _writable_folder(Path(folder), prefix)
+    while (folder / f"{name}_{counter:05d}.{extension}").exists():
+        counter += 1
+    return folder / f"{name}_{counter:05d}.{extension}"
+
+
+def _inside_output(prefix: str, root: Path) -> tuple[Path, str]:
+    """(folder, file name) for a prefix, as ComfyUI splits it; raises if outside `root`."""
+    normal = os.path.normpath(prefix)
+    folder = os.path.abspath(os.path.join(root, os.path.dirname(normal)))
+    if os.path.commonpath((str(root), folder)) != str(root):
+        raise ValueError(prefix)
+    return Path(folder), os.path.basename(normal)
+
+
+def _writable_folder(folder: Path, prefix: str) -> Path:
+    """Create the folder if needed and prove it takes a file (a read-only disk, a file in the
+    way, missing permissions), with an error that says where and what to do."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(f"cannot write into the output folder {folder} (for filename_prefix {prefix!r}): "
+                              f"{error.strerror or error}. Make it writable, or start ComfyUI with another "
+                              "--output-directory (standalone: set LIVEAVATAR_OUTPUT).") from None
+    return folder
 
 
 # ---- devices and memory -----------------------------------------------------------------
@@ -109,6 +159,7 @@ class Progress:
         utils = _comfy("comfy.utils")
         self.bar = utils.ProgressBar(total) if utils is not None else None
         self.total, self.done, self.label = total, 0, label
+        self._line_open = False  # standalone: a counter line printed without its newline yet
 
     def show(self, preview):
         """Attach a preview image to the current position (ComfyUI only)."""
@@ -116,12 +167,30 @@ class Progress:
             self.bar.update_absolute(self.done, self.total, preview)
 
     def step(self):
-        self.done += 1
+        self.done = min(self.done + 1, self.total)
         if self.bar is not None:
             self.bar.update_absolute(self.done, self.total)
         elif self.done == self.total or self.done % max(1, self.total // 20) == 0:
-            print(f"\r{self.label}: {self.done}/{self.total}", end="\n" if self.done == self.total else "",
-                  file=sys.stderr, flush=True)
+            self._print()
+
+    def finish(self):
+        """The work is done, whatever the count says (a loop that ended early, e.g. at the end
+        of the speech): show total/total."""
+        if self.done < self.total:
+            self.done = self.total - 1
+            self.step()
+
+    def close(self):
+        """End the standalone counter's line (also after an error or cancel) so the next log
+        line starts on a line of its own."""
+        if self.bar is None and self._line_open:
+            print(file=sys.stderr, flush=True)
+            self._line_open = False
+
+    def _print(self):
+        last = self.done == self.total
+        print(f"\r{self.label}: {self.done}/{self.total}", end="\n" if last else "", file=sys.stderr, flush=True)
+        self._line_open = not last
 
 
 def latent_previewer():

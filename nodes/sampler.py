@@ -9,7 +9,7 @@ from ..liveavatar.vae import normalised_to_raw
 
 from . import host
 from .conditioning import image_tensor, text_embeddings
-from .vae_adapter import streaming_vae
+from .vae_adapter import encode_portrait, streaming_vae
 
 SIZE_PRESETS = ["384*256", "688*368", "704*384", "720*400", "custom"]
 FPS = 25
@@ -55,7 +55,7 @@ class LiveAvatarSampler:
         area = width * height if size == "custom" else parse_area(size)
         portrait = prepare_portrait(image_tensor(image), area)
         vae_engine = streaming_vae(vae, host.torch_device())
-        ref_latent, motion_latents = vae_engine.encode_portrait(portrait)
+        ref_latent, motion_latents = encode_portrait(vae_engine, portrait)
         features, speech_frames = audio_features.per_frame(infer_frames)
         inputs = StreamInputs(text_embeddings(positive, model.dit.cfg.text_len), ref_latent, motion_latents, features)
         settings = StreamSettings(infer_frames=infer_frames, num_clip=num_clip, steps=sample_steps, seed=seed,

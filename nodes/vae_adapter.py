@@ -12,7 +12,9 @@ import weakref
 import torch
 
 from ..liveavatar.audio import Wav2Vec2Encoder
-from ..liveavatar.vae import WanVAE
+from ..liveavatar.vae import PORTRAIT_ENCODE_STEPS, WanVAE
+
+from . import host
 
 _built: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -41,3 +43,17 @@ def audio_encoder(encoder, device) -> Wav2Vec2Encoder:
     if encoder not in _built:
         _built[encoder] = Wav2Vec2Encoder.from_state_dict(encoder.get_sd(), device=torch.device(device))
     return _built[encoder]
+
+
+def encode_portrait(vae: WanVAE, portrait: torch.Tensor):
+    """vae.encode_portrait with progress and cancel after every chunk: the 73 still frames
+    behind the motion latents take minutes on a CPU or a slow GPU."""
+    def on_step():
+        host.check_interrupted()
+        progress.step()
+
+    progress = host.Progress(PORTRAIT_ENCODE_STEPS, "LiveAvatar portrait encode")
+    try:
+        return vae.encode_portrait(portrait, on_step)
+    finally:
+        progress.close()

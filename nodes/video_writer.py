@@ -1,29 +1,73 @@
-"""Write frames to an H.264 mp4 as they arrive, muxing the speech track (PyAV)."""
+"""Write frames to an H.264 mp4 as they arrive, then add the speech track (PyAV).
+
+The frames go to `<name>.partial.mp4` while decoding. At the end the speech is muxed in
+as AAC by copying those video packets (no re-encode) into the final file; if that fails
+for any reason the video-only file becomes the final file and the reason is reported, so
+an audio problem never costs the decoded frames. The audio is checked and converted
+before decoding starts (`prepare_audio`): integer or too-loud PCM scaled into [-1, 1],
+NaN replaced by silence, rates AAC encoders refuse resampled.
+"""
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..liveavatar.audio import float_pcm
+
+log = logging.getLogger("LiveAvatar")
+AAC_RATES = (44100, 48000)  # what every AAC encoder and player takes; other rates -> 48 kHz
+AAC_DEFAULT_RATE = 48000
+
+
+@dataclass
+class MuxAudio:
+    wave: np.ndarray  # [channels (1 or 2), samples] float32 in [-1, 1]
+    rate: int
+
+
+def prepare_audio(audio: dict | None) -> tuple[MuxAudio | None, list[str]]:
+    """A ComfyUI AUDIO -> (what to mux or None, notes for the user on what was changed)."""
+    if audio is None:
+        return None, []
+    try:
+        wave = torch.as_tensor(audio["waveform"]).detach().cpu()
+        rate = int(audio["sample_rate"])
+    except (KeyError, TypeError, ValueError) as error:
+        return None, [f"the AUDIO input is not a ComfyUI AUDIO ({error}): the mp4 has no sound"]
+    if wave.dim() != 3 or 0 in wave.shape[:2] or wave.shape[2] == 0 or rate <= 0:
+        return None, [f"the AUDIO input is empty (waveform {tuple(wave.shape)}, {rate} Hz): the mp4 has no sound"]
+    notes = []
+    wave = float_pcm(wave[0, :2])  # first item of the batch; AAC here: mono or stereo
+    if not torch.isfinite(wave).all():
+        notes.append("the AUDIO has NaN/infinite samples; they are silent in the mp4")
+        wave = torch.nan_to_num(wave, nan=0.0, posinf=0.0, neginf=0.0)
+    samples = wave.numpy()
+    if rate not in AAC_RATES:
+        import librosa
+        samples = librosa.resample(samples, orig_sr=rate, target_sr=AAC_DEFAULT_RATE)
+        rate = AAC_DEFAULT_RATE
+    return MuxAudio(np.ascontiguousarray(samples.clip(-1, 1), dtype=np.float32), rate), notes
+
 
 class Mp4Writer:
-    def __init__(self, path: Path, fps: int, width: int, height: int, audio: dict | None = None):
+    def __init__(self, path: Path, fps: int, width: int, height: int, audio: MuxAudio | None = None):
         import av
         self.av = av
         self.path = path
-        self.container = av.open(str(path), mode="w")
+        self.partial = path.with_name(path.stem + ".partial.mp4")
+        self.container = av.open(str(self.partial), mode="w")
         self.video = self.container.add_stream("libx264", rate=fps)
         self.video.width, self.video.height = width - width % 2, height - height % 2  # yuv420p needs even sides
         self.video.pix_fmt = "yuv420p"
         self.video.options = {"crf": "18"}
         self.fps, self.frames = fps, 0
         self.audio = audio
-        if audio is not None:  # every stream must exist before the first packet is written
-            channels = torch.as_tensor(audio["waveform"]).shape[1]
-            self.audio_stream = self.container.add_stream("aac", rate=int(audio["sample_rate"]))
-            self.audio_stream.layout = "stereo" if channels >= 2 else "mono"
+        self.notes: list[str] = []  # what the user should know about the file (e.g. no sound)
 
     def write(self, frames: torch.Tensor):
         """frames [N, H, W, 3] float 0..1 (CPU)."""
@@ -35,28 +79,38 @@ class Mp4Writer:
         self.frames += len(pixels)
 
     def close(self) -> Path:
+        """Finish the file (also after an error or cancel: the frames so far are kept)."""
         for packet in self.video.encode():
             self.container.mux(packet)
-        if self.audio is not None and self.frames:
-            self._write_audio()
         self.container.close()
+        if self.audio is not None and self.frames:
+            try:
+                self._mux_audio()
+                self.partial.unlink()
+                return self.path
+            except Exception as error:  # PyAV/FFmpeg raise many types; the video must survive all of them
+                self.path.unlink(missing_ok=True)
+                self.notes.append(f"the sound could not be added ({type(error).__name__}: {error}); "
+                                  "the mp4 is the video without sound")
+                log.warning("LiveAvatar: %s: %s", self.path, self.notes[-1])
+        self.partial.replace(self.path)
         return self.path
 
-    def _write_audio(self):
-        """The speech, cut to the video's duration, as AAC."""
-        wave = torch.as_tensor(self.audio["waveform"])[0].float()  # [channels, samples]
-        rate = int(self.audio["sample_rate"])
-        wave = wave[:, :int(self.frames / self.fps * rate)].clamp(-1, 1)
-        stream = self.audio_stream
-        layout = stream.layout.name
-        wave = wave[:2] if layout == "stereo" else wave[:1]
-        frame = self.av.AudioFrame.from_ndarray(wave.numpy().reshape(1, -1) if layout == "mono" else
-                                                np.ascontiguousarray(wave.t().numpy()).reshape(1, -1),
-                                                format="flt", layout=layout)
-        frame.sample_rate = rate
-        frame.time_base = Fraction(1, rate)
-        frame.pts = 0
-        for packet in stream.encode(frame):
-            self.container.mux(packet)
-        for packet in stream.encode():
-            self.container.mux(packet)
+    def _mux_audio(self):
+        """The video packets copied, the speech cut to the video's duration, as AAC."""
+        wave = self.audio.wave[:, :int(self.frames / self.fps * self.audio.rate)]
+        layout = "stereo" if wave.shape[0] == 2 else "mono"
+        with self.av.open(str(self.partial)) as source, self.av.open(str(self.path), mode="w") as target:
+            video_in = source.streams.video[0]
+            video_out = target.add_stream_from_template(video_in)
+            sound = target.add_stream("aac", rate=self.audio.rate, layout=layout)
+            for packet in source.demux(video_in):
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                packet.stream = video_out
+                target.mux(packet)
+            frame = self.av.AudioFrame.from_ndarray(np.ascontiguousarray(wave.T).reshape(1, -1), format="flt",
+                                                    layout=layout)
+            frame.sample_rate, frame.time_base, frame.pts = self.audio.rate, Fraction(1, self.audio.rate), 0
+            for packet in (*sound.encode(frame), *sound.encode()):
+                target.mux(packet)
