@@ -292,6 +292,34 @@ def lora_delta(pair: LoraPair, strength: float, default_alpha: float | None, dev
     return (strength * alpha / rank) * (pair.up.to(device).float() @ pair.down.to(device).float())
 
 
+def remerge_lora(model: LiveAvatarDiT, lora, from_strength: float, to_strength: float,
+                 lora_alpha: float | None = None) -> int:
+    """Change the strength of a LoRA already merged into `model`, in place, without the base
+    checkpoint: W <- W + (to - from) * (alpha / rank) * B @ A for every LoRA target. Each
+    weight is updated where it lives (GPU, pinned CPU memory of an offloaded block, fp8 +
+    scale) and keeps its tensor, so placements and ComfyUI's model management see the same
+    storage. Exact in fp32; with bf16/fp8 storage each change adds one rounding of that dtype
+    (what a fresh merge has once). `lora`: a file path or read_lora's pairs. Returns how many
+    weights changed."""
+    pairs = read_lora(lora)[0] if isinstance(lora, (str, Path)) else lora
+    change = to_strength - from_strength
+    if change == 0:
+        return 0
+    for name, pair in pairs.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        weight = getattr(module, attr)
+        scale = getattr(module, "scale_weight", None) if weight.dtype in FP8_DTYPES else None
+        real = _real_values(weight.data, scale, weight.device) + lora_delta(pair, change, lora_alpha, weight.device)
+        if scale is not None:  # fp8: re-quantize, the new values may need a new per-tensor scale
+            stored, new_scale = quantize_fp8(real, weight.dtype)
+            weight.data.copy_(stored)
+            scale.copy_(new_scale)
+        else:
+            weight.data.copy_(real.to(weight.dtype))
+    return len(pairs)
+
+
 # ---- building the model ------------------------------------------------------------------
 def load_dit(path, lora=None, lora_strength: float = 1.0, lora_alpha: float | None = None,
              storage: str = "bf16", placement=None, config: DiTConfig | None = None) -> LiveAvatarDiT:

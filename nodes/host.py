@@ -144,6 +144,55 @@ def release_memory():
         torch.cuda.empty_cache()
 
 
+# ---- ComfyUI model management ------------------------------------------------------------
+def make_room(bytes_needed: int, device):
+    """Before we place weights on `device`: ask ComfyUI to unload or partially offload its own
+    models until that much (plus its inference reserve) is free, instead of unloading all."""
+    mm = _comfy("comfy.model_management")
+    device = torch.device(device)
+    if mm is not None and device.type != "cpu":
+        mm.free_memory(bytes_needed + mm.minimum_inference_memory(), device)
+
+
+class _ResidentWeights(torch.nn.Module):
+    """The modules ComfyUI manages, gathered under one module (the DiT keeps owning them: moving
+    these moves the DiT's own parameters)."""
+
+    def __init__(self, modules, device):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(modules)
+        self.device = device
+
+
+def manage_resident(modules, device):
+    """Register modules already placed on `device` with ComfyUI's model management; returns the
+    handle for use_managed (None outside ComfyUI, where nothing is managed).
+
+    They are registered as loaded where they are (no copy) and marked as ComfyUI marks what it
+    loaded itself, so it can later offload them whole or module by module when another model
+    needs the memory."""
+    patcher_module, mm = _comfy("comfy.model_patcher"), _comfy("comfy.model_management")
+    if patcher_module is None or mm is None:
+        return None
+    device = torch.device(device)
+    resident = _ResidentWeights(list(modules), device)
+    patcher = patcher_module.ModelPatcher(resident, load_device=device, offload_device=mm.unet_offload_device())
+    resident.model_loaded_weight_memory = patcher.model_size()
+    for module in resident.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.comfy_patched_weights = True
+    mm.load_models_gpu([patcher], force_full_load=True)
+    return patcher
+
+
+def use_managed(patcher):
+    """Before running: our managed weights fully on their device again (ComfyUI frees other
+    models for them if needed); the DiT cannot run partly offloaded by ComfyUI."""
+    mm = _comfy("comfy.model_management")
+    if patcher is not None and mm is not None:
+        mm.load_models_gpu([patcher], force_full_load=True)
+
+
 # ---- progress and cancel ----------------------------------------------------------------
 def check_interrupted():
     """Raise ComfyUI's interruption exception if the user pressed cancel."""

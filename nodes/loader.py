@@ -1,14 +1,16 @@
 """LiveAvatar model loader node: Wan2.2-S2V DiT + LiveAvatar LoRA, placed on the GPUs you have."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..liveavatar import CheckpointError, Offload, OneDevice, Sharded, load_dit
 from ..liveavatar.dit import LiveAvatarDiT
 from ..liveavatar.layers import Fusion
-from ..liveavatar.loading import Checkpoint
+from ..liveavatar.loading import STORAGE_DTYPES, Checkpoint, expected_tensors, remerge_lora
 
 from . import host
 
@@ -18,6 +20,24 @@ WEIGHT_DTYPES = ["bf16", "fp8_e4m3fn", "fp16", "fp32"]
 KV_CACHE_DTYPES = ["auto", "bf16", "fp8"]
 
 
+@dataclass(eq=False)
+class LoadedWeights:
+    """One DiT in memory, shared by every loader output that differs only in LoRA strength.
+
+    `managed` is ComfyUI's handle on the part of it that lives on ComfyUI's main device (None
+    outside ComfyUI); `strength` is the LoRA strength merged into the weights right now."""
+
+    dit: LiveAvatarDiT
+    lora: Path | None
+    strength: float
+    managed: object = None
+
+    def set_lora_strength(self, strength: float):
+        if self.lora is not None and strength != self.strength:
+            remerge_lora(self.dit, self.lora, self.strength, strength)
+            self.strength = strength
+
+
 @dataclass
 class LiveAvatarModel:
     """What flows on a LIVEAVATAR_MODEL link: the DiT and how its KV caches are kept."""
@@ -25,9 +45,26 @@ class LiveAvatarModel:
     dit: LiveAvatarDiT
     kv_fp8: bool | None  # None: decided per run from free GPU memory
     description: str
+    weights: LoadedWeights | None = None
+    lora_strength: float | None = None  # what this output asks for; the weights are shared
+
+    def prepare(self):
+        """Before sampling: weights back on the GPU through ComfyUI (which frees other models for
+        them) and at this output's LoRA strength. An older output of the loader, still in
+        ComfyUI's cache, gets its own strength back here."""
+        if self.weights is None:
+            return
+        host.use_managed(self.weights.managed)
+        if self.lora_strength is not None:
+            self.weights.set_lora_strength(self.lora_strength)
 
     def __repr__(self):  # ComfyUI prints inputs in error reports: keep it short
         return f"LiveAvatarModel({self.description})"
+
+
+# Weights in memory by everything but the LoRA strength. Weak: when ComfyUI drops the loader's
+# output (another model picked, cache cleared) the DiT is freed, we keep nothing alive.
+_loaded_weights: "weakref.WeakValueDictionary[tuple, LoadedWeights]" = weakref.WeakValueDictionary()
 
 
 class LiveAvatarModelLoader:
@@ -70,20 +107,53 @@ class LiveAvatarModelLoader:
 
     def load(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks, kv_cache,
              compile=False):
-        host.free_host_models()
         Fusion.compile(compile)
+        key = (model_name, lora_name, weight_dtype, placement, offload_blocks)
+        weights = _loaded_weights.get(key)
+        if weights is None:  # a strength change alone re-merges the LoRA in the sampler, no reload
+            weights = self._load_weights(model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks)
+            _loaded_weights[key] = weights
+        kv_fp8 = {"fp8": True, "bf16": False}.get(kv_cache)  # None: auto, fp8 only where bf16 would not fit
+        description = f"{model_name} + {lora_name} @ {lora_strength} ({weight_dtype}, {placement})"
+        return (LiveAvatarModel(weights.dit, kv_fp8, description, weights, lora_strength),)
+
+    def _load_weights(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks):
         path = host.model_path("diffusion_models", model_name)
         lora = None if lora_name == NO_LORA else host.model_path("loras", lora_name)
         storage = "fp8" if weight_dtype.startswith("fp8") else weight_dtype
         try:
             checkpoint = Checkpoint.open(path)  # opened once: its config decides the placement
             cfg = checkpoint.config()
+            where = make_placement(placement, offload_blocks, cfg)
+            host.make_room(resident_bytes(cfg, storage, where), where.device)
             dit = load_dit(checkpoint, lora=lora, lora_strength=lora_strength, storage=storage,
-                           placement=make_placement(placement, offload_blocks, cfg), config=cfg)
+                           placement=where, config=cfg)
         except CheckpointError as error:
             raise ValueError(f"LiveAvatar model loader: {error}") from None
-        kv_fp8 = {"fp8": True, "bf16": False}.get(kv_cache)  # None: auto, fp8 only where bf16 would not fit
-        return (LiveAvatarModel(dit, kv_fp8, f"{model_name} + {lora_name} ({weight_dtype}, {placement})"),)
+        managed = host.manage_resident(resident_modules(dit, where.device), where.device)
+        return LoadedWeights(dit, lora, lora_strength, managed)
+
+
+def resident_bytes(cfg, storage: str, where) -> int:
+    """Bytes of the weights `where` puts on its main device (what ComfyUI must make room for)."""
+    size = STORAGE_DTYPES[storage].itemsize
+    return sum(t.numel() * size for name, t in expected_tensors(cfg).items() if same_device(where.device_for(name), where.device))
+
+
+def resident_modules(module: torch.nn.Module, device) -> list[torch.nn.Module]:
+    """The largest sub-modules whose tensors all live on `device`: what ComfyUI may move.
+    One GPU: the whole DiT. Offload: all but the CPU-resident blocks. Sharded: the blocks of
+    the first GPU plus the embeddings and head."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    if tensors and all(same_device(t.device, device) for t in tensors):
+        return [module]
+    return [part for child in module.children() for part in resident_modules(child, device)]
+
+
+def same_device(a, b) -> bool:
+    """'cuda' (the current GPU) and 'cuda:0' are the same device here."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 def make_placement(placement: str, offload_blocks: int, cfg):

@@ -52,6 +52,7 @@ class LiveAvatarSampler:
 
     def sample(self, model, positive, image, vae, audio_features, size, width, height, infer_frames, num_clip,
                sample_steps, seed):
+        model.prepare()  # our DiT on the GPU via ComfyUI's model management, at this LoRA strength
         area = width * height if size == "custom" else parse_area(size)
         portrait = prepare_portrait(image_tensor(image), area)
         vae_engine = streaming_vae(vae, host.torch_device())

@@ -2,6 +2,7 @@
 nodes runs end to end on tiny random weights in the real key layout."""
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,155 @@ def test_fast_and_quality_settings():
     bypassed = [n for n in quality["nodes"] if n["mode"] == 4]
     assert bypassed and all(n["type"] == "ImageScaleBy" for n in bypassed)
     assert any(n["type"] == "Note" and "face restore" in n["widgets_values"][0].lower() for n in quality["nodes"])
+
+
+# ---- the frontend's own rules ------------------------------------------------------------------
+# The ComfyUI frontend (comfyui_frontend_package 1.27, validateComfyWorkflow) parses a workflow
+# with its zod schema zComfyWorkflow (version 0.4) and alerts on the first violation; these are
+# those rules, plus the id bookkeeping the graph relies on when it adds nodes and links.
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[\da-z-]+(?:\.[\da-z-]+)*)?(?:\+[\da-z-]+(?:\.[\da-z-]+)*)?$")
+GIT_HASH = re.compile(r"^[0-9a-f]{4,40}$", re.I)
+REPO_LIKE_ID = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9._-]*[a-zA-Z0-9])?$")
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_int(v):
+    return is_number(v) and float(v).is_integer()
+
+
+def is_node_id(v):
+    return is_int(v) or isinstance(v, str)
+
+
+def is_slot(v):
+    return is_int(v) or (isinstance(v, str) and v.lstrip("-").isdigit())
+
+
+def is_data_type(v):
+    return isinstance(v, str) or is_number(v) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+def is_vector2(v):
+    return (isinstance(v, list) and len(v) == 2 and all(map(is_number, v))) or \
+        (isinstance(v, dict) and is_number(v.get("0")) and is_number(v.get("1")))
+
+
+def is_version(v):
+    if not isinstance(v, str):
+        return False
+    v = v.removeprefix("v")
+    return v == "unknown" or bool(SEMVER.match(v) or GIT_HASH.match(v))
+
+
+def frontend_problems(workflow: dict) -> list[str]:
+    """Every place where `workflow` breaks the frontend's zComfyWorkflow rules."""
+    problems = []
+
+    def need(ok, where):
+        if not ok:
+            problems.append(where)
+
+    need(is_number(workflow.get("version")) and workflow.get("version") != 1, "version: a number (0.4 format)")
+    need("id" not in workflow or (isinstance(workflow["id"], str) and UUID.match(workflow["id"])), "id: a UUID")
+    need("revision" not in workflow or is_number(workflow["revision"]), "revision: a number")
+    need(is_node_id(workflow.get("last_node_id")), "last_node_id")
+    need(is_number(workflow.get("last_link_id")), "last_link_id: a number")
+    need(workflow.get("config") is None or isinstance(workflow["config"], dict), "config")
+    extra = workflow.get("extra") or {}
+    need(isinstance(extra, dict), "extra")
+    if "ds" in extra:
+        need(is_number(extra["ds"].get("scale")) and is_vector2(extra["ds"].get("offset")), "extra.ds")
+    for group in workflow.get("groups", []):
+        need(isinstance(group.get("title"), str) and isinstance(group.get("bounding"), list)
+             and len(group["bounding"]) == 4 and all(map(is_number, group["bounding"])), f"group {group}")
+    for link in workflow.get("links", []):
+        need(isinstance(link, list) and len(link) == 6 and is_number(link[0]) and is_node_id(link[1])
+             and is_slot(link[2]) and is_node_id(link[3]) and is_slot(link[4]) and is_data_type(link[5]), f"link {link}")
+    for node in workflow.get("nodes", []):
+        problems += [f"node {node.get('id')}: {p}" for p in node_problems(node)]
+    return problems
+
+
+def node_problems(node: dict) -> list[str]:
+    checks = {
+        "id": is_node_id(node.get("id")), "type": isinstance(node.get("type"), str),
+        "pos": is_vector2(node.get("pos")), "size": is_vector2(node.get("size")),
+        "flags": isinstance(node.get("flags"), dict) and all(isinstance(node["flags"].get(k, False), bool) for k in
+                                                            ("collapsed", "pinned", "allow_interaction", "horizontal")),
+        "order": is_number(node.get("order")), "mode": is_number(node.get("mode")),
+        "inputs": all(isinstance(i.get("name"), str) and is_data_type(i.get("type"))
+                      and (i.get("link") is None or is_int(i["link"])) for i in node.get("inputs", [])),
+        "outputs": all(isinstance(o.get("name"), str) and is_data_type(o.get("type"))
+                       and (o.get("links") is None or all(map(is_int, o["links"]))) for o in node.get("outputs", [])),
+        "properties": isinstance(node.get("properties"), dict),
+        "widgets_values": isinstance(node.get("widgets_values", []), (list, dict)),
+        "color": all(isinstance(node.get(k, ""), str) for k in ("color", "bgcolor")),
+    }
+    properties = node.get("properties") or {}
+    checks["properties.cnr_id"] = "cnr_id" not in properties or bool(REPO_LIKE_ID.match(str(properties["cnr_id"])))
+    checks["properties.ver"] = "ver" not in properties or is_version(properties["ver"])
+    return [name for name, ok in checks.items() if not ok]
+
+
+def id_bookkeeping_problems(workflow: dict) -> list[str]:
+    """The graph hands out new ids above last_node_id / last_link_id: they must be the largest."""
+    node_ids = [n["id"] for n in workflow["nodes"]]
+    link_ids = [l[0] for l in workflow["links"]]
+    problems = []
+    if len(set(node_ids)) != len(node_ids) or len(set(link_ids)) != len(link_ids):
+        problems.append("duplicate node or link ids")
+    if node_ids and workflow["last_node_id"] < max(node_ids):
+        problems.append(f"last_node_id {workflow['last_node_id']} < node id {max(node_ids)}")
+    if link_ids and workflow["last_link_id"] < max(link_ids):
+        problems.append(f"last_link_id {workflow['last_link_id']} < link id {max(link_ids)}")
+    return problems
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_passes_the_frontends_schema(path):
+    workflow = load(path)
+    assert frontend_problems(workflow) == []
+    assert id_bookkeeping_problems(workflow) == []
+
+
+def test_frontend_rules_catch_what_the_frontend_rejects():
+    workflow = load(WORKFLOWS[0])
+    assert frontend_problems({**workflow, "id": "liveavatar-fast"}) == ["id: a UUID"]
+    broken_link = {**workflow, "links": [workflow["links"][0][:5]] + workflow["links"][1:]}
+    assert frontend_problems(broken_link)[0].startswith("link ")
+    node = {**workflow["nodes"][0], "properties": {"ver": "not-a-version"}}
+    assert frontend_problems({**workflow, "nodes": [node]}) == [f"node {node['id']}: properties.ver"]
+    assert id_bookkeeping_problems({**workflow, "last_link_id": 1})
+
+
+def frontend_bundle() -> str | None:
+    try:
+        import comfyui_frontend_package
+    except ImportError:
+        return None
+    assets = Path(comfyui_frontend_package.__file__).parent / "static" / "assets"
+    for script in sorted(assets.glob("index-*.js")):
+        text = script.read_text(encoding="utf-8", errors="replace")
+        if "const zComfyWorkflow = " in text:
+            return text
+    return None
+
+
+@pytest.mark.skipif(frontend_bundle() is None, reason="comfyui_frontend_package not installed")
+def test_rules_match_the_installed_frontend():
+    """When the frontend package is installed: its schema still says what frontend_problems checks."""
+    text = frontend_bundle()
+    schema = text[text.index("const zComfyWorkflow = "):text.index("const zComfyWorkflow1 = ")]
+    for rule in ("id: z.string().uuid().optional()", "last_link_id: z.number()", "links: z.array(zComfyLink)",
+                 "version: z.number()", "nodes: z.array(zComfyNode)"):
+        assert rule in schema, rule
+    link = text[text.index("const zComfyLink = "):text.index("const zComfyLinkExtension")]
+    assert [part for part in ("z.number()", "zNodeId", "zSlotIndex", "zDataType") if part in link] == \
+        ["z.number()", "zNodeId", "zSlotIndex", "zDataType"]
 
 
 # ---- running the graph --------------------------------------------------------------------
