@@ -412,6 +412,10 @@ class LiveAvatarDiT(nn.Module):
         keeps one copy per GPU and deals the steps out over them."""
         return self.placement.step_models(steps) if self.placement else [self] * steps
 
+    def copies(self) -> list["LiveAvatarDiT"]:
+        """This model and its copies on other GPUs (weights changes must reach them all)."""
+        return self.placement.copies() if self.placement else [self]
+
     def _run_layers(self, x, layer_fn):
         """The one loop over DiT layers; placement decides where each runs (sharded over
         GPUs, streamed from CPU, or all in place). Each layer runs with its GPU as the current

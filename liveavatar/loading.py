@@ -376,7 +376,8 @@ def replicate(model: LiveAvatarDiT, placement) -> LiveAvatarDiT:
 
     def tensor_for(name, device):
         scale = state.get(name[:-len(".weight")] + ".scale_weight") if name.endswith(".weight") else None
-        return state[name], scale
+        tensor = state[name]  # a copy of its own even on the same device (weights change in place)
+        return (tensor.clone() if tensor.device == torch.device(device) else tensor), scale
 
     return build_dit(model.cfg, tensor_for, model.storage, placement)
 

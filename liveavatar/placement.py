@@ -49,6 +49,8 @@ class Placement:
         if m := _BLOCK.match(name):
             return int(m.group(1))
         if m := _INJECTOR.match(name):
+            if not self.inject_layers:
+                raise RuntimeError("placement.bind(config) must come before placing audio injector weights")
             return self.inject_layers[int(m.group(1))]
         return None
 
@@ -63,6 +65,10 @@ class Placement:
 
     def step_models(self, steps: int) -> list:
         return [self.model] * steps
+
+    def copies(self) -> list:
+        """Every copy of the weights (one, or one per GPU)."""
+        return [self.model]
 
     @contextmanager
     def on_layer(self, layer: int):
@@ -218,6 +224,9 @@ class StepPerGPU(Placement):
 
         super().attach(model)
         self.replicas = [model] + [replicate(model, OneDevice(device)) for device in self.devices[1:]]
+
+    def copies(self) -> list:
+        return list(self.replicas)
 
     def step_models(self, steps: int) -> list:
         if steps < len(self.replicas):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..liveavatar import CheckpointError, Offload, OneDevice, Sharded, load_dit
+from ..liveavatar import CheckpointError, Offload, OneDevice, Sharded, StepPerGPU, load_dit
 from ..liveavatar.dit import LiveAvatarDiT
 from ..liveavatar.layers import Fusion
 from ..liveavatar.loading import STORAGE_DTYPES, Checkpoint, expected_tensors, remerge_lora
@@ -15,7 +15,7 @@ from ..liveavatar.loading import STORAGE_DTYPES, Checkpoint, expected_tensors, r
 from . import host
 
 NO_LORA = "None"
-PLACEMENTS = ["one GPU", "sharded over GPUs", "offload blocks to CPU"]
+PLACEMENTS = ["one GPU", "sharded over GPUs", "offload blocks to CPU", "one denoising step per GPU"]
 WEIGHT_DTYPES = ["bf16", "fp8_e4m3fn", "fp16", "fp32"]
 KV_CACHE_DTYPES = ["auto", "bf16", "fp8"]
 
@@ -34,7 +34,8 @@ class LoadedWeights:
 
     def set_lora_strength(self, strength: float):
         if self.lora is not None and strength != self.strength:
-            remerge_lora(self.dit, self.lora, self.strength, strength)
+            for copy in self.dit.copies():  # one per GPU with 'one denoising step per GPU'
+                remerge_lora(copy, self.lora, self.strength, strength)
             self.strength = strength
 
 
@@ -91,9 +92,12 @@ class LiveAvatarModelLoader:
                                              "tooltip": "bf16: 33 GB of weights. fp8_e4m3fn: about half, computed in "
                                                         "bf16, slightly lower fidelity."}),
             "placement": (PLACEMENTS, {"default": PLACEMENTS[0],
-                                       "tooltip": "one GPU: fastest, needs ~48 GB (bf16) at 384*256. sharded: whole "
-                                                  "blocks split over all visible GPUs. offload: keep offload_blocks "
-                                                  "blocks in CPU RAM and stream them in each step."}),
+                                       "tooltip": "one GPU: needs ~48 GB (bf16) at 384*256. sharded: whole blocks "
+                                                  "split over all visible GPUs (for when one GPU cannot hold the "
+                                                  "model). offload: keep offload_blocks blocks in CPU RAM and stream "
+                                                  "them in once per tick. one denoising step per GPU: a full copy of "
+                                                  "the weights on each visible GPU, the steps dealt out over them "
+                                                  "(about 1.8x the speed with 2 GPUs)."}),
             "offload_blocks": ("INT", {"default": 20, "min": 0, "max": 40, "step": 1,
                                        "tooltip": "With 'offload blocks to CPU': how many of the 40 transformer "
                                                   "blocks stay in CPU memory. More saves GPU memory, costs speed."}),
@@ -125,6 +129,7 @@ class LiveAvatarModelLoader:
             checkpoint = Checkpoint.open(path)  # opened once: its config decides the placement
             cfg = checkpoint.config()
             where = make_placement(placement, offload_blocks, cfg)
+            where.bind(cfg)  # resident_bytes asks it where every weight goes
             host.make_room(resident_bytes(cfg, storage, where), where.device)
             dit = load_dit(checkpoint, lora=lora, lora_strength=lora_strength, storage=storage,
                            placement=where, config=cfg)
@@ -158,11 +163,12 @@ def same_device(a, b) -> bool:
 
 def make_placement(placement: str, offload_blocks: int, cfg):
     device = host.torch_device()
-    if placement == PLACEMENTS[1]:
+    if placement in (PLACEMENTS[1], PLACEMENTS[3]):
         count = torch.cuda.device_count()
         if count < 2:
-            raise ValueError(f"'sharded over GPUs' needs at least 2 visible GPUs, this machine has {count}")
-        return Sharded([f"cuda:{i}" for i in range(count)], cfg.num_layers)
+            raise ValueError(f"'{placement}' needs at least 2 visible GPUs, this machine has {count}")
+        gpus = [f"cuda:{i}" for i in range(count)]
+        return Sharded(gpus, cfg.num_layers) if placement == PLACEMENTS[1] else StepPerGPU(gpus)
     if placement == PLACEMENTS[2]:
         return Offload(device, blocks=min(offload_blocks, cfg.num_layers), num_layers=cfg.num_layers)
     if placement == PLACEMENTS[0]:

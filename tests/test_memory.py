@@ -120,11 +120,14 @@ def test_resident_modules_follow_the_placement(tiny_model_folders):
         sum(p.numel() for p in dit.parameters()) - sum(p.numel() for p in dit.blocks[2].parameters())
     config = tiny_dit_config()
     where = Offload("meta", blocks=1, num_layers=config.num_layers)  # main device 'meta', offloaded to CPU
+    where.bind(config)
     per_block = sum(t.numel() for n, t in loading_expected(config).items() if n.startswith("blocks.2."))
     total = sum(t.numel() for t in loading_expected(config).values())
     assert per_block > 0
     assert loader_module.resident_bytes(config, "bf16", where) == 2 * (total - per_block)
-    assert loader_module.resident_bytes(config, "fp32", Offload("meta", 0, config.num_layers)) == 4 * total
+    nothing_offloaded = Offload("meta", 0, config.num_layers)
+    nothing_offloaded.bind(config)
+    assert loader_module.resident_bytes(config, "fp32", nothing_offloaded) == 4 * total
 
 
 def loading_expected(config):
@@ -154,3 +157,25 @@ def test_in_comfyui_model_management():
     if result.returncode == 77:
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0 and "ALL OK" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("set_dir", SETS)
+def test_strength_change_reaches_every_gpu_copy(set_dir, tmp_path):
+    """'one denoising step per GPU' keeps a copy per GPU: a LoRA strength change re-merges
+    each copy (CPU 'devices' here), and they all equal a fresh merge."""
+    from liveavatar.placement import StepPerGPU
+    from nodes.loader import LoadedWeights
+    manifest = load_manifest(set_dir, "lora_merge")
+    model = merged_model(set_dir, tmp_path, 0.3, placement=StepPerGPU(["cpu", "cpu", "cpu"]))
+    weights = LoadedWeights(model, set_dir / "lora.safetensors", 0.3)
+    import liveavatar.loading as loading
+    original = loading.remerge_lora
+    with pytest.MonkeyPatch.context() as patch:  # the manifest's alpha, as the fixture was merged with it
+        patch.setattr("nodes.loader.remerge_lora",
+                      lambda m, lora, old, new: original(m, lora, old, new, lora_alpha=manifest["alpha"]))
+        weights.set_lora_strength(1.0)
+    fresh = merged_model(set_dir, tmp_path, 1.0).state_dict()
+    assert len(model.copies()) == 3
+    for copy in model.copies():
+        for name, value in copy.state_dict().items():
+            assert relative_l2(value, fresh[name]) < 1e-6, name
