@@ -176,6 +176,7 @@ class Streamer:
         self.num_clips = clips_to_generate(settings, inputs.audio.shape[-1])
         self.next_block = 0  # global index of the next block to start
         self.failed = False
+        self.first_clean_frame = None  # [16, 1, h, w] once block 0 is clean: the refreshed sink's reference
         self._pool = None  # threads driving several model copies, made on first use
         self.offsets = RollingOffset(settings.seed, settings.rolling_offset)
         _, _, h, w = inputs.ref_latent.shape
@@ -370,6 +371,11 @@ class Streamer:
     @property
     def total_block_steps(self) -> int:
         return self.num_clips * self.blocks_per_clip * len(self.step_sizes)
+
+    @property
+    def block_steps_done(self) -> int:
+        """Block-steps of the blocks already yielded (between runs of blocks(): all started ones)."""
+        return self.next_block * len(self.step_sizes)
 
 
 def _fits(bytes_per_layer_step: int, step_layer_devices, headroom: float = 0.85) -> bool:

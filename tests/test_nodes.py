@@ -8,6 +8,7 @@ from conftest import fixture_sets
 from dit_fixture import fixture_inputs, fixture_model, fixture_settings, stream_clips
 from nodes import host
 from nodes.conditioning import text_embeddings
+from liveavatar.sampler import Streamer
 from nodes.sampler import run_stream
 
 
@@ -60,10 +61,10 @@ def test_cancel_between_block_steps_frees_caches_and_keeps_model_usable(monkeypa
     monkeypatch.setattr(sampler.Streamer, "close", lambda self: (closed.append(True), original_close(self)))
     monkeypatch.setattr(host, "check_interrupted", cancel_on_fifth)
     with pytest.raises(Cancelled):
-        run_stream(model, inputs, settings)
+        run_stream(Streamer(model, inputs, settings))
     assert calls["n"] == 5 and closed == [True]
     monkeypatch.setattr(host, "check_interrupted", lambda: None)
-    again = run_stream(model, inputs, settings)  # same model, fresh caches: same result as never cancelled
+    again = run_stream(Streamer(model, inputs, settings))  # same model, fresh caches: same result as never cancelled
     reference = torch.cat(list(stream_clips(model, inputs, settings)), dim=1)
     assert torch.equal(again, reference)
 
