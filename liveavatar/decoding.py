@@ -30,16 +30,19 @@ class VideoDecoder:
     motion_latents: the sampler's 19 motion latents [16, 19, h, w] (normalised); without
     them the stream starts cold at the first latent (1 frame), as a plain VAE decode.
     spoken_frames: video frames carrying speech; later frames are not returned.
-    on_step: called after every latent the VAE decodes (progress; raise from it to cancel)."""
+    on_step: called after every latent the VAE decodes (progress; raise from it to cancel).
+    drop_first: frames dropped after the priming: LiveAvatar's 3 after the portrait; 0 when
+    the priming latents are the end of the video this one continues (its next frames follow)."""
 
     def __init__(self, vae, motion_latents: torch.Tensor | None = None, spoken_frames: int | None = None,
-                 on_step=None):
+                 on_step=None, drop_first: int = DROPPED_FIRST_FRAMES):
         if spoken_frames is not None and spoken_frames < 1:
             raise ValueError(f"spoken_frames must be at least 1, got {spoken_frames}")
         self.stream = vae.stream_decoder()
         self.motion = motion_latents
         self.remaining = spoken_frames
         self.on_step = on_step
+        self.drop_first = drop_first if motion_latents is not None else 0
         self.started = False
 
     @property
@@ -53,8 +56,8 @@ class VideoDecoder:
         if self.finished:  # past the speech: nothing more to decode
             return latents.new_zeros(3, 0, latents.shape[2] * 8, latents.shape[3] * 8).float()
         frames = self.stream.decode(latents, on_step=self.on_step)
-        if not self.started and self.motion is not None:
-            frames = frames[:, DROPPED_FIRST_FRAMES:]
+        if not self.started:
+            frames = frames[:, self.drop_first:]
         self.started = True
         if self.remaining is not None:
             frames = frames[:, :self.remaining]
@@ -69,6 +72,7 @@ class VideoDecoder:
             block = min(LATENTS_PER_BLOCK, latents - decoded)
             # 4 frames a latent; the first block gives 3 fewer: a cold stream's first latent
             # makes 1 frame, a primed stream drops its first 3.
-            frames += FRAMES_PER_LATENT * block - DROPPED_FIRST_FRAMES * (decoded == 0)
+            lost = self.drop_first if self.motion is not None else FRAMES_PER_LATENT - 1
+            frames += FRAMES_PER_LATENT * block - lost * (decoded == 0)
             decoded += block
         return decoded + (min(PRIMING_LATENTS, self.motion.shape[1]) if self.motion is not None else 0)

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from ..liveavatar.decoding import LATENTS_PER_BLOCK, VideoDecoder
+from ..liveavatar.decoding import DROPPED_FIRST_FRAMES, LATENTS_PER_BLOCK, VideoDecoder
 from ..liveavatar.vae import raw_to_normalised
 
 from . import host
@@ -59,7 +59,7 @@ class LiveAvatarDecode:
         writer = None
         try:
             for frames in stream_frames(engine, raw_to_normalised(samples[0]), info.get("motion_latents"),
-                                        info.get("video_frames")):
+                                        info.get("video_frames"), continues=info.get("continues", False)):
                 if path is not None and writer is None:
                     writer = Mp4Writer(path, int(fps), frames.shape[2], frames.shape[1], mux_audio)
                 if writer is not None:
@@ -107,7 +107,7 @@ class FrameCollector:
         return torch.cat(self.kept), self.fps
 
 
-def stream_frames(vae, latents: torch.Tensor, motion_latents=None, max_frames=None):
+def stream_frames(vae, latents: torch.Tensor, motion_latents=None, max_frames=None, continues=False):
     """Yield the frames LiveAvatar shows [N, H, W, 3] in 0..1 (CPU), a block of 3 latents at a
     time (priming, dropping and trimming: liveavatar.decoding.VideoDecoder). Progress and
     cancel run after every latent the VAE decodes, the priming's included."""
@@ -115,7 +115,7 @@ def stream_frames(vae, latents: torch.Tensor, motion_latents=None, max_frames=No
         host.check_interrupted()
         progress.step()
 
-    decoder = VideoDecoder(vae, motion_latents, max_frames, on_step)
+    decoder = VideoDecoder(vae, motion_latents, max_frames, on_step, drop_first=0 if continues else DROPPED_FIRST_FRAMES)
     progress = host.Progress(decoder.steps(latents.shape[1]), "LiveAvatar decoding")
     try:
         for start in range(0, latents.shape[1], LATENTS_PER_BLOCK):

@@ -89,3 +89,23 @@ def test_a_new_kept_state_releases_the_old_one(parts):
     assert list(sampler_node._kept) == [second["liveavatar"]["state"]]
     assert old.caches == []  # closed: its GPU memory is back
     sampler_node.release_kept()
+
+
+def test_decoding_a_continuation_gives_the_missing_frames(parts):
+    """Part 2's decode is primed with the end of part 1 and drops nothing: parts 1 + 2 have
+    exactly the frames of the whole video (values approximate: the VAE's causal cache is
+    rebuilt from 7 latents, not carried)."""
+    from liveavatar.decoding import VideoDecoder
+    vae = parts[1]
+    g = torch.Generator().manual_seed(4)
+    motion, latents = torch.randn(16, 19, 8, 8, generator=g), torch.randn(16, 24, 8, 8, generator=g)
+
+    def decode(decoder, part):
+        return torch.cat([decoder.decode(part[:, i:i + 3]) for i in range(0, part.shape[1], 3)], dim=1)
+
+    whole = decode(VideoDecoder(vae, motion), latents)
+    first = decode(VideoDecoder(vae, motion), latents[:, :12])
+    second = decode(VideoDecoder(vae, latents[:, 5:12], drop_first=0), latents[:, 12:])
+    assert first.shape[1] + second.shape[1] == whole.shape[1] == 4 * 24 - 3
+    assert second.shape[1] == 4 * 12
+    assert relative_l2(second, whole[:, first.shape[1]:]) < 0.5
