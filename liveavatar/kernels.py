@@ -185,6 +185,7 @@ def _load_backend(device):
             _backend, _failure = None, f"self-check failed: {problem}"
             warnings.warn(f"liveavatar: fused Triton kernels disabled, using PyTorch ({problem})")
             return None
+        fp8_rows_supported(device)  # probed now, not during a later CUDA-graph capture
     return _backend
 
 
@@ -337,16 +338,19 @@ def fp8_rows_supported(device) -> bool:
 
 
 def _rowwise_product_works(device) -> bool:
+    """A tiny per-row scaled product with a bias (which also settles whether the bias can go
+    into _scaled_mm) against the fp32 product."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(32, 64, generator=gen).to(device)
     w = torch.randn(48, 64, generator=gen).to(device)
+    bias = torch.randn(48, generator=gen).to(device)
     try:
         rows = quantize_rows_reference(a)
         w_scale = w.abs().amax() / FP8_MAX
-        got = fp8_linear_rows(rows, (w / w_scale).to(FP8), rowwise_weight_scale(w_scale, 48), out_dtype=torch.bfloat16)
+        got = fp8_linear_rows(rows, (w / w_scale).to(FP8), rowwise_weight_scale(w_scale, 48), bias, torch.bfloat16)
     except RuntimeError:
         return False
-    want = a @ w.t()
+    want = a @ w.t() + bias
     return bool(((got.float() - want).norm() / want.norm()) < 0.1)
 
 
