@@ -272,9 +272,10 @@ def _table(t: torch.Tensor) -> torch.Tensor:
 def gated_add(x, y, gate=None, inplace: bool = False):
     """x [..., n, dim] fp32 + y (any float dtype, same number of elements) * gate [..., 1, dim]
     fp32, in fp32; without gate x + y. inplace=True writes into x."""
-    if active_for(x) and x.dtype == torch.float32 and x.is_contiguous() and y.numel() == x.numel():
+    if active_for(x) and x.dtype == torch.float32 and (x.is_contiguous() or not inplace) and y.numel() == x.numel():
         gate_g = _per_group(gate, x) if gate is not None else (None, 1)
         if gate_g is not None:
+            x = x.contiguous()  # a transposed residual stream (from a permuted patchify) comes out row-major
             out = x if inplace else torch.empty_like(x)
             x2 = x.view(-1, x.shape[-1])
             _backend.gated_add(x2, y.reshape(x2.shape).contiguous(), gate_g[0], gate_g[1], out.view(x2.shape))
