@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -190,6 +191,14 @@ def _load_backend(device):
 
 
 # ---- public kernels: Triton when active, the reference otherwise --------------------------
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it t's (layers sharded over GPUs run
+    on cuda:1 etc. without switching the current device)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return nullcontext()
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., dim] as [rows, dim] with unit stride in dim (a view when possible)."""
     t2 = t.reshape(-1, t.shape[-1])
@@ -230,10 +239,12 @@ def _modulated_norm_triton(x, shift_g, scale_g, rows_per_group, eps, dtype, fp8,
     x2 = _rows(x)
     if fp8 and fp8_rows_supported(x.device):
         out = _empty_fp8_rows(x2.shape[0], x2.shape[1], x.shape, x.device)
-        _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, fp8_rows=(out.data, out.scales))
+        with _on_device_of(x):
+            _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, fp8_rows=(out.data, out.scales))
         return out
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, out=out.view(-1, x.shape[-1]))
+    with _on_device_of(x):
+        _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, out=out.view(-1, x.shape[-1]))
     return out
 
 
@@ -244,7 +255,8 @@ def rms_norm_rope(x, weight, eps: float, cos, sin, heads: int, out=None):
     if active_for(x) and _rope_fits(x, cos, out):
         if out is None:  # [..., dim] -> [..., heads, head_dim]
             out = x.new_empty(*x.shape[:-1], heads, x.shape[-1] // heads)
-        _backend.rms_norm_rope(_rows(x), weight, _table(cos), _table(sin), out, eps, norm=True)
+        with _on_device_of(x):
+            _backend.rms_norm_rope(_rows(x), weight, _table(cos), _table(sin), out, eps, norm=True)
         return out
     return rms_norm_rope_reference(x, weight, eps, cos, sin, heads, out)
 
@@ -254,7 +266,8 @@ def rope(x, cos, sin, out=None):
     optionally written straight into `out` (same dtype as x)."""
     if active_for(x) and _rope_fits(x, cos, out):
         out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
-        _backend.rms_norm_rope(_rows(x.flatten(-2)), None, _table(cos), _table(sin), out, 0.0, norm=False)
+        with _on_device_of(x):
+            _backend.rms_norm_rope(_rows(x.flatten(-2)), None, _table(cos), _table(sin), out, 0.0, norm=False)
         return out
     return rope_reference(x, cos, sin, out)
 
@@ -278,7 +291,8 @@ def gated_add(x, y, gate=None, inplace: bool = False):
             x = x.contiguous()  # a transposed residual stream (from a permuted patchify) comes out row-major
             out = x if inplace else torch.empty_like(x)
             x2 = x.view(-1, x.shape[-1])
-            _backend.gated_add(x2, y.reshape(x2.shape).contiguous(), gate_g[0], gate_g[1], out.view(x2.shape))
+            with _on_device_of(x):
+                _backend.gated_add(x2, y.reshape(x2.shape).contiguous(), gate_g[0], gate_g[1], out.view(x2.shape))
             return out
     return gated_add_reference(x, y, gate, inplace)
 
@@ -301,7 +315,8 @@ def quantize_rows(x) -> Fp8Rows:
 def _quantize_rows_triton(x, gelu: bool) -> Fp8Rows:
     x2 = _rows(x)
     out = _empty_fp8_rows(x2.shape[0], x2.shape[1], x.shape, x.device)
-    _backend.quantize_rows(x2, out.data, out.scales, gelu)
+    with _on_device_of(x):
+        _backend.quantize_rows(x2, out.data, out.scales, gelu)
     return out
 
 
@@ -380,15 +395,18 @@ def self_check_cases(rand):
            modulated_norm_reference(x, shift, scale, 1e-6, torch.bfloat16), 1e-2)
     q, w, cos, sin = rand(48, 256, dtype=torch.bfloat16), rand(256), rand(48, 1, 64), rand(48, 1, 64)
     out = q.new_empty(48, 2, 128)
-    _backend.rms_norm_rope(q, w, _table(cos), _table(sin), out, 1e-6, norm=True)
+    with _on_device_of(x):
+        _backend.rms_norm_rope(q, w, _table(cos), _table(sin), out, 1e-6, norm=True)
     yield "rms_norm_rope", out, rms_norm_rope_reference(q, w, 1e-6, cos, sin, 2), 1e-2
     q8, s8 = torch.empty(48, 256, dtype=FP8, device=x.device), torch.empty(48, 1, device=x.device)
-    _backend.modulated_norm(_rows(x), _rows(scale), _rows(shift), 24, 1e-6, True, fp8_rows=(q8, s8))
+    with _on_device_of(x):
+        _backend.modulated_norm(_rows(x), _rows(scale), _rows(shift), 24, 1e-6, True, fp8_rows=(q8, s8))
     yield ("modulated_norm fp8", (q8.float() * s8).view_as(x), modulated_norm_reference(x, shift, scale, 1e-6, torch.float32),
            0.1)
     y, gate = rand(2, 24, 256, dtype=torch.bfloat16), rand(2, 1, 256)
     out = torch.empty_like(x)
-    _backend.gated_add(x.view(-1, 256), y.view(-1, 256), _rows(gate), 24, out.view(-1, 256))
+    with _on_device_of(x):
+        _backend.gated_add(x.view(-1, 256), y.view(-1, 256), _rows(gate), 24, out.view(-1, 256))
     yield "gated_add", out, gated_add_reference(x, y, gate), 1e-5
     h = rand(40, 512, dtype=torch.bfloat16)
     yield "gelu_fp8", _quantize_rows_triton(h, gelu=True).dequantize(torch.float32), gelu_reference(h), 0.1

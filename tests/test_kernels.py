@@ -206,3 +206,21 @@ def test_references_match_todays_layers(monkeypatch):
     norm.weight.data = weight
     assert torch.equal(norm.forward_rope(q, cos, sin, 2), rope.apply_rope(norm(q).unflatten(-1, (2, 32)), cos, sin))
     assert torch.equal(Fusion.gelu(q, fp8=True), F.gelu(q, approximate="tanh"))  # no fp8 rows off the kernels
+
+
+def test_fp8_linear_multiplies_fp8_rows_from_the_norm(triton_on):
+    """Modulated norm quantised in the same pass, then the fp8 linear's per-row scaled product:
+    close to the bf16-free fp32 computation (fp8 rounding of activations and weights only)."""
+    from liveavatar.loading import quantize_fp8
+
+    linear = Linear(96, 48).to(DEVICE)
+    weight, bias = randn(48, 96, seed=3) * 0.1, randn(48, seed=4)
+    linear.weight.data, linear.scale_weight = quantize_fp8(weight)
+    linear.bias.data = bias
+    assert linear.takes_fp8_rows
+    x, shift, scale = randn(3, 20, 96), randn(3, 1, 96, seed=1), randn(3, 1, 96, seed=2)
+    rows = Fusion.modulated_norm(x, shift, scale, 1e-6, torch.bfloat16, fp8=True).flatten(0, 1)
+    got = linear(rows)
+    want = F.linear(layers.modulated_norm(x, shift, scale, 1e-6, torch.float32).flatten(0, 1), weight, bias)
+    assert got.shape == (60, 48) and got.dtype == torch.bfloat16
+    assert ((got.float() - want).norm() / want.norm()) < 0.05
