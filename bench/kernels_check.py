@@ -70,6 +70,16 @@ def check_rotated(report, name, got, want):
     check_bf16(report, name, got, want, rotated=True)
 
 
+def add_norm_reference(x, y, gate, shift, scale):
+    total = kernels.gated_add_reference(x, y, gate)
+    return total, kernels.modulated_norm_reference(total, shift, scale, EPS, torch.bfloat16)
+
+
+def check_add_norm(report, name, got, want):
+    check_fp32(report, name + " (sum)", got[0], want[0])
+    check_bf16(report, name + " (norm)", got[1], want[1])
+
+
 def check_fp32(report, name, got, want, rtol=1e-5):
     """fp32 to rtol, relative to each value or (where a sum cancels) to the tensor's RMS."""
     scale = torch.maximum(want.abs(), want.pow(2).mean().sqrt().expand_as(want))
@@ -173,6 +183,8 @@ def run_shape(report, label, groups, grid, reps, device):
         ("rope (reference keys)", lambda: kernels.rope(proj.view(rows, HEADS, HEAD_DIM), cos, sin),
          lambda: kernels.rope_reference(proj.view(rows, HEADS, HEAD_DIM), cos, sin), check_rotated),
         ("gated_add", lambda: kernels.gated_add(x, y, gate), lambda: kernels.gated_add_reference(x, y, gate), check_fp32),
+        ("add_norm: gated add + mod. norm", lambda: kernels.add_norm(x, y, gate, shift, scale, EPS, torch.bfloat16),
+         lambda: add_norm_reference(x, y, gate, shift, scale), check_add_norm),
         ("gelu -> fp8 rows (FFN)", lambda: kernels.gelu(hidden, fp8=True),
          lambda: kernels.quantize_rows_reference(F.gelu(hidden, approximate="tanh")), None),
         ("quantize_rows (bf16 -> fp8)", lambda: kernels.quantize_rows(proj), lambda: kernels.quantize_rows_reference(proj), None),

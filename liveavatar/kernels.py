@@ -235,17 +235,43 @@ def layer_norm_affine(x, weight, bias, eps: float, dtype, fp8: bool = False):
     return layer_norm_affine_reference(x, weight, bias, eps, dtype)
 
 
-def _modulated_norm_triton(x, shift_g, scale_g, rows_per_group, eps, dtype, fp8, one_plus):
+def _modulated_norm_triton(x, shift_g, scale_g, rows_per_group, eps, dtype, fp8, one_plus, residual=None):
     x2 = _rows(x)
     if fp8 and fp8_rows_supported(x.device):
         out = _empty_fp8_rows(x2.shape[0], x2.shape[1], x.shape, x.device)
         with _on_device_of(x):
-            _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, fp8_rows=(out.data, out.scales))
+            _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, fp8_rows=(out.data, out.scales),
+                                    residual=residual)
         return out
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     with _on_device_of(x):
-        _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, out=out.view(-1, x.shape[-1]))
+        _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, out=out.view(-1, x.shape[-1]),
+                                residual=residual)
     return out
+
+
+def add_norm(x, y, gate, shift, scale, eps: float, dtype, fp8: bool = False, affine: bool = False):
+    """The residual update followed by the next norm, in one pass over x:
+    x + y * gate (fp32; gate [..., 1, dim] or None for x + y), then the norm of that sum:
+    LayerNorm * (1 + scale) + shift (scale/shift [..., 1, dim]), or with affine=True the
+    LayerNorm with weight=scale, bias=shift ([dim]). Returns (sum fp32 [like x], normed in
+    dtype, or Fp8Rows with fp8=True where the kernels run)."""
+    if active_for(x) and x.dtype == torch.float32 and y.numel() == x.numel():
+        if affine:
+            mods = (shift.float().reshape(1, -1), x.numel() // x.shape[-1]), (scale.float().reshape(1, -1), x.numel() // x.shape[-1])
+        else:
+            mods = _per_group(shift, x), _per_group(scale, x)
+        gate_g = _per_group(gate, x) if gate is not None else (None, 1)
+        if None not in mods and gate_g is not None and mods[0][1] == mods[1][1]:
+            total = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+            residual = (_rows(y).contiguous(), gate_g[0], gate_g[1], total.view(-1, x.shape[-1]))
+            normed = _modulated_norm_triton(x, mods[0][0], mods[1][0], mods[1][1], eps, dtype, fp8,
+                                            one_plus=not affine, residual=residual)
+            return total, normed
+    total = gated_add_reference(x, y, gate)
+    if affine:
+        return total, layer_norm_affine_reference(total, scale, shift, eps, dtype)
+    return total, modulated_norm_reference(total, shift, scale, eps, dtype)
 
 
 def rms_norm_rope(x, weight, eps: float, cos, sin, heads: int, out=None):
@@ -404,6 +430,10 @@ def self_check_cases(rand):
     yield ("modulated_norm fp8", (q8.float() * s8).view_as(x), modulated_norm_reference(x, shift, scale, 1e-6, torch.float32),
            0.1)
     y, gate = rand(2, 24, 256, dtype=torch.bfloat16), rand(2, 1, 256)
+    total, normed = add_norm(x, y, gate, shift, scale, 1e-6, torch.bfloat16)
+    want_total = gated_add_reference(x, y, gate)
+    yield "add_norm (sum)", total, want_total, 1e-5
+    yield "add_norm (norm)", normed, modulated_norm_reference(want_total, shift, scale, 1e-6, torch.bfloat16), 1e-2
     out = torch.empty_like(x)
     with _on_device_of(x):
         _backend.gated_add(x.view(-1, 256), y.view(-1, 256), _rows(gate), 24, out.view(-1, 256))

@@ -160,6 +160,22 @@ def test_gated_add_kernel(triton_on):
     torch.testing.assert_close(inplace, want, rtol=1e-6, atol=1e-6)
 
 
+def test_add_norm_kernel_is_gated_add_then_norm(triton_on):
+    x, y = randn(3, 20, 96) * 3, randn(60, 96, dtype=torch.bfloat16, seed=1)
+    gate, shift, scale = randn(3, 1, 96, seed=2), randn(3, 1, 96, seed=3), randn(3, 1, 96, seed=4)
+    total, normed = Fusion.add_norm(x, y, gate, shift, scale, 1e-6, torch.bfloat16)
+    want_total = x + y.float().view_as(x) * gate
+    torch.testing.assert_close(total, want_total, rtol=1e-6, atol=1e-6)
+    assert_within_bf16_step(normed, layers.modulated_norm(want_total, shift, scale, 1e-6, torch.bfloat16))
+    weight, bias = randn(96, seed=5), randn(96, seed=6)  # cross-attention norm3 after an ungated add
+    total, normed = Fusion.add_norm(x, y, None, bias, weight, 1e-6, torch.float32, affine=True)
+    want_total = x + y.float().view_as(x)
+    torch.testing.assert_close(total, want_total, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(normed, F.layer_norm(want_total, (96,), weight, bias, 1e-6), rtol=1e-5, atol=1e-5)
+    rows = Fusion.add_norm(x, y, gate, shift, scale, 1e-6, torch.bfloat16, fp8=True)[1]
+    assert_fp8_rows_close(rows, layers.modulated_norm(x + y.float().view_as(x) * gate, shift, scale, 1e-6, torch.float32))
+
+
 def test_gelu_fp8_rows_and_quantize_rows(triton_on):
     h = randn(20, 200, dtype=torch.bfloat16) * 3
     gelu = F.gelu(h, approximate="tanh")
@@ -206,6 +222,9 @@ def test_references_match_todays_layers(monkeypatch):
     norm.weight.data = weight
     assert torch.equal(norm.forward_rope(q, cos, sin, 2), rope.apply_rope(norm(q).unflatten(-1, (2, 32)), cos, sin))
     assert torch.equal(Fusion.gelu(q, fp8=True), F.gelu(q, approximate="tanh"))  # no fp8 rows off the kernels
+    total, normed = Fusion.add_norm(x, y, gate, shift, scale, 1e-6, torch.bfloat16, fp8=True)
+    assert torch.equal(total, layers.gated_add(x, y.view_as(x), gate))
+    assert torch.equal(normed, layers.modulated_norm(total, shift, scale, 1e-6, torch.bfloat16))
 
 
 def test_fp8_linear_multiplies_fp8_rows_from_the_norm(triton_on):
