@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -185,10 +186,19 @@ def _load_backend(device):
             _backend, _failure = None, f"self-check failed: {problem}"
             warnings.warn(f"liveavatar: fused Triton kernels disabled, using PyTorch ({problem})")
             return None
+        fp8_rows_supported(device)  # probed now, not during a later CUDA-graph capture
     return _backend
 
 
 # ---- public kernels: Triton when active, the reference otherwise --------------------------
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it t's (layers sharded over GPUs run
+    on cuda:1 etc. without switching the current device)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return nullcontext()
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., dim] as [rows, dim] with unit stride in dim (a view when possible)."""
     t2 = t.reshape(-1, t.shape[-1])
@@ -225,15 +235,43 @@ def layer_norm_affine(x, weight, bias, eps: float, dtype, fp8: bool = False):
     return layer_norm_affine_reference(x, weight, bias, eps, dtype)
 
 
-def _modulated_norm_triton(x, shift_g, scale_g, rows_per_group, eps, dtype, fp8, one_plus):
+def _modulated_norm_triton(x, shift_g, scale_g, rows_per_group, eps, dtype, fp8, one_plus, residual=None):
     x2 = _rows(x)
     if fp8 and fp8_rows_supported(x.device):
         out = _empty_fp8_rows(x2.shape[0], x2.shape[1], x.shape, x.device)
-        _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, fp8_rows=(out.data, out.scales))
+        with _on_device_of(x):
+            _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, fp8_rows=(out.data, out.scales),
+                                    residual=residual)
         return out
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, out=out.view(-1, x.shape[-1]))
+    with _on_device_of(x):
+        _backend.modulated_norm(x2, scale_g, shift_g, rows_per_group, eps, one_plus, out=out.view(-1, x.shape[-1]),
+                                residual=residual)
     return out
+
+
+def add_norm(x, y, gate, shift, scale, eps: float, dtype, fp8: bool = False, affine: bool = False):
+    """The residual update followed by the next norm, in one pass over x:
+    x + y * gate (fp32; gate [..., 1, dim] or None for x + y), then the norm of that sum:
+    LayerNorm * (1 + scale) + shift (scale/shift [..., 1, dim]), or with affine=True the
+    LayerNorm with weight=scale, bias=shift ([dim]). Returns (sum fp32 [like x], normed in
+    dtype, or Fp8Rows with fp8=True where the kernels run)."""
+    if active_for(x) and x.dtype == torch.float32 and y.numel() == x.numel():
+        if affine:
+            mods = (shift.float().reshape(1, -1), x.numel() // x.shape[-1]), (scale.float().reshape(1, -1), x.numel() // x.shape[-1])
+        else:
+            mods = _per_group(shift, x), _per_group(scale, x)
+        gate_g = _per_group(gate, x) if gate is not None else (None, 1)
+        if None not in mods and gate_g is not None and mods[0][1] == mods[1][1]:
+            total = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+            residual = (_rows(y).contiguous(), gate_g[0], gate_g[1], total.view(-1, x.shape[-1]))
+            normed = _modulated_norm_triton(x, mods[0][0], mods[1][0], mods[1][1], eps, dtype, fp8,
+                                            one_plus=not affine, residual=residual)
+            return total, normed
+    total = gated_add_reference(x, y, gate)
+    if affine:
+        return total, layer_norm_affine_reference(total, scale, shift, eps, dtype)
+    return total, modulated_norm_reference(total, shift, scale, eps, dtype)
 
 
 def rms_norm_rope(x, weight, eps: float, cos, sin, heads: int, out=None):
@@ -243,7 +281,8 @@ def rms_norm_rope(x, weight, eps: float, cos, sin, heads: int, out=None):
     if active_for(x) and _rope_fits(x, cos, out):
         if out is None:  # [..., dim] -> [..., heads, head_dim]
             out = x.new_empty(*x.shape[:-1], heads, x.shape[-1] // heads)
-        _backend.rms_norm_rope(_rows(x), weight, _table(cos), _table(sin), out, eps, norm=True)
+        with _on_device_of(x):
+            _backend.rms_norm_rope(_rows(x), weight, _table(cos), _table(sin), out, eps, norm=True)
         return out
     return rms_norm_rope_reference(x, weight, eps, cos, sin, heads, out)
 
@@ -253,7 +292,8 @@ def rope(x, cos, sin, out=None):
     optionally written straight into `out` (same dtype as x)."""
     if active_for(x) and _rope_fits(x, cos, out):
         out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
-        _backend.rms_norm_rope(_rows(x.flatten(-2)), None, _table(cos), _table(sin), out, 0.0, norm=False)
+        with _on_device_of(x):
+            _backend.rms_norm_rope(_rows(x.flatten(-2)), None, _table(cos), _table(sin), out, 0.0, norm=False)
         return out
     return rope_reference(x, cos, sin, out)
 
@@ -271,12 +311,14 @@ def _table(t: torch.Tensor) -> torch.Tensor:
 def gated_add(x, y, gate=None, inplace: bool = False):
     """x [..., n, dim] fp32 + y (any float dtype, same number of elements) * gate [..., 1, dim]
     fp32, in fp32; without gate x + y. inplace=True writes into x."""
-    if active_for(x) and x.dtype == torch.float32 and x.is_contiguous() and y.numel() == x.numel():
+    if active_for(x) and x.dtype == torch.float32 and (x.is_contiguous() or not inplace) and y.numel() == x.numel():
         gate_g = _per_group(gate, x) if gate is not None else (None, 1)
         if gate_g is not None:
+            x = x.contiguous()  # a transposed residual stream (from a permuted patchify) comes out row-major
             out = x if inplace else torch.empty_like(x)
             x2 = x.view(-1, x.shape[-1])
-            _backend.gated_add(x2, y.reshape(x2.shape).contiguous(), gate_g[0], gate_g[1], out.view(x2.shape))
+            with _on_device_of(x):
+                _backend.gated_add(x2, y.reshape(x2.shape).contiguous(), gate_g[0], gate_g[1], out.view(x2.shape))
             return out
     return gated_add_reference(x, y, gate, inplace)
 
@@ -299,7 +341,8 @@ def quantize_rows(x) -> Fp8Rows:
 def _quantize_rows_triton(x, gelu: bool) -> Fp8Rows:
     x2 = _rows(x)
     out = _empty_fp8_rows(x2.shape[0], x2.shape[1], x.shape, x.device)
-    _backend.quantize_rows(x2, out.data, out.scales, gelu)
+    with _on_device_of(x):
+        _backend.quantize_rows(x2, out.data, out.scales, gelu)
     return out
 
 
@@ -337,16 +380,19 @@ def fp8_rows_supported(device) -> bool:
 
 
 def _rowwise_product_works(device) -> bool:
+    """A tiny per-row scaled product with a bias (which also settles whether the bias can go
+    into _scaled_mm) against the fp32 product."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(32, 64, generator=gen).to(device)
     w = torch.randn(48, 64, generator=gen).to(device)
+    bias = torch.randn(48, generator=gen).to(device)
     try:
         rows = quantize_rows_reference(a)
         w_scale = w.abs().amax() / FP8_MAX
-        got = fp8_linear_rows(rows, (w / w_scale).to(FP8), rowwise_weight_scale(w_scale, 48), out_dtype=torch.bfloat16)
+        got = fp8_linear_rows(rows, (w / w_scale).to(FP8), rowwise_weight_scale(w_scale, 48), bias, torch.bfloat16)
     except RuntimeError:
         return False
-    want = a @ w.t()
+    want = a @ w.t() + bias
     return bool(((got.float() - want).norm() / want.norm()) < 0.1)
 
 
@@ -375,15 +421,22 @@ def self_check_cases(rand):
            modulated_norm_reference(x, shift, scale, 1e-6, torch.bfloat16), 1e-2)
     q, w, cos, sin = rand(48, 256, dtype=torch.bfloat16), rand(256), rand(48, 1, 64), rand(48, 1, 64)
     out = q.new_empty(48, 2, 128)
-    _backend.rms_norm_rope(q, w, _table(cos), _table(sin), out, 1e-6, norm=True)
+    with _on_device_of(x):
+        _backend.rms_norm_rope(q, w, _table(cos), _table(sin), out, 1e-6, norm=True)
     yield "rms_norm_rope", out, rms_norm_rope_reference(q, w, 1e-6, cos, sin, 2), 1e-2
     q8, s8 = torch.empty(48, 256, dtype=FP8, device=x.device), torch.empty(48, 1, device=x.device)
-    _backend.modulated_norm(_rows(x), _rows(scale), _rows(shift), 24, 1e-6, True, fp8_rows=(q8, s8))
+    with _on_device_of(x):
+        _backend.modulated_norm(_rows(x), _rows(scale), _rows(shift), 24, 1e-6, True, fp8_rows=(q8, s8))
     yield ("modulated_norm fp8", (q8.float() * s8).view_as(x), modulated_norm_reference(x, shift, scale, 1e-6, torch.float32),
            0.1)
     y, gate = rand(2, 24, 256, dtype=torch.bfloat16), rand(2, 1, 256)
+    total, normed = add_norm(x, y, gate, shift, scale, 1e-6, torch.bfloat16)
+    want_total = gated_add_reference(x, y, gate)
+    yield "add_norm (sum)", total, want_total, 1e-5
+    yield "add_norm (norm)", normed, modulated_norm_reference(want_total, shift, scale, 1e-6, torch.bfloat16), 1e-2
     out = torch.empty_like(x)
-    _backend.gated_add(x.view(-1, 256), y.view(-1, 256), _rows(gate), 24, out.view(-1, 256))
+    with _on_device_of(x):
+        _backend.gated_add(x.view(-1, 256), y.view(-1, 256), _rows(gate), 24, out.view(-1, 256))
     yield "gated_add", out, gated_add_reference(x, y, gate), 1e-5
     h = rand(40, 512, dtype=torch.bfloat16)
     yield "gelu_fp8", _quantize_rows_triton(h, gelu=True).dequantize(torch.float32), gelu_reference(h), 0.1

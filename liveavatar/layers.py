@@ -149,6 +149,17 @@ class Fusion:
         return Fusion._torch["modulated_norm"](x, shift, scale, eps, dtype)
 
     @staticmethod
+    def add_norm(x, y, gate, shift, scale, eps: float, dtype, fp8: bool = False, affine: bool = False):
+        """(x + y * gate, norm of that sum) in one pass: the residual update and the next
+        modulated (or, affine=True, weight=scale / bias=shift) LayerNorm; see kernels.add_norm."""
+        if kernels.active_for(x):
+            return kernels.add_norm(x, y, gate, shift, scale, eps, dtype, fp8, affine)
+        total = Fusion.gated_add(x, y.reshape(x.shape), gate)
+        if affine:
+            return total, kernels.layer_norm_affine_reference(total, scale, shift, eps, dtype)
+        return total, Fusion.modulated_norm(total, shift, scale, eps, dtype)
+
+    @staticmethod
     def layer_norm_affine(x, weight, bias, eps: float, dtype, fp8: bool = False):
         """fp32 LayerNorm(x) * weight + bias handed on in dtype (DiTBlock.norm3)."""
         return kernels.layer_norm_affine(x, weight, bias, eps, dtype, fp8)
