@@ -308,7 +308,7 @@ def test_rates_aac_refuses_are_resampled(rate, tiny_vae, output_dir):
 @pytest.mark.parametrize("dtype, amplitude, expected_mean_level", [
     (torch.int16, 16384, 0.5 * 2 / np.pi),  # int16 at half scale: a sine of amplitude 0.5
     (torch.float32, 4.0, 2 / np.pi),  # too loud: scaled to peak 1, a sine, not a square wave
-])
+], ids=["int16", "float-too-loud"])
 def test_int_and_loud_pcm_are_scaled_not_clipped(dtype, amplitude, expected_mean_level, tiny_vae, output_dir):
     decode_node(tiny_vae, latent_input(9, SPOKEN), audio=sine_audio(48000, amplitude, dtype))
     audio = mp4_contents(output_dir / "LiveAvatar_00001.mp4")["audio"]
