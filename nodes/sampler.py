@@ -53,11 +53,12 @@ class LiveAvatarSampler:
     def sample(self, model, positive, image, vae, audio_features, size, width, height, infer_frames, num_clip,
                sample_steps, seed):
         area = width * height if size == "custom" else parse_area(size)
+        text = text_embeddings(positive, model.dit.cfg.text_len)  # input checks before the portrait encode
         portrait = prepare_portrait(image_tensor(image), area)
         vae_engine = streaming_vae(vae, host.torch_device())
         ref_latent, motion_latents = encode_portrait(vae_engine, portrait)
         features, speech_frames = audio_features.per_frame(infer_frames)
-        inputs = StreamInputs(text_embeddings(positive, model.dit.cfg.text_len), ref_latent, motion_latents, features)
+        inputs = StreamInputs(text, ref_latent, motion_latents, features)
         settings = StreamSettings(infer_frames=infer_frames, num_clip=num_clip, steps=sample_steps, seed=seed,
                                   kv_fp8=model.kv_fp8)
         latents = run_stream(model.dit, inputs, settings)

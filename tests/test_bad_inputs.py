@@ -266,6 +266,29 @@ def test_read_only_output_folder_is_named(tiny_vae, output_dir):
         decode_node(tiny_vae, latent_input(3, 9))
 
 
+def test_inside_comfyui_its_save_rules_decide(tiny_vae, tmp_path, monkeypatch):
+    """With ComfyUI's folder_paths present, its get_save_image_path decides; its refusal (a
+    bare Exception) becomes our ValueError, its folder and counter are used."""
+    import sys
+    import types
+    calls = []
+
+    def get_save_image_path(prefix, output_dir, width=0, height=0):
+        calls.append((prefix, output_dir))
+        if prefix.startswith(".."):
+            raise Exception("**** ERROR: Saving image outside the output folder is not allowed.")
+        return str(tmp_path / "out" / "comfy_sub"), "clip", 7, "comfy_sub", prefix
+
+    stub = types.SimpleNamespace(get_output_directory=lambda: str(tmp_path / "out"),
+                                 get_save_image_path=get_save_image_path)
+    monkeypatch.setitem(sys.modules, "folder_paths", stub)
+    with pytest.raises(ValueError, match="points outside the output folder"):
+        decode_node(tiny_vae, latent_input(3, 9), prefix="../x")
+    _, ui = decode_node(tiny_vae, latent_input(3, 9), prefix="comfy_sub/clip")
+    assert ui["text"] == [str(tmp_path / "out" / "comfy_sub" / "clip_00007.mp4")]
+    assert calls == [("../x", str(tmp_path / "out")), ("comfy_sub/clip", str(tmp_path / "out"))]
+
+
 def test_zero_frame_latent_is_an_error(tiny_vae, output_dir):
     empty = latent_input(3, 9)
     empty["samples"] = empty["samples"][:, :, :0]
