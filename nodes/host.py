@@ -216,7 +216,9 @@ class Progress:
             self.bar.update_absolute(self.done, self.total, preview)
 
     def step(self):
-        self.done = min(self.done + 1, self.total)
+        if self.done >= self.total:  # already shown complete: a late extra step changes nothing
+            return
+        self.done += 1
         if self.bar is not None:
             self.bar.update_absolute(self.done, self.total)
         elif self.done == self.total or self.done % max(1, self.total // 20) == 0:

@@ -65,8 +65,9 @@ class LiveAvatarSampler:
 
     def sample(self, model, positive, image, vae, audio_features, size, width, height, infer_frames, num_clip,
                sample_steps, seed, continue_from=None, keep_state=False):
-        model.prepare()  # our DiT on the GPU via ComfyUI's model management, at this LoRA strength
+        text = text_embeddings(positive, model.dit.cfg.text_len)  # input checks before the long work
         features, speech_frames = audio_features.per_frame(infer_frames)
+        model.prepare()  # our DiT on the GPU via ComfyUI's model management, at this LoRA strength
         previous = (continue_from or {}).get("liveavatar", {})
         settings = StreamSettings(infer_frames=infer_frames, num_clip=num_clip, steps=sample_steps, seed=seed,
                                   kv_fp8=model.kv_fp8)
@@ -78,7 +79,7 @@ class LiveAvatarSampler:
                 area = width * height if size == "custom" else parse_area(size)
                 vae_engine = streaming_vae(vae, host.torch_device())
                 ref_latent, motion_latents = encode_portrait(vae_engine, prepare_portrait(image_tensor(image), area))
-            inputs = StreamInputs(text_embeddings(positive, model.dit.cfg.text_len), ref_latent, motion_latents, features)
+            inputs = StreamInputs(text, ref_latent, motion_latents, features)
             streamer = Streamer(model.dit, inputs, settings)
         latents = run_stream(streamer, keep=keep_state)
         info = {"video_frames": speech_frames, "fps": FPS, "reference": streamer.first_clean_frame.float().cpu(),

@@ -102,7 +102,7 @@ class Mp4Writer:
         layout = "stereo" if wave.shape[0] == 2 else "mono"
         with self.av.open(str(self.partial)) as source, self.av.open(str(self.path), mode="w") as target:
             video_in = source.streams.video[0]
-            video_out = target.add_stream_from_template(video_in)
+            video_out = _copy_of(target, video_in)
             sound = target.add_stream("aac", rate=self.audio.rate, layout=layout)
             for packet in source.demux(video_in):
                 if packet.dts is None:  # the demuxer's end-of-stream marker
@@ -114,3 +114,10 @@ class Mp4Writer:
             frame.sample_rate, frame.time_base, frame.pts = self.audio.rate, Fraction(1, self.audio.rate), 0
             for packet in (*sound.encode(frame), *sound.encode()):
                 target.mux(packet)
+
+
+def _copy_of(container, stream):
+    """An output stream taking `stream`'s packets unchanged (PyAV >= 14 names it differently)."""
+    if hasattr(container, "add_stream_from_template"):
+        return container.add_stream_from_template(stream)
+    return container.add_stream(template=stream)

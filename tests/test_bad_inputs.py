@@ -20,6 +20,16 @@ from liveavatar.testing import tiny_dit_config, write_tiny_dit, write_tiny_lora
 from liveavatar.weights import read_state_dict
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core runner OpenMP's waiting
+    makes each tiny VAE call 100x slower; restored afterwards for the other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     """A tiny DiT (config in its metadata) and its LoRA, written once."""
@@ -180,3 +190,377 @@ def test_largest_seed_wraps_for_later_clips():
     from liveavatar.sampler import clip_noise
     expected = torch.randn((2, 3), generator=torch.Generator().manual_seed(0))
     assert torch.equal(clip_noise(2 ** 64 - 1, 1, (2, 3), "cpu"), expected)
+
+
+# ---- decode node: output path, audio, frames -------------------------------------------------
+LATENT_HW = (2, 2)  # 16x16 pixel frames: every decode below takes a fraction of a second
+FPS = 25
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    from liveavatar.testing import write_tiny_vae
+    from liveavatar.vae import WanVAE
+    return WanVAE.load(write_tiny_vae(tmp_path_factory.mktemp("vae") / "vae.safetensors"))
+
+
+def latent_input(latent_frames: int, spoken_frames: int | None = None, seed: int = 0) -> dict:
+    """A LATENT as LiveAvatar Sampler returns it (raw VAE means, motion latents, spoken frames)."""
+    g = torch.Generator().manual_seed(seed)
+    info = {"motion_latents": torch.randn(16, 19, *LATENT_HW, generator=g), "fps": FPS}
+    if spoken_frames is not None:
+        info["video_frames"] = spoken_frames
+    return {"samples": torch.randn(1, 16, latent_frames, *LATENT_HW, generator=g), "liveavatar": info}
+
+
+@pytest.fixture
+def output_dir(tmp_path, monkeypatch):
+    out = tmp_path / "output"
+    monkeypatch.setenv("LIVEAVATAR_OUTPUT", str(out))
+    return out
+
+
+def decode_node(vae, latents, save_mp4=True, return_frames=True, prefix="LiveAvatar", audio=None):
+    result = nodes.LiveAvatarDecode().decode(latents, vae, save_mp4, return_frames, prefix, audio=audio)
+    return result["result"], result["ui"]
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("prefix", ["../escaped", "sub/../../escaped", "ABSOLUTE"])
+def test_prefix_outside_the_output_folder_is_refused(prefix, tiny_vae, output_dir, tmp_path):
+    prefix = str(tmp_path / "escaped") if prefix == "ABSOLUTE" else prefix
+    with pytest.raises(ValueError, match="points outside the output folder") as error:
+        decode_node(tiny_vae, latent_input(3, 9), prefix=prefix)
+    assert repr(prefix) in str(error.value)
+    assert [f for f in files_under(tmp_path) if "escaped" in f] == []
+
+
+def test_prefix_with_subfolders_creates_them(tiny_vae, output_dir):
+    (frames, _), ui = decode_node(tiny_vae, latent_input(3, 9), prefix="sub/dir/name")
+    assert files_under(output_dir) == ["sub/dir/name_00001.mp4"]
+    assert ui["text"] == [str(output_dir / "sub/dir/name_00001.mp4")] and len(frames) == 9
+
+
+def test_unwritable_output_folder_is_named_before_decoding(tiny_vae, tmp_path, monkeypatch):
+    """A file where the folder should be stands in for a read-only disk (the tests run as root,
+    which permissions do not stop)."""
+    from liveavatar.vae import StreamDecoder
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("")
+    monkeypatch.setenv("LIVEAVATAR_OUTPUT", str(blocked / "output"))
+    decoded = []
+    monkeypatch.setattr(StreamDecoder, "decode", lambda *a, **k: decoded.append(1))
+    with pytest.raises(PermissionError, match="cannot write into the output folder") as error:
+        decode_node(tiny_vae, latent_input(3, 9))
+    assert str(blocked / "output") in str(error.value) and decoded == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permissions")
+def test_read_only_output_folder_is_named(tiny_vae, output_dir):
+    output_dir.mkdir()
+    output_dir.chmod(0o500)
+    with pytest.raises(PermissionError, match=re.escape(str(output_dir))):
+        decode_node(tiny_vae, latent_input(3, 9))
+
+
+def test_inside_comfyui_its_save_rules_decide(tiny_vae, tmp_path, monkeypatch):
+    """With ComfyUI's folder_paths present, its get_save_image_path decides; its refusal (a
+    bare Exception) becomes our ValueError, its folder and counter are used."""
+    import sys
+    import types
+    calls = []
+
+    def get_save_image_path(prefix, output_dir, width=0, height=0):
+        calls.append((prefix, output_dir))
+        if prefix.startswith(".."):
+            raise Exception("**** ERROR: Saving image outside the output folder is not allowed.")
+        return str(tmp_path / "out" / "comfy_sub"), "clip", 7, "comfy_sub", prefix
+
+    stub = types.SimpleNamespace(get_output_directory=lambda: str(tmp_path / "out"),
+                                 get_save_image_path=get_save_image_path)
+    monkeypatch.setitem(sys.modules, "folder_paths", stub)
+    with pytest.raises(ValueError, match="points outside the output folder"):
+        decode_node(tiny_vae, latent_input(3, 9), prefix="../x")
+    _, ui = decode_node(tiny_vae, latent_input(3, 9), prefix="comfy_sub/clip")
+    assert ui["text"] == [str(tmp_path / "out" / "comfy_sub" / "clip_00007.mp4")]
+    assert calls == [("../x", str(tmp_path / "out")), ("comfy_sub/clip", str(tmp_path / "out"))]
+
+
+def test_zero_frame_latent_is_an_error(tiny_vae, output_dir):
+    empty = latent_input(3, 9)
+    empty["samples"] = empty["samples"][:, :, :0]
+    with pytest.raises(ValueError, match=re.escape("the latents input is empty ((1, 16, 0, 2, 2))")):
+        decode_node(tiny_vae, empty, save_mp4=False)
+
+
+def mp4_contents(path: Path) -> dict:
+    """Frames, audio rate and decoded audio samples (mono mix) of an mp4."""
+    import av
+    with av.open(str(path)) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            return {"frames": frames, "rate": None, "audio": None}
+        rate = container.streams.audio[0].rate
+        audio = np.concatenate([f.to_ndarray().reshape(f.to_ndarray().shape[0], -1).mean(0)
+                                if f.format.is_planar else f.to_ndarray().reshape(-1, len(f.layout.channels)).mean(1)
+                                for f in container.decode(audio=0)])
+    return {"frames": frames, "rate": rate, "audio": audio}
+
+
+def sine_audio(rate: int, amplitude=0.5, dtype=torch.float32, seconds=1.0) -> dict:
+    t = torch.arange(int(seconds * rate)) / rate
+    wave = amplitude * torch.sin(2 * torch.pi * 440 * t)
+    return {"waveform": wave.to(dtype)[None, None], "sample_rate": rate}
+
+
+SPOKEN = 21  # 3 blocks of latents give 9 + 12 + 12 frames; the speech covers 21 of them
+
+
+@pytest.mark.parametrize("rate", [7000, 192000])
+def test_rates_aac_refuses_are_resampled(rate, tiny_vae, output_dir):
+    (frames, _), ui = decode_node(tiny_vae, latent_input(9, SPOKEN), audio=sine_audio(rate))
+    mp4 = mp4_contents(output_dir / "LiveAvatar_00001.mp4")
+    assert (mp4["frames"], mp4["rate"], len(frames)) == (SPOKEN, 48000, SPOKEN)
+    assert ui["text"] == [str(output_dir / "LiveAvatar_00001.mp4")]
+
+
+@pytest.mark.parametrize("dtype, amplitude, expected_mean_level", [
+    (torch.int16, 16384, 0.5 * 2 / np.pi),  # int16 at half scale: a sine of amplitude 0.5
+    (torch.float32, 4.0, 2 / np.pi),  # too loud: scaled to peak 1, a sine, not a square wave
+], ids=["int16", "float-too-loud"])
+def test_int_and_loud_pcm_are_scaled_not_clipped(dtype, amplitude, expected_mean_level, tiny_vae, output_dir):
+    decode_node(tiny_vae, latent_input(9, SPOKEN), audio=sine_audio(48000, amplitude, dtype))
+    audio = mp4_contents(output_dir / "LiveAvatar_00001.mp4")["audio"]
+    steady = audio[len(audio) // 4: 3 * len(audio) // 4]  # clear of AAC's start-up and the cut
+    assert abs(np.abs(steady).mean() - expected_mean_level) < 0.1  # a clipped square wave would give ~0.95
+
+
+def test_nan_audio_is_muxed_as_silence_and_said(tiny_vae, output_dir):
+    audio = sine_audio(48000)
+    audio["waveform"][..., :100] = float("nan")
+    (frames, _), ui = decode_node(tiny_vae, latent_input(9, SPOKEN), audio=audio)
+    mp4 = mp4_contents(output_dir / "LiveAvatar_00001.mp4")
+    assert (mp4["frames"], mp4["rate"]) == (SPOKEN, 48000) and np.isfinite(mp4["audio"]).all()
+    assert any("NaN" in note for note in ui["text"][1:])
+
+
+def test_empty_audio_keeps_the_video_and_says_so(tiny_vae, output_dir):
+    audio = {"waveform": torch.zeros(1, 1, 0), "sample_rate": 48000}
+    (frames, _), ui = decode_node(tiny_vae, latent_input(9, SPOKEN), audio=audio)
+    assert mp4_contents(output_dir / "LiveAvatar_00001.mp4") == {"frames": SPOKEN, "rate": None, "audio": None}
+    assert "the AUDIO input is empty" in ui["text"][1] and "no sound" in ui["text"][1]
+
+
+def test_muxing_failure_keeps_the_video_without_sound(tiny_vae, output_dir, monkeypatch):
+    from nodes.video_writer import Mp4Writer
+
+    def broken_mux(self):
+        raise RuntimeError("encoder exploded")
+
+    monkeypatch.setattr(Mp4Writer, "_mux_audio", broken_mux)
+    (frames, _), ui = decode_node(tiny_vae, latent_input(9, SPOKEN), audio=sine_audio(48000))
+    assert files_under(output_dir) == ["LiveAvatar_00001.mp4"]
+    assert mp4_contents(output_dir / "LiveAvatar_00001.mp4")["frames"] == SPOKEN
+    assert "encoder exploded" in ui["text"][1] and "without sound" in ui["text"][1]
+
+
+def test_return_frames_off_gives_one_frame_per_second(tiny_vae, output_dir):
+    """12 latents -> 45 frames, cut to 40 spoken: frames 0 and 25 at 1 fps (2 s, as the audio)."""
+    latents = latent_input(12, 40)
+    (every, fps), _ = decode_node(tiny_vae, latents, save_mp4=False)
+    (preview, preview_fps), _ = decode_node(tiny_vae, latents, save_mp4=False, return_frames=False)
+    assert (len(every), fps, preview_fps) == (40, 25.0, 1.0)
+    assert torch.equal(preview, every[[0, 25]])
+
+
+def test_node_and_engine_give_the_frames_liveavatar_shows(tiny_vae, output_dir):
+    """Priming with the 7 oldest motion latents, first 3 frames dropped, cut to the speech:
+    spelled out on the plain stream decoder, against the node and liveavatar.decoding."""
+    from liveavatar.decoding import VideoDecoder
+    from liveavatar.vae import raw_to_normalised
+    latents = latent_input(6, 14)
+    normalised, motion = raw_to_normalised(latents["samples"][0]), latents["liveavatar"]["motion_latents"]
+    plain = tiny_vae.stream_decoder()
+    plain.decode(motion[:, :7])
+    expected = torch.cat([plain.decode(normalised[:, :3])[:, 3:], plain.decode(normalised[:, 3:])], dim=1)[:, :14]
+    engine = VideoDecoder(tiny_vae, motion, spoken_frames=14)
+    from_engine = torch.cat([engine.decode(normalised[:, :3]), engine.decode(normalised[:, 3:])], dim=1)
+    (from_node, _), _ = decode_node(tiny_vae, latents, save_mp4=False)
+    assert expected.shape[1] == 14 and engine.finished
+    assert torch.equal(from_engine, expected)
+    assert torch.allclose(from_node, ((expected.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1))
+
+
+def test_decode_progress_ends_at_total_with_a_newline(tiny_vae, output_dir, capsys):
+    """6 latents, 5 spoken frames: the first block (3 latents) gives 9 frames, enough, so the
+    VAE decodes 7 priming + 3 latents = 10; before, the line stopped at 1/2 blocks."""
+    decode_node(tiny_vae, latent_input(6, 5), save_mp4=False)
+    err = capsys.readouterr().err
+    assert err.endswith("LiveAvatar decoding: 10/10\n")
+
+
+def test_progress_printer_finishes_an_early_stop(capsys):
+    from nodes.host import Progress
+    progress = Progress(8, "work")
+    for _ in range(7):
+        progress.step()
+    progress.finish()
+    progress.close()
+    print("next log line", file=__import__("sys").stderr)
+    lines = capsys.readouterr().err.split("\r")
+    assert lines[-1] == "work: 8/8\nnext log line\n"
+
+
+def test_priming_can_be_cancelled(tiny_vae, output_dir, monkeypatch):
+    """Cancel is checked after every latent the VAE decodes, the 7 priming ones included."""
+    from nodes import host
+
+    class Cancelled(Exception):
+        pass
+
+    calls = []
+
+    def cancel_on_third():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Cancelled()
+
+    monkeypatch.setattr(host, "check_interrupted", cancel_on_third)
+    with pytest.raises(Cancelled):
+        decode_node(tiny_vae, latent_input(6, 14), save_mp4=False)
+    assert len(calls) == 3
+
+
+def test_portrait_encode_shows_progress_and_can_be_cancelled(tiny_vae, monkeypatch, capsys):
+    """The portrait alone (1 chunk), then 73 still frames: 1 + 18 chunks of 4 -> 20 steps."""
+    from nodes import host
+    from nodes.vae_adapter import encode_portrait
+    portrait = torch.zeros(3, 1, 16, 16)
+    ref, motion = encode_portrait(tiny_vae, portrait)
+    assert (ref.shape[1], motion.shape[1]) == (1, 19)
+    assert capsys.readouterr().err.endswith("LiveAvatar portrait encode: 20/20\n")
+    calls = []
+
+    def cancel_on_fifth():
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(host, "check_interrupted", cancel_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        encode_portrait(tiny_vae, portrait)
+    assert len(calls) == 5 and capsys.readouterr().err.endswith("\n")
+
+
+# ---- sampler inputs --------------------------------------------------------------------
+def test_empty_image_batch_is_an_error():
+    from nodes.conditioning import image_tensor
+    with pytest.raises(ValueError, match=re.escape("the image input (portrait) is an empty batch (0, 64, 64, 3)")):
+        image_tensor(torch.zeros(0, 64, 64, 3))
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (15, 400)])
+def test_tiny_image_is_an_error(height, width):
+    from liveavatar.portrait import prepare_portrait
+    with pytest.raises(ValueError, match=f"the portrait image is {width}x{height} pixels"):
+        prepare_portrait(torch.rand(1, height, width, 3), "384*256")
+
+
+def test_smallest_accepted_image_still_works():
+    from liveavatar.portrait import prepare_portrait
+    assert prepare_portrait(torch.ones(1, 16, 16, 3), "384*256").shape == (3, 1, 64, 64)
+
+
+def test_combined_conditioning_is_an_error():
+    from nodes.conditioning import text_embeddings
+    one = [torch.randn(1, 8, 4096), {}]
+    with pytest.raises(ValueError, match="has 2 entries .e.g. from ConditioningCombine."):
+        text_embeddings([one, one], 512)
+
+
+# ---- already good: guards --------------------------------------------------------------
+def test_guard_missing_key_is_named(tiny_files, tmp_path):
+    from safetensors import safe_open
+    with safe_open(str(tiny_files["dit"]), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "head.head.bias"}
+        metadata = f.metadata()
+    path = tmp_path / "missing.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match="missing: head.head.bias") as error:
+        load_dit(path)
+    assert str(path) in str(error.value)
+
+
+def test_guard_nan_audio_is_refused_for_features():
+    from liveavatar.audio import load_audio
+    audio = sine_audio(16000)
+    audio["waveform"][..., 5] = float("nan")
+    with pytest.raises(ValueError, match="the audio contains NaN"):
+        load_audio(audio)
+
+
+def test_guard_decoder_memory_flat_over_blocks(tiny_vae):
+    decoder = tiny_vae.stream_decoder()
+    held = []
+    for block in range(6):
+        decoder.decode(torch.randn(16, 3, *LATENT_HW, generator=torch.Generator().manual_seed(block)))
+        held.append(decoder.cache_bytes)
+    assert held[1] == held[-1]
+
+
+# ---- streaming sampler (fixture DiT) --------------------------------------------------------
+@pytest.fixture(scope="module")
+def fixture_run():
+    from conftest import fixture_sets
+    from dit_fixture import fixture_inputs, fixture_model, fixture_settings
+    set_dir = fixture_sets("dit_streaming")[0].values[0]
+    return fixture_model(set_dir), fixture_inputs(set_dir), fixture_settings(set_dir)
+
+
+def test_largest_seed_runs_several_clips(fixture_run):
+    """The node's maximum seed with 2 clips: clip 1's noise is that of seed 0 (wrapped)."""
+    from dataclasses import replace
+    from liveavatar.sampler import Streamer
+    model, inputs, settings = fixture_run
+    streamer = Streamer(model, inputs, replace(settings, noise=None, seed=2 ** 64 - 1, num_clip=2))
+    assert streamer.num_clips == 2
+    shape = (16, streamer.latent_frames, *streamer.latent_size)
+    assert torch.equal(streamer.clip_noise(1), torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    assert sum(1 for _ in streamer.blocks()) == 2 * streamer.blocks_per_clip
+
+
+def test_guard_cancel_frees_the_caches(fixture_run, monkeypatch):
+    from nodes import host
+    from nodes.sampler import run_stream
+    from liveavatar import sampler
+    model, inputs, settings = fixture_run
+    streamers = []
+    original_init = sampler.Streamer.__init__
+    monkeypatch.setattr(sampler.Streamer, "__init__",
+                        lambda self, *a: (streamers.append(self), original_init(self, *a))[1])
+    monkeypatch.setattr(host, "check_interrupted", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_stream(model, inputs, settings)
+    assert len(streamers) == 1 and streamers[0].caches == [] and streamers[0].sink is None
+
+
+def test_streamer_reused_after_an_error_says_to_build_a_new_one(fixture_run):
+    """Left to the lead's sampler rewrite: fails until Streamer refuses a second blocks()."""
+    from liveavatar.sampler import Streamer
+    model, inputs, settings = fixture_run
+    streamer = Streamer(model, inputs, settings)
+    calls = []
+
+    def fail_on_second_step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        list(streamer.blocks(fail_on_second_step))
+    with pytest.raises(RuntimeError, match="new Streamer"):
+        list(streamer.blocks())
