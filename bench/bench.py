@@ -259,9 +259,15 @@ def main():
     args = parser.parse_args()
     torch.cuda.init()  # the memory-stat calls below need an initialised CUDA
     sizes = args.sizes.split(",")
+    rows = []
+    if args.original:  # first, on a GPU nothing else has touched yet
+        try:
+            rows += [dict(r, mode="original bf16", gpus=1, steps=4, pipelined=False, end_to_end_fps4=None,
+                          memory_cap_gib=None) for r in bench_original(sizes, args.clips, args)]
+        except Exception:  # keep going with ours
+            print(f"original failed:\n{traceback.format_exc()}", flush=True)
     vaes = None if args.skip_vae else real_size_vaes()
     vae = {} if vaes is None else bench_vae(vaes[0], sizes)
-    rows = []
     for mode in filter(None, args.modes.split(",")):
         try:
             rows += bench_dit(mode, sizes, args.clips, args, vaes)
@@ -269,18 +275,16 @@ def main():
             print(f"mode {mode} failed:\n{traceback.format_exc()}", flush=True)
             gc.collect()
             torch.cuda.empty_cache()
+        save_rows(rows, vae, args.results)  # after every mode: a run cut short keeps what it measured
     if args.peak_clips:
         bench_peak_vs_clips(sizes[0], [int(c) for c in args.peak_clips.split(",")])
-    if args.original:
-        try:
-            rows += [dict(r, mode="original bf16", gpus=1, steps=4, pipelined=False, end_to_end_fps4=None,
-                          memory_cap_gib=None) for r in bench_original(sizes, args.clips, args)]
-        except Exception as error:  # keep our rows
-            print(f"original failed: {type(error).__name__}: {error}", flush=True)
+    print_table(rows, vae)
+
+
+def save_rows(rows, vae, path):
     for r in rows:
         r["decode_block_s"] = vae.get(r["size"], {}).get("decode_block_s")
-    Path(args.results).write_text(json.dumps(rows, indent=1))
-    print_table(rows, vae)
+    Path(path).write_text(json.dumps(rows, indent=1))
 
 
 FLOOR_S = {"384*256": 0.046, "704*384": 0.154}  # bf16 arithmetic floor per block-step at ~790 TFLOP/s
