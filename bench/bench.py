@@ -84,8 +84,8 @@ def inputs_for(size: str, cfg: DiTConfig, clips: int, infer_frames: int = 48):
 
 def time_stream(model, inputs, settings, vae=None):
     """Wall seconds per block-step in steady state: the median interval between consecutive
-    clean blocks from the S-th block on, divided by the steps S (the pipelined schedule
-    completes one block per tick of S block-steps, the sequential one per S block-steps).
+    clean blocks, divided by the steps S (the pipelined schedule completes one block per full
+    tick of S block-steps, the sequential one per S block-steps).
     DiT only, the GPU is synchronised at every block, so the host cannot run ahead of it
     (a small bubble per tick is counted against us). With `vae`, every block is also decoded,
     overlapped on its own stream, and the interval is end to end (frames on the host).
@@ -104,7 +104,12 @@ def time_stream(model, inputs, settings, vae=None):
             torch.cuda.synchronize()
         marks.append(time.perf_counter())
     torch.cuda.synchronize()
-    intervals = [b - a for a, b in zip(marks[settings.steps - 1:], marks[settings.steps:])]
+    # Full ticks only: the pipeline fills over the first S-1 ticks and drains over the last
+    # S-1 (fewer block-steps per tick there). Block k is clean at tick k + S - 1, so the
+    # interval ending at block k is a full tick for S <= k <= blocks - S.
+    steps, count = settings.steps, len(marks)
+    full = range(steps, count - steps + 1) if settings.pipelined else range(1, count)
+    intervals = [marks[k] - marks[k - 1] for k in full]
     kv_fp8 = streamer.kv_fp8
     streamer.close()
     return statistics.median(intervals) / settings.steps, marks[0] - start, kv_fp8

@@ -85,6 +85,12 @@ class DiTConfig:
         return cls(**values)
 
 
+def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """GPU to GPU without stalling the host (PyTorch orders the copy after the producer and
+    before the consumers on both devices' streams)."""
+    return tensor.to(device, non_blocking=True)
+
+
 def _current(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
@@ -422,8 +428,8 @@ class LiveAvatarDiT(nn.Module):
         device: Triton kernels launch there."""
         for i, block in enumerate(self.blocks):
             with self._on_layer(i) as device, _current(device):
-                x = layer_fn(i, block, x.to(device))
-        return x.to(self.device)
+                x = layer_fn(i, block, _moved(x, device))
+        return _moved(x, self.device)
 
     def _on_layer(self, layer: int):
         return self.placement.on_layer(layer) if self.placement else nullcontext(self.layer_device(layer))
@@ -521,28 +527,33 @@ class LiveAvatarDiT(nn.Module):
         mod = torch.cat([item.time_mod[1] for item in items])
         tokens, global_ = (torch.cat(parts) for parts in zip(*(item.audio for item in items)))
         per_item = frames * ft
+        on_device = {}  # the per-forward tensors, copied once to each GPU the layers run on
+
+        def inputs_on(dev):
+            if dev not in on_device:
+                on_device[dev] = [_moved(t, dev) for t in (cos, sin, mod, tokens, global_)], \
+                    [[_moved(t, dev) for t in pair] for pair in ref_tables]
+            return on_device[dev]
 
         def layer(i, block, x):
-            dev = x.device
-            c, s = cos.to(dev), sin.to(dev)
+            (c, s, layer_mod, layer_tokens, layer_global), refs = inputs_on(x.device)
 
             def self_attention(attn, h):
                 q, k, v = attn.roped_qkv(h, c, s)
                 out = []
                 for j, item in enumerate(items):
                     rows = slice(j * per_item, (j + 1) * per_item)
-                    rc, rs = (t.to(dev) for t in ref_tables[j])
-                    ref_keys = rope.apply_rope(item.sink.ref_keys[i], rc, rs)
+                    ref_keys = rope.apply_rope(item.sink.ref_keys[i], *refs[j])
                     out.append(item.cache.attend(i, q[rows], k[rows], v[rows], ref_keys, item.frame_start * ft))
                 return torch.cat(out)
 
-            x = block(x, mod.to(dev), self_attention, text_kv[i])
+            x = block(x, layer_mod, self_attention, text_kv[i])
             if i in self.injector_index:
-                x = x + self.audio_injector(self.injector_index[i], x, tokens.to(dev), global_.to(dev))
+                x = x + self.audio_injector(self.injector_index[i], x, layer_tokens, layer_global)
             return x
 
         x = self._run_layers(x.view(len(items) * frames, ft, -1), layer)
-        out = self.head(x, time_emb.to(x.device)).flatten(0, 1)
+        out = self.head(x, time_emb).flatten(0, 1)
         p = self.cfg.patch_size
         return rearrange(out, "(b f h w) (p q r c) -> b c (f p) (h q) (w r)", b=len(items), f=frames, h=hp, w=wp,
                          p=p[0], q=p[1], r=p[2])

@@ -234,7 +234,9 @@ class Streamer:
         frame_start = self.frame_start(clip, block)
         ref_time = self.offsets.reference_time(frame_start, self.offsets.at(job.index * len(self.timesteps) + step))
         device = replica.model.device
-        return BlockStep(job.x.to(device), replica.step_mods[step], tuple(a.to(device) for a in job.audio),
+        # non_blocking: the latents/audio come from another GPU's stream, the host must not wait for it
+        return BlockStep(job.x.to(device, non_blocking=True), replica.step_mods[step],
+                         tuple(a.to(device, non_blocking=True) for a in job.audio),
                          replica.sinks[phase], self.caches[step], frame_start, ref_time)
 
     def predict(self, x, step: int, clip: int, block: int, audio=None) -> torch.Tensor:
