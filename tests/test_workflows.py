@@ -2,9 +2,11 @@
 nodes runs end to end on tiny random weights in the real key layout."""
 import json
 import math
+import os
 import re
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -78,7 +80,7 @@ def check_widget(name, kind, opts, value):
 def test_only_our_nodes_and_listed_core_nodes(path):
     types = {n["type"] for n in load(path)["nodes"]}
     assert types <= set(OURS) | set(CORE), types - set(OURS) - set(CORE)
-    assert {"CreateVideo", "SaveVideo", "LiveAvatarSampler", "LiveAvatarDecode"} <= types
+    assert {"CreateVideo", "SaveVideo", "LiveAvatarSampler", "LiveAvatarDecode"} <= types or "LiveAvatarLiveVideo" in types
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -375,9 +377,20 @@ def expected_frames(seconds: float, infer_frames: int = 48) -> int:
 def test_workflow_runs_end_to_end_on_tiny_weights(path, tiny_models):
     workflow = load(path)
     results = run_workflow(workflow, tiny_models)
-    video = results[next(n["id"] for n in workflow["nodes"] if n["type"] == "CreateVideo")][0]
-    images = video["images"]
-    size = next(n for n in workflow["nodes"] if n["type"] == "LiveAvatarSampler")["widgets_values"][0]
-    assert images.shape == (expected_frames(SPEECH_SECONDS), *target_size(*PORTRAIT_HW, parse_area(size)), 3)
-    assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1 and images.std() > 0
-    assert video["fps"] == 25.0 and video["audio"]["sample_rate"] == 22050
+    by_type = {n["type"]: n for n in workflow["nodes"]}
+    generator = by_type.get("LiveAvatarSampler") or by_type["LiveAvatarLiveVideo"]
+    size = generator["widgets_values"][0]
+    if "CreateVideo" in by_type:
+        video = results[by_type["CreateVideo"]["id"]][0]
+        images, fps, audio = video["images"], video["fps"], video["audio"]
+        assert images.shape == (expected_frames(SPEECH_SECONDS), *target_size(*PORTRAIT_HW, parse_area(size)), 3)
+        assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1 and images.std() > 0
+    else:  # the live workflow: the node wrote the mp4 itself and returns only the last frame
+        images, fps, _ = results[generator["id"]]
+        audio = speech()
+        written = sorted(Path(os.environ["LIVEAVATAR_OUTPUT"]).glob("LiveAvatar_live_*.mp4"))[-1]
+        with av.open(str(written)) as mp4:
+            assert sum(1 for p in mp4.demux(video=0) if p.size) == expected_frames(SPEECH_SECONDS)
+            assert (mp4.streams.video[0].height, mp4.streams.video[0].width) == target_size(*PORTRAIT_HW, parse_area(size))
+        assert images.shape == (1, *target_size(*PORTRAIT_HW, parse_area(size)), 3)
+    assert fps == 25.0 and audio["sample_rate"] == 22050
