@@ -243,6 +243,15 @@ def test_workflow_passes_the_frontends_schema(path):
     assert id_bookkeeping_problems(workflow) == []
 
 
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_template_has_a_thumbnail(path):
+    """The template browser (frontend 1.27) shows /api/workflow_templates/<pack>/<name>.jpg for a
+    pack's template; without the file its card is blank."""
+    from PIL import Image
+    with Image.open(path.with_suffix(".jpg")) as thumbnail:
+        assert thumbnail.format == "JPEG" and thumbnail.width >= 256 and thumbnail.height >= 128
+
+
 def test_frontend_rules_catch_what_the_frontend_rejects():
     workflow = load(WORKFLOWS[0])
     assert frontend_problems({**workflow, "id": "liveavatar-fast"}) == ["id: a UUID"]

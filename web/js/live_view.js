@@ -5,8 +5,9 @@
 // "liveavatar.live" message: file name, bytes on disk, frames done / total, generation speed,
 // seconds left. We fetch only the new bytes (HTTP Range on ComfyUI's /view) and append them to a
 // Media Source buffer, so the video grows under the player without reloading it.
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+// served at /extensions/<pack folder>/js/: ComfyUI's scripts are three levels up
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const NODE_TYPE = "LiveAvatarLiveVideo";
 const EVENT = "liveavatar.live";
@@ -130,8 +131,10 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       const player = new LivePlayer();
-      // serialize: false keeps the workflow's widgets_values as the node's inputs declare them
-      this.addDOMWidget("live_view", "liveavatar_live_view", player.element, { serialize: false, getMinHeight: () => 260 });
+      // Not saved in the workflow (widget.serialize) nor sent with the prompt (options.serialize):
+      // widgets_values stay as the node's inputs declare them.
+      const widget = this.addDOMWidget("live_view", "liveavatar_live_view", player.element, { serialize: false, getMinHeight: () => 260 });
+      widget.serialize = false;
       this.liveAvatarPlayer = player; // found by node id when a message comes (ids are set after creation)
       return result;
     };
