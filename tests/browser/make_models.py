@@ -102,7 +102,7 @@ def write_portrait(path: Path) -> None:
     Image.fromarray(image).save(path)
 
 
-def write_speech(path: Path, seconds: float = 3.0, rate: int = 16000) -> None:
+def write_speech(path: Path, seconds: float = 1.6, rate: int = 16000) -> None:
     t = np.arange(int(seconds * rate)) / rate
     samples = 0.3 * np.sin(2 * np.pi * 160 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))
     with wave.open(str(path), "wb") as out:

@@ -32,8 +32,9 @@ MODULE = "ComfyUI-LiveAvatar"  # the pack's folder name in custom_nodes
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--autoplay-policy=no-user-gesture-required"]
-# A run CPU can do in minutes: the smallest area, 2 steps, 2 clips of 24 frames for 3 s of speech.
-CPU_SETTINGS = {"size": "custom", "width": 128, "height": 128, "infer_frames": 48, "sample_steps": 2}
+# A run a CPU can do (most of it is the real-size VAE and umt5): the smallest area, 2 steps,
+# 2 clips of 24 frames for the 1.6 s of speech: 4 blocks, the player starts after the second.
+CPU_SETTINGS = {"size": "custom", "width": 128, "height": 128, "infer_frames": 24, "sample_steps": 2}
 
 
 def parse_args():
@@ -46,7 +47,7 @@ def parse_args():
     parser.add_argument("--screenshot", type=Path, default=None, help="where to save the live view screenshot")
     parser.add_argument("--thumbnails", action="store_true",
                         help="also write workflows/<name>.jpg template thumbnails from the loaded graphs")
-    parser.add_argument("--timeout", type=float, default=1500, help="seconds for the live run")
+    parser.add_argument("--timeout", type=float, default=2400, help="seconds for the live run")
     return parser.parse_args()
 
 
@@ -146,13 +147,22 @@ def check_templates(page: Page, base_url: str, thumbnails: bool) -> list[str]:
 
 
 def save_thumbnail(page: Page, path: Path):
-    """The whole graph, fitted on the canvas, as a small jpg."""
+    """The whole graph, scaled to fill the picture, as a small jpg."""
     from PIL import Image
-    page.js("() => { const c = window.app.canvas; c.ds.scale = 0.45; c.ds.offset = [40, 40]; c.setDirty(true, true); }")
-    page.page.wait_for_timeout(500)
-    png = PACK / "workflows" / ".thumbnail.png"
-    page.page.screenshot(path=str(png), clip={"x": 0, "y": 40, "width": 1400, "height": 860})
-    Image.open(png).convert("RGB").resize((512, 315)).save(path, quality=80)
+    box = page.js("""() => {
+        const nodes = window.app.graph.nodes, c = window.app.canvas, title = 30;
+        const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - title));
+        const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+        const scale = Math.min(1300 / (x1 - x0), 780 / (y1 - y0));
+        c.ds.scale = scale; c.ds.offset = [60 / scale - x0, 80 / scale - y0]; c.setDirty(true, true);
+        return {x: 60, y: 80, width: (x1 - x0) * scale, height: (y1 - y0) * scale};
+    }""")
+    page.page.wait_for_timeout(800)
+    png = path.with_suffix(".png")
+    page.page.screenshot(path=str(png), clip=box)
+    image = Image.open(png).convert("RGB")
+    image.thumbnail((640, 400))
+    image.save(path, quality=82)
     png.unlink()
 
 
