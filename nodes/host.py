@@ -193,6 +193,24 @@ def use_managed(patcher):
         mm.load_models_gpu([patcher], force_full_load=True)
 
 
+# ---- messages to the browser -----------------------------------------------------------------
+def send_to_browser(event: str, data: dict):
+    """Send a websocket message to the browser that queued the prompt (ComfyUI's PromptServer);
+    nothing outside ComfyUI. Only a server ComfyUI already started is used: importing its
+    `server` module here would start nothing but could clash with another module of that name."""
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is not None:
+        instance.send_sync(event, data, instance.client_id)
+
+
+def executing_node_id() -> str | None:
+    """Id of the node ComfyUI is running now (the browser finds the node by it); None outside."""
+    utils = _comfy("comfy_execution.utils")
+    context = utils.get_executing_context() if utils is not None and hasattr(utils, "get_executing_context") else None
+    return None if context is None else str(context.node_id)
+
+
 # ---- progress and cancel ----------------------------------------------------------------
 def check_interrupted():
     """Raise ComfyUI's interruption exception if the user pressed cancel."""

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 
-NODES = {"LiveAvatarModelLoader", "LiveAvatarAudioEncode", "LiveAvatarSampler", "LiveAvatarDecode"}
+NODES = {"LiveAvatarModelLoader", "LiveAvatarAudioEncode", "LiveAvatarSampler", "LiveAvatarDecode", "LiveAvatarLiveVideo"}
 
 
 @pytest.mark.parametrize("folder", ["ComfyUI-LiveAvatar", "ComfyUI_LiveAvatar", "comfyui.liveavatar"])

@@ -2,9 +2,11 @@
 nodes runs end to end on tiny random weights in the real key layout."""
 import json
 import math
+import os
 import re
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,8 @@ def check_widget(name, kind, opts, value):
 def test_only_our_nodes_and_listed_core_nodes(path):
     types = {n["type"] for n in load(path)["nodes"]}
     assert types <= set(OURS) | set(CORE), types - set(OURS) - set(CORE)
+    if "LiveAvatarLiveVideo" in types:  # samples, decodes and writes the mp4 itself
+        return
     assert {"LiveAvatarSampler", "LiveAvatarDecode"} <= types
     # the video is saved: by core CreateVideo -> SaveVideo, or by our decode node's own mp4
     saves_mp4 = all(n["widgets_values"][0] for n in load(path)["nodes"] if n["type"] == "LiveAvatarDecode")
@@ -244,6 +248,15 @@ def test_workflow_passes_the_frontends_schema(path):
     assert id_bookkeeping_problems(workflow) == []
 
 
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_template_has_a_thumbnail(path):
+    """The template browser (frontend 1.27) shows /api/workflow_templates/<pack>/<name>.jpg for a
+    pack's template; without the file its card is blank."""
+    from PIL import Image
+    with Image.open(path.with_suffix(".jpg")) as thumbnail:
+        assert thumbnail.format == "JPEG" and thumbnail.width >= 256 and thumbnail.height >= 128
+
+
 def test_frontend_rules_catch_what_the_frontend_rejects():
     workflow = load(WORKFLOWS[0])
     assert frontend_problems({**workflow, "id": "liveavatar-fast"}) == ["id: a UUID"]
@@ -378,9 +391,20 @@ def expected_frames(seconds: float, infer_frames: int = 48) -> int:
 def test_workflow_runs_end_to_end_on_tiny_weights(path, tiny_models):
     workflow = load(path)
     results = run_workflow(workflow, tiny_models)
-    video = results[next(n["id"] for n in workflow["nodes"] if n["type"] == "CreateVideo")][0]
-    images = video["images"]
-    size = next(n for n in workflow["nodes"] if n["type"] == "LiveAvatarSampler")["widgets_values"][0]
-    assert images.shape == (expected_frames(SPEECH_SECONDS), *target_size(*PORTRAIT_HW, parse_area(size)), 3)
-    assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1 and images.std() > 0
-    assert video["fps"] == 25.0 and video["audio"]["sample_rate"] == 22050
+    by_type = {n["type"]: n for n in workflow["nodes"]}
+    generator = by_type.get("LiveAvatarSampler") or by_type["LiveAvatarLiveVideo"]
+    size = generator["widgets_values"][0]
+    if "CreateVideo" in by_type:
+        video = results[by_type["CreateVideo"]["id"]][0]
+        images, fps, audio = video["images"], video["fps"], video["audio"]
+        assert images.shape == (expected_frames(SPEECH_SECONDS), *target_size(*PORTRAIT_HW, parse_area(size)), 3)
+        assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1 and images.std() > 0
+    else:  # the live workflow: the node wrote the mp4 itself and returns only the last frame
+        images, fps, _ = results[generator["id"]]
+        audio = speech()
+        written = sorted(Path(os.environ["LIVEAVATAR_OUTPUT"]).glob("LiveAvatar_live_*.mp4"))[-1]
+        with av.open(str(written)) as mp4:
+            assert sum(1 for p in mp4.demux(video=0) if p.size) == expected_frames(SPEECH_SECONDS)
+            assert (mp4.streams.video[0].height, mp4.streams.video[0].width) == target_size(*PORTRAIT_HW, parse_area(size))
+        assert images.shape == (1, *target_size(*PORTRAIT_HW, parse_area(size)), 3)
+    assert fps == 25.0 and audio["sample_rate"] == 22050

@@ -1,0 +1,147 @@
+"""LiveAvatar Live Video node: sample and decode block by block, appending each block (with its
+speech) to a fragmented MP4 that the pack's browser extension plays on the node while the
+graph runs."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..liveavatar import StreamInputs, StreamSettings, Streamer
+from ..liveavatar.portrait import parse_area, prepare_portrait
+from ..liveavatar.sampler import FRAMES_PER_BLOCK, VIDEO_FRAMES_PER_LATENT
+from ..liveavatar.vae import normalised_to_raw
+
+from . import host
+from .conditioning import image_tensor, text_embeddings
+from .decode import DROPPED_FIRST_FRAMES, stream_frames
+from .live_mp4 import FragmentedMp4Writer
+from .sampler import FPS, LiveAvatarSampler
+from .vae_adapter import streaming_vae
+
+LIVE_EVENT = "liveavatar.live"  # websocket message the extension in web/js/live_view.js listens to
+
+
+class LiveAvatarLiveVideo:
+    DESCRIPTION = ("Sampler + streaming decode in one: every block of 12 frames is decoded as soon as it is clean "
+                   "and appended, with its speech, to an mp4 in the output folder that plays on this node while "
+                   "the video is generated (frames done, generation speed and time left below it).")
+    CATEGORY = "LiveAvatar"
+    RETURN_TYPES = ("IMAGE", "FLOAT", "LATENT")
+    RETURN_NAMES = ("frames", "fps", "latents")
+    FUNCTION = "generate"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        sampler = LiveAvatarSampler.INPUT_TYPES()["required"]  # the same settings, kept in step
+        return {"required": {
+            **sampler,
+            "audio": ("AUDIO", {"tooltip": "The speech (as given to LiveAvatar Audio Encode), muxed into the video."}),
+            "filename_prefix": ("STRING", {"default": "LiveAvatar_live", "tooltip": "mp4 file name prefix."}),
+            "return_frames": ("BOOLEAN", {"default": True,
+                                          "tooltip": "Output all frames as IMAGE (turn off for long videos: only the "
+                                                     "last frame is then returned; the mp4 has them all)."}),
+        }}
+
+    def generate(self, model, positive, image, vae, audio_features, size, width, height, infer_frames, num_clip,
+                 sample_steps, seed, audio, filename_prefix, return_frames=True):
+        model.prepare()  # our DiT on the GPU via ComfyUI's model management, at this LoRA strength
+        vae_engine = streaming_vae(vae, host.torch_device())
+        portrait = prepare_portrait(image_tensor(image), width * height if size == "custom" else parse_area(size))
+        ref_latent, motion_latents = vae_engine.encode_portrait(portrait)
+        features, speech_frames = audio_features.per_frame(infer_frames)
+        inputs = StreamInputs(text_embeddings(positive, model.dit.cfg.text_len), ref_latent, motion_latents, features)
+        settings = StreamSettings(infer_frames=infer_frames, num_clip=num_clip, steps=sample_steps, seed=seed,
+                                  kv_fp8=model.kv_fp8)
+        streamer = Streamer(model.dit, inputs, settings)
+        feed = BlockFeed(streamer, sample_steps, ref_latent.shape[-2:])
+        total_frames = min(speech_frames, feed.shape[1] * VIDEO_FRAMES_PER_LATENT - DROPPED_FIRST_FRAMES)
+        view = LiveView(host.executing_node_id(), host.output_directory(), filename_prefix, total_frames)
+        kept, last = [], None
+        try:
+            for frames in stream_frames(vae_engine, feed, motion_latents, speech_frames):
+                view.append(frames, audio)
+                if return_frames:
+                    kept.append(frames)
+                last = frames[-1:]
+            view.close()  # the video is complete for the viewer here
+            feed.generate_all()  # the rest of the last clip (past the speech), so LATENT = the sampler's
+        finally:
+            view.close()
+            streamer.close()
+            host.release_memory()
+        latents = {"samples": normalised_to_raw(torch.cat(feed.clean, dim=1)).unsqueeze(0),
+                   "liveavatar": {"motion_latents": motion_latents.cpu(), "video_frames": speech_frames, "fps": FPS}}
+        return {"ui": {"live_video": [view.file_info()]},
+                "result": (torch.cat(kept) if kept else last, float(FPS), latents)}
+
+
+class BlockFeed:
+    """The clean latents as one [16, latent frames, h, w] sequence for decode.stream_frames,
+    which reads it block by block in order: each block is generated when it is first read, so
+    decoding (and the video) follows generation block by block."""
+
+    def __init__(self, streamer: Streamer, steps: int, latent_hw):
+        self.blocks = streamer.blocks(on_step=host.check_interrupted)
+        latent_frames = streamer.total_block_steps // steps * FRAMES_PER_BLOCK
+        self.shape = (16, latent_frames, *latent_hw)
+        self.ready: dict[int, torch.Tensor] = {}  # block index -> latents on the model's device, until read
+        self.clean: list[torch.Tensor] = []  # float32 CPU copies of all blocks, for the LATENT output
+
+    def generate_all(self):
+        for block in self.blocks:
+            self.clean.append(block.latents.float().cpu())
+
+    def __getitem__(self, index):
+        """latents[:, start:start + 3], as stream_frames asks for them (whole blocks, in order)."""
+        _, frames = index
+        block = frames.start // FRAMES_PER_BLOCK
+        while len(self.clean) <= block:
+            latents = next(self.blocks).latents
+            self.ready[len(self.clean)] = latents
+            self.clean.append(latents.float().cpu())
+        return self.ready.pop(block)
+
+
+class LiveView:
+    """The growing mp4 and the progress messages that let the browser play it (see
+    web/js/live_view.js): file, bytes ready, frames done / total, generation fps, seconds left."""
+
+    def __init__(self, node_id, folder, prefix: str, total_frames: int):
+        self.node_id, self.total_frames = node_id, total_frames
+        self.path = next_free_path(folder, prefix, ".mp4")
+        self.writer, self.frames, self.started, self.closed = None, 0, time.monotonic(), False
+
+    def append(self, frames: torch.Tensor, audio):
+        if self.writer is None:
+            self.writer = FragmentedMp4Writer(self.path, FPS, frames.shape[2], frames.shape[1], audio)
+        self.writer.write_block(frames)
+        self.frames += len(frames)
+        self._send(done=False)
+
+    def close(self):
+        if self.writer is not None and not self.closed:
+            self.writer.close()
+            self.closed = True
+            self._send(done=True)
+
+    def file_info(self) -> dict:
+        """Where ComfyUI's /view endpoint serves it from (it answers byte-range requests)."""
+        return {"filename": self.path.name, "subfolder": "", "type": "output"}
+
+    def _send(self, done: bool):
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        speed = self.frames / elapsed  # frames generated per second of wall time
+        host.send_to_browser(LIVE_EVENT, {
+            "node": self.node_id, **self.file_info(), "mime": self.writer.mime_type,
+            "bytes": self.writer.bytes_written(), "frames": self.frames, "total_frames": self.total_frames,
+            "fps": round(speed, 2), "video_fps": FPS, "done": done,
+            "seconds_left": 0.0 if done else round(max(self.total_frames - self.frames, 0) / max(speed, 1e-6), 1)})
+
+
+def next_free_path(folder, prefix: str, suffix: str):
+    index = 1
+    while (folder / f"{prefix}_{index:05d}{suffix}").exists():
+        index += 1
+    return folder / f"{prefix}_{index:05d}{suffix}"

@@ -1,0 +1,120 @@
+"""Live view: the fragmented MP4 grows block by block and plays; the Live Video node gives the
+same frames and latents as Sampler -> Decode, and reports its progress to the browser."""
+import struct
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from liveavatar.audio import Wav2Vec2Encoder
+from liveavatar.testing import write_tiny_dit, write_tiny_lora, write_tiny_vae, write_tiny_wav2vec2
+from liveavatar.vae import WanVAE
+from nodes import host
+from nodes.audio import LiveAvatarAudioEncode
+from nodes.decode import LiveAvatarDecode
+from nodes.live import LIVE_EVENT, LiveAvatarLiveVideo
+from nodes.live_mp4 import FragmentedMp4Writer
+from nodes.loader import LiveAvatarModelLoader
+from nodes.sampler import LiveAvatarSampler
+
+RATE = 16000
+
+
+def speech(seconds=1.2):
+    t = np.arange(int(seconds * RATE)) / RATE
+    wave = 0.2 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return {"waveform": torch.from_numpy(wave.astype(np.float32))[None, None], "sample_rate": RATE}
+
+
+def top_level_boxes(path):
+    data, boxes, i = path.read_bytes(), [], 0
+    while i + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[i:i + 8])
+        boxes.append(kind.decode())
+        i += size
+    return boxes
+
+
+def test_fragmented_mp4_has_each_block_on_disk_when_written(tmp_path):
+    path = tmp_path / "live.mp4"
+    writer = FragmentedMp4Writer(path, 25, 64, 48, speech(2.0))
+    sizes, blocks = [], [9, 12, 12]
+    for n in blocks:
+        sizes.append(writer.write_block(torch.rand(n, 48, 64, 3)))
+        # all frames of the blocks so far but the last one are in complete fragments
+        with av.open(str(path)) as partial:
+            assert sum(1 for p in partial.demux(video=0) if p.size) == sum(blocks[:len(sizes)]) - 1
+    writer.close()
+    assert sizes == sorted(sizes) and sizes[0] > 1000
+    boxes = top_level_boxes(path)
+    assert boxes[:3] == ["ftyp", "moov", "moof"] and boxes.count("moof") >= len(blocks)
+    with av.open(str(path)) as video:
+        times = [p.pts * p.time_base for p in video.demux(video=0) if p.size]
+        assert len(times) == sum(blocks)
+        assert [float(t) for t in times] == pytest.approx([i / 25 for i in range(sum(blocks))])
+        assert video.streams.audio[0].codec_context.name == "aac"
+    assert writer.mime_type.startswith('video/mp4; codecs="avc1.')
+
+
+def encoded_once(encode):
+    """The portrait's encoding, computed for the first run and reused by the runs that follow
+    (they must pass the same portrait)."""
+    memo = {}
+
+    def encode_portrait(portrait):
+        if "portrait" not in memo:
+            memo["portrait"], memo["result"] = portrait.clone(), encode(portrait)
+        assert torch.equal(portrait, memo["portrait"])
+        return memo["result"]
+    return encode_portrait
+
+
+@pytest.fixture(scope="module")
+def tiny_graph(tmp_path_factory):
+    root = tmp_path_factory.mktemp("live")
+    with pytest.MonkeyPatch.context() as mp:
+        for folder in ("diffusion_models", "loras"):
+            (root / folder).mkdir()
+        write_tiny_dit(root / "diffusion_models" / "dit.safetensors")
+        write_tiny_lora(root / "loras" / "lora.safetensors")
+        mp.setenv("LIVEAVATAR_MODELS", str(root))
+        mp.setenv("LIVEAVATAR_OUTPUT", str(root / "output"))
+        model = LiveAvatarModelLoader().load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto")[0]
+        vae = WanVAE.load(write_tiny_vae(root / "vae.safetensors"))
+        mp.setattr(vae, "encode_portrait", encoded_once(vae.encode_portrait))  # the slowest part on CPU
+        encoder = Wav2Vec2Encoder.load(write_tiny_wav2vec2(root / "wav2vec2.safetensors"))
+        audio = speech(0.9)  # one clip of 24 frames: two blocks
+        features = LiveAvatarAudioEncode().encode(audio, encoder, 24)[0]
+        cond = torch.zeros(1, 512, 4096)
+        cond[0, :6] = torch.randn(6, 4096, generator=torch.Generator().manual_seed(0)) * 0.2
+        image = torch.rand(1, 96, 128, 3, generator=torch.Generator().manual_seed(1))
+        inputs = dict(model=model, positive=[[cond, {}]], image=image, vae=vae, audio_features=features,
+                      size="custom", width=64, height=64, infer_frames=24, num_clip=0, sample_steps=2, seed=7)
+        yield inputs, audio, root / "output", mp
+
+
+def test_live_node_equals_sampler_then_decode(tiny_graph):
+    inputs, audio, output, mp = tiny_graph
+    messages = []
+    mp.setattr(host, "send_to_browser", lambda event, data: messages.append((event, data)))
+    live = LiveAvatarLiveVideo().generate(**inputs, audio=audio, filename_prefix="live", return_frames=True)
+    frames, fps, latents = live["result"]
+    latents_ref = LiveAvatarSampler().sample(**inputs)[0]
+    frames_ref = LiveAvatarDecode().decode(latents_ref, inputs["vae"], False, True, "x")["result"][0]
+    assert torch.equal(latents["samples"], latents_ref["samples"])
+    # the decode node gets the latents through LATENT's raw <-> normalised round trip
+    assert frames.shape == frames_ref.shape and torch.allclose(frames, frames_ref, atol=1e-4) and fps == 25.0
+
+    path = output / live["ui"]["live_video"][0]["filename"]
+    with av.open(str(path)) as video:
+        assert sum(1 for p in video.demux(video=0) if p.size) == len(frames)
+    assert all(event == LIVE_EVENT for event, _ in messages)
+    updates = [data for _, data in messages]
+    assert [u["done"] for u in updates] == [False] * (len(updates) - 1) + [True]
+    assert updates[-1]["frames"] == updates[-1]["total_frames"] == len(frames)
+    assert [u["frames"] for u in updates[:-1]] == sorted({u["frames"] for u in updates[:-1]})
+    assert updates[0]["frames"] == 9 and updates[1]["frames"] == 21  # first block drops 3 frames, then 12 each
+    assert all(a["bytes"] <= b["bytes"] for a, b in zip(updates, updates[1:]))
+    assert updates[-1]["bytes"] == path.stat().st_size and updates[-1]["seconds_left"] == 0
+    assert updates[0]["filename"] == path.name and updates[0]["type"] == "output" and updates[0]["fps"] > 0
