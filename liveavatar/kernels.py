@@ -301,7 +301,9 @@ def rope(x, cos, sin, out=None):
 def _rope_fits(x, cos, out) -> bool:
     rows = x.numel() // (x.shape[-1] * (x.shape[-2] if x.dim() == 3 else 1))
     ok_out = out is None or (out.dim() == 3 and out.dtype == x.dtype and out.stride(-1) == 1 and out.stride(-2) == out.shape[-1])
-    return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and cos.numel() // cos.shape[-1] == rows and ok_out
+    same_device = cos.device == x.device and (out is None or out.device == x.device)
+    return (x.dtype in (torch.bfloat16, torch.float16, torch.float32) and cos.numel() // cos.shape[-1] == rows
+            and ok_out and same_device)
 
 
 def _table(t: torch.Tensor) -> torch.Tensor:

@@ -115,7 +115,7 @@ def test_layer_norm_affine_kernel(triton_on):
 
 def rope_tables(tokens: int, head_dim: int):
     positions = rope.grid_positions(range(-1, 1), range(2), range(tokens // 4))  # includes negative times
-    return rope.rope_tables(positions, head_dim)
+    return tuple(t.to(DEVICE) for t in rope.rope_tables(positions, head_dim))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -137,7 +137,7 @@ def test_rms_norm_rope_writes_into_a_ring_slice(triton_on):
     heads, head_dim = 2, 32
     x, weight = randn(8, heads * head_dim, dtype=torch.bfloat16), randn(heads * head_dim, seed=1)
     cos, sin = rope_tables(8, head_dim)
-    ring = torch.zeros(20, heads, head_dim, dtype=torch.bfloat16)
+    ring = torch.zeros(20, heads, head_dim, dtype=torch.bfloat16, device=DEVICE)
     returned = kernels.rms_norm_rope(x, weight, 1e-6, cos, sin, heads, out=ring[4:12])
     assert returned.data_ptr() == ring[4:12].data_ptr()
     assert_within_bf16_step(ring[4:12], kernels.rms_norm_rope_reference(x, weight, 1e-6, cos, sin, heads), rotated=True)
