@@ -207,6 +207,77 @@ def run_shape(report, label, groups, grid, reps, device):
     check_fp8(report, "quantize_rows", kernels.quantize_rows(proj), proj.float())
     if device.type == "cuda":
         fp8_linear_case(report, label, rows, rand, reps)
+    layer_chain_case(report, label, groups, grid, rand, reps, device)
+
+
+def per_tensor_fp8(t):
+    """Today's activation quantisation for an fp8 linear: amax, divide, cast (three passes)."""
+    scale = t.abs().amax().float().clamp_min(1e-12) / 448.0
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def layer_chain_case(report, label, groups, grid, rand, reps, device):
+    """All element-wise work of one DiT layer's self-attention, cross-attention and FFN around
+    the matrix products (random stand-ins for their outputs), today's ops vs the fused kernels,
+    reported x40 layers = per block-step. Also today's chain on a transposed residual stream
+    (what dit._patchify hands on today: column-major x) and the fp8 quantisation work."""
+    n = grid[0] * grid[1]
+    rows, bf16 = groups * n, torch.bfloat16
+    x = rand(groups, n, DIM, scale=4.0)
+    x_transposed = x.reshape(rows, DIM).t().contiguous().t().view(groups, n, DIM)
+    mods = [rand(groups, 1, DIM, scale=0.5) for _ in range(5)]  # shift1, scale1, gate1, shift2/scale2, gate2
+    w3, b3 = 1.0 + rand(DIM, scale=0.1), rand(DIM, scale=0.1)
+    wq, wk = 1.0 + rand(DIM, scale=0.1), 1.0 + rand(DIM, scale=0.1)
+    qp, kp, vp, o_out, cross_out, ffn_out = (rand(rows, DIM, dtype=bf16) for _ in range(6))
+    hidden = rand(rows, FFN, dtype=bf16)
+    cos, sin = rope_tables(groups, grid, device)
+    ref_keys, ref_cos, ref_sin = rand(n, HEADS, HEAD_DIM, dtype=bf16), cos[:n], sin[:n]
+    ring_k, ring_v = (torch.zeros(2 * n + rows, HEADS, HEAD_DIM, dtype=bf16, device=device) for _ in range(2))
+    slot = slice(2 * n, 2 * n + rows)
+    s1, sc1, g1, s2, g2 = mods
+
+    def rms_then_rope(p, w, c, s):
+        normed = F.rms_norm(p.float(), (DIM,), eps=EPS).to(bf16) * w.to(bf16)
+        return kernels.rope_reference(normed.unflatten(-1, (HEADS, HEAD_DIM)), c, s)
+
+    def today(x, fp8=False):
+        h = kernels.modulated_norm_reference(x, s1, sc1, EPS, bf16).flatten(0, 1)
+        ring_k[slot].copy_(rms_then_rope(kp, wk, cos, sin))
+        q = rms_then_rope(qp, wq, cos, sin)
+        ring_k[:n].copy_(kernels.rope_reference(ref_keys, ref_cos, ref_sin))
+        ring_v[slot].copy_(vp.view(rows, HEADS, HEAD_DIM))
+        x = x + o_out.view_as(x).float() * g1
+        n3 = F.layer_norm(x.float(), (DIM,), w3, b3, EPS).to(bf16)
+        x = x + cross_out.view_as(x).float()
+        h2 = kernels.modulated_norm_reference(x, s2, sc1, EPS, bf16)
+        act = F.gelu(hidden, approximate="tanh")
+        if fp8:  # q, k, v each quantise h; o, cross q, cross o, ffn in/out theirs
+            for t in (h, h, h, o_out, n3, cross_out, h2, act):
+                per_tensor_fp8(t)
+        return x + ffn_out.view_as(x).float() * g2, q
+
+    def fused(x, fp8=False):
+        h = kernels.modulated_norm(x, s1, sc1, EPS, bf16, fp8=fp8)
+        kernels.rms_norm_rope(kp, wk, EPS, cos, sin, HEADS, out=ring_k[slot])
+        q = kernels.rms_norm_rope(qp, wq, EPS, cos, sin, HEADS)
+        kernels.rope(ref_keys, ref_cos, ref_sin, out=ring_k[:n])
+        ring_v[slot].copy_(vp.view(rows, HEADS, HEAD_DIM))
+        x, n3 = kernels.add_norm(x, o_out, g1, b3, w3, EPS, bf16, fp8=fp8, affine=True)
+        x, h2 = kernels.add_norm(x, cross_out, None, s2, sc1, EPS, bf16, fp8=fp8)
+        act = kernels.gelu(hidden, fp8=True) if fp8 else F.gelu(hidden, approximate="tanh")
+        if fp8:  # the o and cross-attention o inputs come from attention: quantised in one pass each
+            kernels.quantize_rows(o_out), kernels.quantize_rows(cross_out)
+        return kernels.gated_add(x, ffn_out, g2), q
+
+    got, want = fused(x), today(x)
+    check_fp32(report, "layer chain: residual out", got[0], want[0])
+    check_rotated(report, "layer chain: roped q", got[1], want[1])
+    for name, reference, kernel in (
+            ("layer chain x40 (bf16)", lambda: today(x), lambda: fused(x)),
+            ("layer chain x40, transposed x today", lambda: today(x_transposed), lambda: fused(x)),
+            ("layer chain x40 (+fp8 quantisation)", lambda: today(x, fp8=True), lambda: fused(x, fp8=True))):
+        compile_s = first_call_s(kernel)
+        report.rows.append((label, name, 40 * time_ms(reference, reps), 40 * time_ms(kernel, reps), compile_s))
 
 
 def fp8_linear_case(report, label, rows, rand, reps):
