@@ -278,7 +278,7 @@ def rms_norm_rope(x, weight, eps: float, cos, sin, heads: int, out=None):
     """q/k RMSNorm over the whole dim + RoPE: x [N, dim] (the projection output), weight [dim],
     cos/sin [N, 1, head_dim/2] fp32 -> [N, heads, head_dim] in x's dtype. `out` (same dtype as
     x, e.g. this block's slice of the KV ring) receives the result directly."""
-    if active_for(x) and _rope_fits(x, cos, out):
+    if active_for(x) and _rope_fits(x, x.numel() // x.shape[-1], cos, out):
         if out is None:  # [..., dim] -> [..., heads, head_dim]
             out = x.new_empty(*x.shape[:-1], heads, x.shape[-1] // heads)
         with _on_device_of(x):
@@ -290,7 +290,7 @@ def rms_norm_rope(x, weight, eps: float, cos, sin, heads: int, out=None):
 def rope(x, cos, sin, out=None):
     """RoPE alone on x [N, heads, head_dim] (e.g. the reference keys, re-roped each block),
     optionally written straight into `out` (same dtype as x)."""
-    if active_for(x) and _rope_fits(x, cos, out):
+    if active_for(x) and _rope_fits(x, x.numel() // (x.shape[-2] * x.shape[-1]), cos, out):
         out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
         with _on_device_of(x):
             _backend.rms_norm_rope(_rows(x.flatten(-2)), None, _table(cos), _table(sin), out, 0.0, norm=False)
@@ -298,8 +298,8 @@ def rope(x, cos, sin, out=None):
     return rope_reference(x, cos, sin, out)
 
 
-def _rope_fits(x, cos, out) -> bool:
-    rows = x.numel() // (x.shape[-1] * (x.shape[-2] if x.dim() == 3 else 1))
+def _rope_fits(x, rows: int, cos, out) -> bool:
+    """Whether the kernel takes these: one cos/sin row per token, out like x with contiguous rows."""
     ok_out = out is None or (out.dim() == 3 and out.dtype == x.dtype and out.stride(-1) == 1 and out.stride(-2) == out.shape[-1])
     same_device = cos.device == x.device and (out is None or out.device == x.device)
     return (x.dtype in (torch.bfloat16, torch.float16, torch.float32) and cos.numel() // cos.shape[-1] == rows

@@ -144,6 +144,15 @@ def test_rms_norm_rope_writes_into_a_ring_slice(triton_on):
     assert (ring[:4] == 0).all() and (ring[12:] == 0).all()
 
 
+def test_rms_norm_rope_takes_batched_leading_dims(triton_on):
+    x, weight = randn(2, 8, 64, dtype=torch.bfloat16), randn(64, seed=1)
+    cos, sin = rope_tables(16, 32)
+    got = kernels.rms_norm_rope(x, weight, 1e-6, cos, sin, 2)
+    assert got.shape == (2, 8, 2, 32)
+    want = kernels.rms_norm_rope_reference(x.flatten(0, 1), weight, 1e-6, cos, sin, 2)
+    assert_within_bf16_step(got.flatten(0, 1), want, rotated=True)
+
+
 def test_rope_kernel_matches_apply_rope(triton_on):
     x = randn(8, 2, 32, dtype=torch.bfloat16)
     cos, sin = rope_tables(8, 32)
