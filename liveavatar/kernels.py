@@ -4,7 +4,11 @@ reference of the same signature (used on CPU, without Triton, or when switched o
 The block spends about a third of a block-step in memory-bound passes around the matrix
 products: fp32 LayerNorm + per-frame modulation, q/k RMSNorm + RoPE, gated residual adds,
 fp8 activation quantisation, KV ring writes. Each kernel here does one of those in a single
-read and write of the activations (kernels_triton.py).
+read and write of the activations (kernels_triton.py): modulated_norm / layer_norm_affine
+(optionally straight to per-row fp8 for the next fp8 linear), add_norm (a residual update and
+the next norm in one pass), rms_norm_rope (q/k norm + RoPE, optionally written into a KV ring
+slice), rope, gated_add, gelu (+ fp8) and quantize_rows; fp8_linear_rows multiplies the fp8
+rows with torch._scaled_mm's per-row scales.
 
 Shapes are generic: leading dims are flattened, so x [G, n, dim] with per-group (frame)
 modulation [G, 1, dim] works for any G (frames, or batch*frames).
