@@ -201,6 +201,7 @@ def run_shape(report, label, groups, grid, reps, device):
     check_rotated(report, "rms_norm + rope -> ring slice", ring[n:n + rows],
                   kernels.rms_norm_rope_reference(proj, norm_weight, EPS, cos, sin, HEADS))
     report.check("ring outside the slice untouched", bool((ring[:n] == 0).all() and (ring[n + rows:] == 0).all()), "")
+    fp8_cache_case(report, label, proj, norm_weight, cos, sin, rows, reps, device)
     check_fp8(report, "modulated_norm -> fp8 rows", kernels.modulated_norm(x, shift, scale, EPS, torch.bfloat16, fp8=True),
               kernels.modulated_norm_reference(x, shift, scale, EPS, torch.float32))
     check_fp8(report, "gelu -> fp8 rows", kernels.gelu(hidden, fp8=True), F.gelu(hidden, approximate="tanh").float())
@@ -278,6 +279,42 @@ def layer_chain_case(report, label, groups, grid, rand, reps, device):
             ("layer chain x40 (+fp8 quantisation)", lambda: today(x, fp8=True), lambda: fused(x, fp8=True))):
         compile_s = first_call_s(kernel)
         report.rows.append((label, name, 40 * time_ms(reference, reps), 40 * time_ms(kernel, reps), compile_s))
+
+
+def fp8_cache_write(tokens, out, scales):
+    """StepCache._write today for an fp8 cache: per-token amax / 448, divide, cast, copy."""
+    scale = tokens.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-12) / 448.0
+    out.copy_((tokens.float() / scale).to(out.dtype))
+    scales.copy_(scale)
+
+
+def fp8_cache_case(report, label, proj, norm_weight, cos, sin, rows, reps, device):
+    """Keys (norm + RoPE) and values written into an fp8 KV ring with per-token scales in one
+    pass each, against today's RoPE + quantise-and-copy."""
+    ring = torch.zeros(rows, HEADS, HEAD_DIM, dtype=torch.float8_e4m3fn, device=device)
+    scales = torch.ones(rows, 1, 1, device=device)
+    want_ring, want_scales = ring.clone(), scales.clone()
+    values = proj.view(rows, HEADS, HEAD_DIM)
+
+    def fused_keys():
+        kernels.rms_norm_rope(proj, norm_weight, EPS, cos, sin, HEADS, out=ring, out_scales=scales)
+
+    def today_keys():
+        fp8_cache_write(kernels.rms_norm_rope_reference(proj, norm_weight, EPS, cos, sin, HEADS), want_ring, want_scales)
+
+    # keys: a token's largest roped value may round one bf16 step apart (fp32 sums in another
+    # order before the bf16 rounding of the normed input), so its scale may differ by 2^-7
+    for name, fused, today, scale_tol in (
+            ("q/k norm + rope -> fp8 ring", fused_keys, today_keys, BF16_STEP),
+            ("values -> fp8 ring", lambda: kernels.quantize_rows(values, ring, scales),
+             lambda: fp8_cache_write(values, want_ring, want_scales), 1e-6)):
+        compile_s = first_call_s(fused)
+        today()
+        scale_rel = ((scales - want_scales).abs() / want_scales).max().item()
+        same = (ring.view(torch.uint8) == want_ring.view(torch.uint8)).float().mean().item()
+        report.check(name, scale_rel <= scale_tol * 1.001 and same >= 0.99,
+                     f"token scales rel {scale_rel:.1e}, {100 * same:.3f}% bytes = reference")
+        report.rows.append((label, name, time_ms(today, reps), time_ms(fused, reps), compile_s))
 
 
 def fp8_linear_case(report, label, rows, rand, reps):
