@@ -201,12 +201,120 @@ def run_shape(report, label, groups, grid, reps, device):
     check_rotated(report, "rms_norm + rope -> ring slice", ring[n:n + rows],
                   kernels.rms_norm_rope_reference(proj, norm_weight, EPS, cos, sin, HEADS))
     report.check("ring outside the slice untouched", bool((ring[:n] == 0).all() and (ring[n + rows:] == 0).all()), "")
+    fp8_cache_case(report, label, proj, norm_weight, cos, sin, rows, reps, device)
     check_fp8(report, "modulated_norm -> fp8 rows", kernels.modulated_norm(x, shift, scale, EPS, torch.bfloat16, fp8=True),
               kernels.modulated_norm_reference(x, shift, scale, EPS, torch.float32))
     check_fp8(report, "gelu -> fp8 rows", kernels.gelu(hidden, fp8=True), F.gelu(hidden, approximate="tanh").float())
     check_fp8(report, "quantize_rows", kernels.quantize_rows(proj), proj.float())
     if device.type == "cuda":
         fp8_linear_case(report, label, rows, rand, reps)
+    layer_chain_case(report, label, groups, grid, rand, reps, device)
+
+
+def per_tensor_fp8(t):
+    """Today's activation quantisation for an fp8 linear: amax, divide, cast (three passes)."""
+    scale = t.abs().amax().float().clamp_min(1e-12) / 448.0
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def layer_chain_case(report, label, groups, grid, rand, reps, device):
+    """All element-wise work of one DiT layer's self-attention, cross-attention and FFN around
+    the matrix products (random stand-ins for their outputs), today's ops vs the fused kernels,
+    reported x40 layers = per block-step. Also today's chain on a transposed residual stream
+    (what dit._patchify hands on today: column-major x) and the fp8 quantisation work."""
+    n = grid[0] * grid[1]
+    rows, bf16 = groups * n, torch.bfloat16
+    x = rand(groups, n, DIM, scale=4.0)
+    x_transposed = x.reshape(rows, DIM).t().contiguous().t().view(groups, n, DIM)
+    mods = [rand(groups, 1, DIM, scale=0.5) for _ in range(5)]  # shift1, scale1, gate1, shift2/scale2, gate2
+    w3, b3 = 1.0 + rand(DIM, scale=0.1), rand(DIM, scale=0.1)
+    wq, wk = 1.0 + rand(DIM, scale=0.1), 1.0 + rand(DIM, scale=0.1)
+    qp, kp, vp, o_out, cross_out, ffn_out = (rand(rows, DIM, dtype=bf16) for _ in range(6))
+    hidden = rand(rows, FFN, dtype=bf16)
+    cos, sin = rope_tables(groups, grid, device)
+    ref_keys, ref_cos, ref_sin = rand(n, HEADS, HEAD_DIM, dtype=bf16), cos[:n], sin[:n]
+    ring_k, ring_v = (torch.zeros(2 * n + rows, HEADS, HEAD_DIM, dtype=bf16, device=device) for _ in range(2))
+    slot = slice(2 * n, 2 * n + rows)
+    s1, sc1, g1, s2, g2 = mods
+
+    def rms_then_rope(p, w, c, s):
+        normed = F.rms_norm(p.float(), (DIM,), eps=EPS).to(bf16) * w.to(bf16)
+        return kernels.rope_reference(normed.unflatten(-1, (HEADS, HEAD_DIM)), c, s)
+
+    def today(x, fp8=False):
+        h = kernels.modulated_norm_reference(x, s1, sc1, EPS, bf16).flatten(0, 1)
+        ring_k[slot].copy_(rms_then_rope(kp, wk, cos, sin))
+        q = rms_then_rope(qp, wq, cos, sin)
+        ring_k[:n].copy_(kernels.rope_reference(ref_keys, ref_cos, ref_sin))
+        ring_v[slot].copy_(vp.view(rows, HEADS, HEAD_DIM))
+        x = x + o_out.view_as(x).float() * g1
+        n3 = F.layer_norm(x.float(), (DIM,), w3, b3, EPS).to(bf16)
+        x = x + cross_out.view_as(x).float()
+        h2 = kernels.modulated_norm_reference(x, s2, sc1, EPS, bf16)
+        act = F.gelu(hidden, approximate="tanh")
+        if fp8:  # q, k, v each quantise h; o, cross q, cross o, ffn in/out theirs
+            for t in (h, h, h, o_out, n3, cross_out, h2, act):
+                per_tensor_fp8(t)
+        return x + ffn_out.view_as(x).float() * g2, q
+
+    def fused(x, fp8=False):
+        h = kernels.modulated_norm(x, s1, sc1, EPS, bf16, fp8=fp8)
+        kernels.rms_norm_rope(kp, wk, EPS, cos, sin, HEADS, out=ring_k[slot])
+        q = kernels.rms_norm_rope(qp, wq, EPS, cos, sin, HEADS)
+        kernels.rope(ref_keys, ref_cos, ref_sin, out=ring_k[:n])
+        ring_v[slot].copy_(vp.view(rows, HEADS, HEAD_DIM))
+        x, n3 = kernels.add_norm(x, o_out, g1, b3, w3, EPS, bf16, fp8=fp8, affine=True)
+        x, h2 = kernels.add_norm(x, cross_out, None, s2, sc1, EPS, bf16, fp8=fp8)
+        act = kernels.gelu(hidden, fp8=True) if fp8 else F.gelu(hidden, approximate="tanh")
+        if fp8:  # the o and cross-attention o inputs come from attention: quantised in one pass each
+            kernels.quantize_rows(o_out), kernels.quantize_rows(cross_out)
+        return kernels.gated_add(x, ffn_out, g2), q
+
+    got, want = fused(x), today(x)
+    check_fp32(report, "layer chain: residual out", got[0], want[0])
+    check_rotated(report, "layer chain: roped q", got[1], want[1])
+    for name, reference, kernel in (
+            ("layer chain x40 (bf16)", lambda: today(x), lambda: fused(x)),
+            ("layer chain x40, transposed x today", lambda: today(x_transposed), lambda: fused(x)),
+            ("layer chain x40 (+fp8 quantisation)", lambda: today(x, fp8=True), lambda: fused(x, fp8=True))):
+        compile_s = first_call_s(kernel)
+        report.rows.append((label, name, 40 * time_ms(reference, reps), 40 * time_ms(kernel, reps), compile_s))
+
+
+def fp8_cache_write(tokens, out, scales):
+    """StepCache._write today for an fp8 cache: per-token amax / 448, divide, cast, copy."""
+    scale = tokens.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-12) / 448.0
+    out.copy_((tokens.float() / scale).to(out.dtype))
+    scales.copy_(scale)
+
+
+def fp8_cache_case(report, label, proj, norm_weight, cos, sin, rows, reps, device):
+    """Keys (norm + RoPE) and values written into an fp8 KV ring with per-token scales in one
+    pass each, against today's RoPE + quantise-and-copy."""
+    ring = torch.zeros(rows, HEADS, HEAD_DIM, dtype=torch.float8_e4m3fn, device=device)
+    scales = torch.ones(rows, 1, 1, device=device)
+    want_ring, want_scales = ring.clone(), scales.clone()
+    values = proj.view(rows, HEADS, HEAD_DIM)
+
+    def fused_keys():
+        kernels.rms_norm_rope(proj, norm_weight, EPS, cos, sin, HEADS, out=ring, out_scales=scales)
+
+    def today_keys():
+        fp8_cache_write(kernels.rms_norm_rope_reference(proj, norm_weight, EPS, cos, sin, HEADS), want_ring, want_scales)
+
+    # keys: a token's largest roped value may round one bf16 step apart (fp32 sums in another
+    # order before the bf16 rounding of the normed input), so its scale may differ by 2^-7
+    for name, fused, today, scale_tol in (
+            ("q/k norm + rope -> fp8 ring", fused_keys, today_keys, BF16_STEP),
+            ("values -> fp8 ring", lambda: kernels.quantize_rows(values, ring, scales),
+             lambda: fp8_cache_write(values, want_ring, want_scales), 1e-6)):
+        compile_s = first_call_s(fused)
+        today()
+        scale_rel = ((scales - want_scales).abs() / want_scales).max().item()
+        same = (ring.view(torch.uint8) == want_ring.view(torch.uint8)).float().mean().item()
+        report.check(name, scale_rel <= scale_tol * 1.001 and same >= 0.99,
+                     f"token scales rel {scale_rel:.1e}, {100 * same:.3f}% bytes = reference")
+        report.rows.append((label, name, time_ms(today, reps), time_ms(fused, reps), compile_s))
 
 
 def fp8_linear_case(report, label, rows, rand, reps):
@@ -227,7 +335,8 @@ def fp8_linear_case(report, label, rows, rand, reps):
     for name, fn in (("fp8 linear, per-row (fused)", fused), ("fp8 linear, per-tensor (today)", today)):
         rel = ((fn().float() - exact).norm() / exact.norm()).item()
         report.check(name, rel < 0.05, f"rel L2 vs fp32 product {rel:.2e} (bias {'on' if kernels._rowwise_bias_ok else 'added after'})")
-    bf16 = lambda: F.linear(x, (w_fp8.float() * w_scale).to(torch.bfloat16), bias)  # noqa: E731
+    w_bf16 = (w_fp8.float() * w_scale).to(torch.bfloat16)
+    bf16 = lambda: F.linear(x, w_bf16, bias)  # noqa: E731
     report.rows.append((label, "fp8 linear 5120^2: today -> fused", time_ms(today, reps), time_ms(fused, reps), 0.0))
     report.rows.append((label, "bf16 linear 5120^2 -> fp8 fused", time_ms(bf16, reps), time_ms(fused, reps), 0.0))
 

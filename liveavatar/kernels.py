@@ -4,7 +4,11 @@ reference of the same signature (used on CPU, without Triton, or when switched o
 The block spends about a third of a block-step in memory-bound passes around the matrix
 products: fp32 LayerNorm + per-frame modulation, q/k RMSNorm + RoPE, gated residual adds,
 fp8 activation quantisation, KV ring writes. Each kernel here does one of those in a single
-read and write of the activations (kernels_triton.py).
+read and write of the activations (kernels_triton.py): modulated_norm / layer_norm_affine
+(optionally straight to per-row fp8 for the next fp8 linear), add_norm (a residual update and
+the next norm in one pass), rms_norm_rope (q/k norm + RoPE, optionally written into a KV ring
+slice), rope, gated_add, gelu (+ fp8) and quantize_rows; fp8_linear_rows multiplies the fp8
+rows with torch._scaled_mm's per-row scales.
 
 Shapes are generic: leading dims are flattened, so x [G, n, dim] with per-group (frame)
 modulation [G, 1, dim] works for any G (frames, or batch*frames).
@@ -92,19 +96,30 @@ def layer_norm_affine_reference(x, weight, bias, eps: float, dtype):
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(dtype)
 
 
-def rope_reference(x, cos, sin, out=None):
+def write_tokens(out, tokens, out_scales=None):
+    """Copy tokens [N, heads, head_dim] into out; an fp8 out (KV cache) gets them quantised per
+    token: scale = amax over heads and channels / 448 into out_scales (N values)."""
+    if out_scales is None:
+        return out.copy_(tokens)
+    scale = tokens.float().abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12) / FP8_MAX
+    out.copy_((tokens.float() / scale).to(out.dtype))
+    out_scales.copy_(scale.reshape(out_scales.shape))
+    return out
+
+
+def rope_reference(x, cos, sin, out=None, out_scales=None):
     """x [N, heads, head_dim]: consecutive channel pairs (a, b) times (cos + i sin), in fp32,
-    cast back to x's dtype (rope.apply_rope)."""
+    cast back to x's dtype (rope.apply_rope); optionally written into out (write_tokens)."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     roped = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
-    return roped if out is None else out.copy_(roped)
+    return roped if out is None else write_tokens(out, roped, out_scales)
 
 
-def rms_norm_rope_reference(x, weight, eps: float, cos, sin, heads: int, out=None):
+def rms_norm_rope_reference(x, weight, eps: float, cos, sin, heads: int, out=None, out_scales=None):
     """RMSNorm over the whole feature dim (fp32 statistics, result cast to x's dtype, times the
     weight in x's dtype: layers.RMSNorm), then RoPE per head. x [N, dim] -> [N, heads, dim/heads]."""
     normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight.to(x.dtype)
-    return rope_reference(normed.unflatten(-1, (heads, -1)), cos, sin, out)
+    return rope_reference(normed.unflatten(-1, (heads, -1)), cos, sin, out, out_scales)
 
 
 def gated_add_reference(x, y, gate=None, inplace: bool = False):
@@ -274,34 +289,48 @@ def add_norm(x, y, gate, shift, scale, eps: float, dtype, fp8: bool = False, aff
     return total, modulated_norm_reference(total, shift, scale, eps, dtype)
 
 
-def rms_norm_rope(x, weight, eps: float, cos, sin, heads: int, out=None):
+def rms_norm_rope(x, weight, eps: float, cos, sin, heads: int, out=None, out_scales=None):
     """q/k RMSNorm over the whole dim + RoPE: x [N, dim] (the projection output), weight [dim],
-    cos/sin [N, 1, head_dim/2] fp32 -> [N, heads, head_dim] in x's dtype. `out` (same dtype as
-    x, e.g. this block's slice of the KV ring) receives the result directly."""
-    if active_for(x) and _rope_fits(x, cos, out):
+    cos/sin [N, 1, head_dim/2] fp32 -> [N, heads, head_dim] in x's dtype. `out` (e.g. this
+    block's slice of the KV ring) receives the result directly: in x's dtype, or fp8 e4m3 with
+    one scale per token into out_scales (an fp8 cache, see write_tokens)."""
+    if active_for(x) and _rope_fits(x, x.numel() // x.shape[-1], cos, out, out_scales):
         if out is None:  # [..., dim] -> [..., heads, head_dim]
             out = x.new_empty(*x.shape[:-1], heads, x.shape[-1] // heads)
         with _on_device_of(x):
-            _backend.rms_norm_rope(_rows(x), weight, _table(cos), _table(sin), out, eps, norm=True)
+            _backend.rms_norm_rope(_rows(x), weight, _table(cos), _table(sin), out, eps, norm=True,
+                                   out_scales=_scale_vector(out_scales))
         return out
-    return rms_norm_rope_reference(x, weight, eps, cos, sin, heads, out)
+    return rms_norm_rope_reference(x, weight, eps, cos, sin, heads, out, out_scales)
 
 
-def rope(x, cos, sin, out=None):
+def rope(x, cos, sin, out=None, out_scales=None):
     """RoPE alone on x [N, heads, head_dim] (e.g. the reference keys, re-roped each block),
-    optionally written straight into `out` (same dtype as x)."""
-    if active_for(x) and _rope_fits(x, cos, out):
+    optionally written straight into `out` (x's dtype, or fp8 with out_scales, as rms_norm_rope)."""
+    if active_for(x) and _rope_fits(x, x.numel() // (x.shape[-2] * x.shape[-1]), cos, out, out_scales):
         out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
         with _on_device_of(x):
-            _backend.rms_norm_rope(_rows(x.flatten(-2)), None, _table(cos), _table(sin), out, 0.0, norm=False)
+            _backend.rms_norm_rope(_rows(x.flatten(-2)), None, _table(cos), _table(sin), out, 0.0, norm=False,
+                                   out_scales=_scale_vector(out_scales))
         return out
-    return rope_reference(x, cos, sin, out)
+    return rope_reference(x, cos, sin, out, out_scales)
 
 
-def _rope_fits(x, cos, out) -> bool:
-    rows = x.numel() // (x.shape[-1] * (x.shape[-2] if x.dim() == 3 else 1))
-    ok_out = out is None or (out.dim() == 3 and out.dtype == x.dtype and out.stride(-1) == 1 and out.stride(-2) == out.shape[-1])
-    return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and cos.numel() // cos.shape[-1] == rows and ok_out
+def _scale_vector(out_scales):
+    return None if out_scales is None else out_scales.view(-1)
+
+
+def _rope_fits(x, rows: int, cos, out, out_scales=None) -> bool:
+    """Whether the kernel takes these: one cos/sin row per token, out like x with contiguous
+    rows (or fp8 with a contiguous per-token scale vector)."""
+    if out_scales is not None and not (out is not None and out.dtype == FP8 and out_scales.is_contiguous()
+                                       and out_scales.numel() == rows and out_scales.dtype == torch.float32):
+        return False
+    out_dtype_ok = out is None or out.dtype == (FP8 if out_scales is not None else x.dtype)
+    ok_out = out is None or (out.dim() == 3 and out_dtype_ok and out.stride(-1) == 1 and out.stride(-2) == out.shape[-1])
+    same_device = cos.device == x.device and (out is None or out.device == x.device)
+    return (x.dtype in (torch.bfloat16, torch.float16, torch.float32) and cos.numel() // cos.shape[-1] == rows
+            and ok_out and same_device)
 
 
 def _table(t: torch.Tensor) -> torch.Tensor:
@@ -331,8 +360,18 @@ def gelu(x, fp8: bool = False):
     return F.gelu(x, approximate="tanh")
 
 
-def quantize_rows(x) -> Fp8Rows:
-    """Per-row fp8 quantisation (one pass) of x [..., dim]."""
+def quantize_rows(x, out=None, out_scales=None):
+    """Per-row fp8 quantisation (one pass) of x [..., dim] -> Fp8Rows; or, with out (fp8, rows
+    contiguous, e.g. a KV ring slice [N, heads, head_dim]) and out_scales (N fp32), written there
+    (the values of an fp8 KV cache, see write_tokens) and out returned."""
+    if out is not None:
+        tokens = out.shape[0]
+        if (active_for(x) and out.is_contiguous() and out_scales.is_contiguous() and out.dtype == FP8
+                and x.numel() == out.numel() and out_scales.numel() == tokens):
+            with _on_device_of(x):  # one row per token: [N, heads * head_dim]
+                _backend.quantize_rows(x.reshape(tokens, -1).contiguous(), out.view(tokens, -1), out_scales.view(-1), False)
+            return out
+        return write_tokens(out, x.reshape(out.shape), out_scales)
     if active_for(x):
         return _quantize_rows_triton(x, gelu=False)
     return quantize_rows_reference(x)

@@ -66,12 +66,14 @@ def _modulated_norm_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, q_ptr, q_scale_
 
 
 @triton.jit
-def _rms_norm_rope_kernel(x_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr,
+def _rms_norm_rope_kernel(x_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr, out_scale_ptr,
                           pairs, half_head, x_row_stride, out_row_stride, eps,
-                          NORM: tl.constexpr, BLOCK: tl.constexpr):
+                          NORM: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK: tl.constexpr):
     """One token: RMSNorm over all heads (fp32 statistics, rounded to x's dtype, times the
     weight in x's dtype) then RoPE on consecutive channel pairs (a, b) -> (a c - b s, a s + b c)
-    in fp32 with c, s = cos/sin[token, pair % half_head]. NORM=False: RoPE only."""
+    in fp32 with c, s = cos/sin[token, pair % half_head]. NORM=False: RoPE only. FP8_OUT (an
+    fp8 KV cache): the roped token, rounded to x's dtype, stored as fp8 with one scale
+    (amax / 448) in out_scale_ptr[token]."""
     row = tl.program_id(0)
     pair = tl.arange(0, BLOCK)
     mask = pair < pairs
@@ -88,8 +90,16 @@ def _rms_norm_rope_kernel(x_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr,
     c = tl.load(cos_ptr + table, mask=mask, other=0.0)
     s = tl.load(sin_ptr + table, mask=mask, other=0.0)
     out_row = out_ptr + row.to(tl.int64) * out_row_stride
-    tl.store(out_row + 2 * pair, (a * c - b * s).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
-    tl.store(out_row + 2 * pair + 1, (a * s + b * c).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    real, imag = a * c - b * s, a * s + b * c
+    if FP8_OUT:
+        real = _round_to(real, x_ptr.dtype.element_ty)
+        imag = _round_to(imag, x_ptr.dtype.element_ty)
+        amax = tl.max(tl.where(mask, tl.maximum(tl.abs(real), tl.abs(imag)), 0.0), axis=0)
+        token_scale = tl.maximum(amax, 1e-12) / FP8_MAX
+        real, imag = real / token_scale, imag / token_scale
+        tl.store(out_scale_ptr + row, token_scale)
+    tl.store(out_row + 2 * pair, real.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(out_row + 2 * pair + 1, imag.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 @triton.jit
@@ -151,13 +161,16 @@ def modulated_norm(x2, scale2, shift2, rows_per_group, eps, one_plus_scale, out=
                                     RESIDUAL=residual is not None, GATED=gate2 is not None, **_row_launch(dim))
 
 
-def rms_norm_rope(x2, weight, cos2, sin2, out3, eps, norm: bool):
+def rms_norm_rope(x2, weight, cos2, sin2, out3, eps, norm: bool, out_scales=None):
     """x2 [N, dim]; cos2/sin2 [N, half_head] fp32 contiguous; out3 [..., heads, head_dim] with
-    contiguous rows and one row stride (a slice of a KV ring works)."""
+    contiguous rows and one row stride (a slice of a KV ring works); fp8 out3 with out_scales
+    (N contiguous fp32) for an fp8 cache."""
     rows, dim = x2.shape
     half_head = out3.shape[-1] // 2
-    _rms_norm_rope_kernel[(rows,)](x2, weight if weight is not None else x2, cos2, sin2, out3, dim // 2, half_head,
-                                   x2.stride(0), out3.stride(-3), eps, NORM=norm, **_row_launch(dim // 2))
+    _rms_norm_rope_kernel[(rows,)](x2, weight if weight is not None else x2, cos2, sin2, out3,
+                                   out_scales if out_scales is not None else cos2, dim // 2, half_head,
+                                   x2.stride(0), out3.stride(-3), eps, NORM=norm, FP8_OUT=out_scales is not None,
+                                   BLOCK=triton.next_power_of_2(dim // 2), num_warps=_row_launch(dim)["num_warps"])
 
 
 def gated_add(x2, y2, gate2, rows_per_group, out2):

@@ -89,10 +89,12 @@ class RMSNorm(nn.Module):
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return normed * self.weight.to(x.dtype)
 
-    def forward_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, out=None):
+    def forward_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, out=None,
+                     out_scales=None):
         """forward() then rope.apply_rope per head, in one pass on CUDA: x [N, dim] -> [N, heads,
-        dim/heads]; cos/sin [N, 1, head_dim/2]; `out` (x's dtype, e.g. a KV ring slice) gets the result."""
-        return kernels.rms_norm_rope(x, self.weight, self.eps, cos, sin, heads, out)
+        dim/heads]; cos/sin [N, 1, head_dim/2]. `out` (e.g. a KV ring slice) gets the result: in
+        x's dtype, or fp8 with per-token scales into out_scales (an fp8 cache)."""
+        return kernels.rms_norm_rope(x, self.weight, self.eps, cos, sin, heads, out, out_scales)
 
 
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -177,9 +179,18 @@ class Fusion:
         return kernels.gelu(x, fp8)
 
     @staticmethod
-    def rope(x, cos, sin, out=None):
-        """rope.apply_rope, optionally written straight into `out` (a cache slice)."""
-        return kernels.rope(x, cos, sin, out)
+    def rope(x, cos, sin, out=None, out_scales=None):
+        """rope.apply_rope, optionally written straight into `out` (a cache slice; fp8 with
+        per-token scales into out_scales)."""
+        return kernels.rope(x, cos, sin, out, out_scales)
+
+    @staticmethod
+    def write_tokens(x, out, out_scales=None):
+        """Copy tokens [N, heads, head_dim] into a cache slice; fp8 (out_scales given): quantised
+        per token (scale = amax / 448) in the same pass."""
+        if out_scales is None:
+            return out.copy_(x)
+        return kernels.quantize_rows(x, out, out_scales)
 
     @staticmethod
     def quantize(rows, dtype):

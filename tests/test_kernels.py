@@ -115,7 +115,7 @@ def test_layer_norm_affine_kernel(triton_on):
 
 def rope_tables(tokens: int, head_dim: int):
     positions = rope.grid_positions(range(-1, 1), range(2), range(tokens // 4))  # includes negative times
-    return rope.rope_tables(positions, head_dim)
+    return tuple(t.to(DEVICE) for t in rope.rope_tables(positions, head_dim))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -137,11 +137,50 @@ def test_rms_norm_rope_writes_into_a_ring_slice(triton_on):
     heads, head_dim = 2, 32
     x, weight = randn(8, heads * head_dim, dtype=torch.bfloat16), randn(heads * head_dim, seed=1)
     cos, sin = rope_tables(8, head_dim)
-    ring = torch.zeros(20, heads, head_dim, dtype=torch.bfloat16)
+    ring = torch.zeros(20, heads, head_dim, dtype=torch.bfloat16, device=DEVICE)
     returned = kernels.rms_norm_rope(x, weight, 1e-6, cos, sin, heads, out=ring[4:12])
     assert returned.data_ptr() == ring[4:12].data_ptr()
     assert_within_bf16_step(ring[4:12], kernels.rms_norm_rope_reference(x, weight, 1e-6, cos, sin, heads), rotated=True)
     assert (ring[:4] == 0).all() and (ring[12:] == 0).all()
+
+
+def test_rms_norm_rope_takes_batched_leading_dims(triton_on):
+    x, weight = randn(2, 8, 64, dtype=torch.bfloat16), randn(64, seed=1)
+    cos, sin = rope_tables(16, 32)
+    got = kernels.rms_norm_rope(x, weight, 1e-6, cos, sin, 2)
+    assert got.shape == (2, 8, 2, 32)
+    want = kernels.rms_norm_rope_reference(x.flatten(0, 1), weight, 1e-6, cos, sin, 2)
+    assert_within_bf16_step(got.flatten(0, 1), want, rotated=True)
+
+
+def fp8_cache_write(tokens):
+    """What StepCache._write stores for an fp8 cache: per-token scale = amax / 448, tokens / scale."""
+    scale = tokens.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-12) / 448.0
+    return (tokens.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def test_fp8_cache_writes_roped_keys_and_values_with_token_scales(triton_on):
+    heads, head_dim = 2, 32
+    x, weight = randn(8, heads * head_dim, dtype=torch.bfloat16), randn(heads * head_dim, seed=1)
+    cos, sin = rope_tables(8, head_dim)
+    ring = torch.zeros(20, heads, head_dim, dtype=torch.float8_e4m3fn, device=DEVICE)
+    scales = torch.ones(2, 20, 1, 1, device=DEVICE)  # StepCache's layout: [keys/values, tokens, 1, 1]
+    kernels.rms_norm_rope(x, weight, 1e-6, cos, sin, heads, out=ring[4:12], out_scales=scales[0, 4:12])
+    want, want_scale = fp8_cache_write(kernels.rms_norm_rope_reference(x, weight, 1e-6, cos, sin, heads))
+    # on a GPU a token's largest value may round one bf16 step apart (fp32 sums in another order)
+    torch.testing.assert_close(scales[0, 4:12], want_scale, rtol=BF16_STEP, atol=0)
+    assert (ring[4:12].view(torch.uint8) == want.view(torch.uint8)).float().mean() > 0.99
+    assert (ring[:4].float() == 0).all() and (ring[12:].float() == 0).all() and (scales[0, :4] == 1).all()
+    keys = randn(4, heads, head_dim, dtype=torch.bfloat16, seed=2)
+    Fusion.rope(keys, cos[:4], sin[:4], out=ring[:4], out_scales=scales[0, :4])
+    want, want_scale = fp8_cache_write(rope.apply_rope(keys, cos[:4], sin[:4]))
+    torch.testing.assert_close(scales[0, :4], want_scale, rtol=1e-6, atol=0)
+    assert (ring[:4].view(torch.uint8) == want.view(torch.uint8)).float().mean() > 0.99
+    values = randn(8, heads, head_dim, dtype=torch.bfloat16, seed=3)
+    Fusion.write_tokens(values, ring[12:20], scales[1, 12:20])
+    want, want_scale = fp8_cache_write(values)
+    torch.testing.assert_close(scales[1, 12:20], want_scale, rtol=1e-6, atol=0)
+    assert torch.equal(ring[12:20].view(torch.uint8), want.view(torch.uint8))
 
 
 def test_rope_kernel_matches_apply_rope(triton_on):
