@@ -474,7 +474,9 @@ class LiveAvatarDiT(nn.Module):
         [B*F*(h/2)*(w/2), dim]."""
         batch = latents if latents.dim() == 5 else latents.unsqueeze(0)
         out = self.patch_embedding(batch.to(self.device, self.patch_embedding.weight.dtype))
-        return rearrange(out, "b c f h w -> (b f h w) c").float()
+        # contiguous: rearrange gives a transposed view, and every element-wise pass of the
+        # residual stream would then walk memory column by column
+        return rearrange(out, "b c f h w -> (b f h w) c").float().contiguous()
 
     # ---- sink prefill ------------------------------------------------------------------
     def prefill_sink(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor, text_kv: list) -> Sink:
