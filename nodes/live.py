@@ -57,7 +57,7 @@ class LiveAvatarLiveVideo:
         streamer = Streamer(model.dit, inputs, settings)
         feed = BlockFeed(streamer, sample_steps, ref_latent.shape[-2:])
         total_frames = min(speech_frames, feed.shape[1] * VIDEO_FRAMES_PER_LATENT - DROPPED_FIRST_FRAMES)
-        view = LiveView(host.executing_node_id(), host.output_directory(), filename_prefix, total_frames)
+        view = LiveView(host.executing_node_id(), host.save_path(filename_prefix, "mp4"), total_frames)
         kept, last = [], None
         try:
             for frames in stream_frames(vae_engine, feed, motion_latents, speech_frames):
@@ -108,9 +108,8 @@ class LiveView:
     """The growing mp4 and the progress messages that let the browser play it (see
     web/js/live_view.js): file, bytes ready, frames done / total, generation fps, seconds left."""
 
-    def __init__(self, node_id, folder, prefix: str, total_frames: int):
-        self.node_id, self.total_frames = node_id, total_frames
-        self.path = next_free_path(folder, prefix, ".mp4")
+    def __init__(self, node_id, path, total_frames: int):
+        self.node_id, self.total_frames, self.path = node_id, total_frames, path
         self.writer, self.frames, self.started, self.closed = None, 0, time.monotonic(), False
 
     def append(self, frames: torch.Tensor, audio):
@@ -128,7 +127,8 @@ class LiveView:
 
     def file_info(self) -> dict:
         """Where ComfyUI's /view endpoint serves it from (it answers byte-range requests)."""
-        return {"filename": self.path.name, "subfolder": "", "type": "output"}
+        subfolder = self.path.parent.relative_to(host.output_directory()).as_posix()
+        return {"filename": self.path.name, "subfolder": "" if subfolder == "." else subfolder, "type": "output"}
 
     def _send(self, done: bool):
         elapsed = max(time.monotonic() - self.started, 1e-6)
@@ -138,10 +138,3 @@ class LiveView:
             "bytes": self.writer.bytes_written(), "frames": self.frames, "total_frames": self.total_frames,
             "fps": round(speed, 2), "video_fps": FPS, "done": done,
             "seconds_left": 0.0 if done else round(max(self.total_frames - self.frames, 0) / max(speed, 1e-6), 1)})
-
-
-def next_free_path(folder, prefix: str, suffix: str):
-    index = 1
-    while (folder / f"{prefix}_{index:05d}{suffix}").exists():
-        index += 1
-    return folder / f"{prefix}_{index:05d}{suffix}"

@@ -62,7 +62,7 @@ def encoded_once(encode):
     (they must pass the same portrait)."""
     memo = {}
 
-    def encode_portrait(portrait):
+    def encode_portrait(portrait, on_step=None):
         if "portrait" not in memo:
             memo["portrait"], memo["result"] = portrait.clone(), encode(portrait)
         assert torch.equal(portrait, memo["portrait"])

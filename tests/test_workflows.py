@@ -399,6 +399,16 @@ def test_workflow_runs_end_to_end_on_tiny_weights(path, tiny_models):
         images, fps, audio = video["images"], video["fps"], video["audio"]
         assert images.shape == (expected_frames(SPEECH_SECONDS), *target_size(*PORTRAIT_HW, parse_area(size)), 3)
         assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1 and images.std() > 0
+    elif "LiveAvatarDecode" in by_type:  # the continue workflow: each part's decode wrote its mp4
+        output = Path(os.environ["LIVEAVATAR_OUTPUT"])
+        for part in ("LiveAvatar_part1", "LiveAvatar_part2"):
+            with av.open(str(sorted(output.glob(f"{part}_*.mp4"))[-1])) as mp4:
+                assert sum(1 for p in mp4.demux(video=0) if p.size) == expected_frames(SPEECH_SECONDS), part
+                assert (mp4.streams.video[0].height, mp4.streams.video[0].width) == \
+                    target_size(*PORTRAIT_HW, parse_area(size))
+        first, second = (results[n["id"]][0] for n in workflow["nodes"] if n["type"] == "LiveAvatarSampler")
+        assert second["liveavatar"]["continues"] and "state" not in second["liveavatar"]
+        return
     else:  # the live workflow: the node wrote the mp4 itself and returns only the last frame
         images, fps, _ = results[generator["id"]]
         audio = speech()
