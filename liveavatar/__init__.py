@@ -11,8 +11,9 @@ Typical use (see README.md, "Python API"):
         ...
 """
 from .loading import CheckpointError, load_dit
+from .overlap import decode_alongside
 from .placement import Offload, OneDevice, Sharded, StepPerGPU
 from .sampler import Block, StreamInputs, StreamSettings, Streamer, flow_schedule, stream
 
-__all__ = ["CheckpointError", "load_dit", "Offload", "OneDevice", "Sharded", "StepPerGPU", "Block", "StreamInputs",
-           "StreamSettings", "Streamer", "flow_schedule", "stream"]
+__all__ = ["CheckpointError", "load_dit", "decode_alongside", "Offload", "OneDevice", "Sharded", "StepPerGPU", "Block",
+           "StreamInputs", "StreamSettings", "Streamer", "flow_schedule", "stream"]

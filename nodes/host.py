@@ -127,14 +127,6 @@ def torch_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def free_host_models():
-    """Ask ComfyUI to unload the models it keeps cached before we place a 14B model."""
-    mm = _comfy("comfy.model_management")
-    if mm is not None:
-        mm.unload_all_models()
-    release_memory()
-
-
 def release_memory():
     """Return cached GPU memory (after a run, an error or a cancel)."""
     mm = _comfy("comfy.model_management")
