@@ -8,16 +8,17 @@ import time
 import torch
 
 from ..liveavatar import StreamInputs, StreamSettings, Streamer
+from ..liveavatar.decoding import DROPPED_FIRST_FRAMES, VideoDecoder
+from ..liveavatar.overlap import decode_alongside
 from ..liveavatar.portrait import parse_area, prepare_portrait
-from ..liveavatar.sampler import FRAMES_PER_BLOCK, VIDEO_FRAMES_PER_LATENT
+from ..liveavatar.sampler import VIDEO_FRAMES_PER_LATENT
 from ..liveavatar.vae import normalised_to_raw
 
 from . import host
 from .conditioning import image_tensor, text_embeddings
-from .decode import DROPPED_FIRST_FRAMES, stream_frames
 from .live_mp4 import FragmentedMp4Writer
 from .sampler import FPS, LiveAvatarSampler
-from .vae_adapter import streaming_vae
+from .vae_adapter import encode_portrait, streaming_vae
 
 LIVE_EVENT = "liveavatar.live"  # websocket message the extension in web/js/live_view.js listens to
 
@@ -49,59 +50,46 @@ class LiveAvatarLiveVideo:
         model.prepare()  # our DiT on the GPU via ComfyUI's model management, at this LoRA strength
         vae_engine = streaming_vae(vae, host.torch_device())
         portrait = prepare_portrait(image_tensor(image), width * height if size == "custom" else parse_area(size))
-        ref_latent, motion_latents = vae_engine.encode_portrait(portrait)
+        ref_latent, motion_latents = encode_portrait(vae_engine, portrait)
         features, speech_frames = audio_features.per_frame(infer_frames)
         inputs = StreamInputs(text_embeddings(positive, model.dit.cfg.text_len), ref_latent, motion_latents, features)
         settings = StreamSettings(infer_frames=infer_frames, num_clip=num_clip, steps=sample_steps, seed=seed,
                                   kv_fp8=model.kv_fp8)
         streamer = Streamer(model.dit, inputs, settings)
-        feed = BlockFeed(streamer, sample_steps, ref_latent.shape[-2:])
-        total_frames = min(speech_frames, feed.shape[1] * VIDEO_FRAMES_PER_LATENT - DROPPED_FIRST_FRAMES)
+        latent_frames = streamer.num_clips * streamer.latent_frames
+        total_frames = min(speech_frames, latent_frames * VIDEO_FRAMES_PER_LATENT - DROPPED_FIRST_FRAMES)
         view = LiveView(host.executing_node_id(), host.save_path(filename_prefix, "mp4"), total_frames)
-        kept, last = [], None
+        decoder = VideoDecoder(vae_engine, motion_latents, speech_frames, on_step=host.check_interrupted)
+        progress = host.Progress(streamer.total_block_steps, "LiveAvatar live video")
+        kept, last, clean = [], None, []
+
+        def on_step():
+            host.check_interrupted()
+            progress.step()
+
         try:
-            for frames in stream_frames(vae_engine, feed, motion_latents, speech_frames):
+            # Each block's decode runs on its own CUDA stream while the DiT works on the next
+            # tick; past the speech the decoder returns nothing and the sampling goes on to the
+            # end of the clip, so the LATENT output is the sampler's.
+            for block, video in decode_alongside(streamer.blocks(on_step), decoder.decode, vae_engine.device):
+                clean.append(block.latents.float().cpu())
+                if not video.shape[1]:
+                    view.close()  # the video is complete for the viewer here
+                    continue
+                frames = ((video.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
                 view.append(frames, audio)
                 if return_frames:
                     kept.append(frames)
                 last = frames[-1:]
-            view.close()  # the video is complete for the viewer here
-            feed.generate_all()  # the rest of the last clip (past the speech), so LATENT = the sampler's
         finally:
             view.close()
+            progress.close()
             streamer.close()
             host.release_memory()
-        latents = {"samples": normalised_to_raw(torch.cat(feed.clean, dim=1)).unsqueeze(0),
+        latents = {"samples": normalised_to_raw(torch.cat(clean, dim=1)).unsqueeze(0),
                    "liveavatar": {"motion_latents": motion_latents.cpu(), "video_frames": speech_frames, "fps": FPS}}
         return {"ui": {"live_video": [view.file_info()]},
                 "result": (torch.cat(kept) if kept else last, float(FPS), latents)}
-
-
-class BlockFeed:
-    """The clean latents as one [16, latent frames, h, w] sequence for decode.stream_frames,
-    which reads it block by block in order: each block is generated when it is first read, so
-    decoding (and the video) follows generation block by block."""
-
-    def __init__(self, streamer: Streamer, steps: int, latent_hw):
-        self.blocks = streamer.blocks(on_step=host.check_interrupted)
-        latent_frames = streamer.total_block_steps // steps * FRAMES_PER_BLOCK
-        self.shape = (16, latent_frames, *latent_hw)
-        self.ready: dict[int, torch.Tensor] = {}  # block index -> latents on the model's device, until read
-        self.clean: list[torch.Tensor] = []  # float32 CPU copies of all blocks, for the LATENT output
-
-    def generate_all(self):
-        for block in self.blocks:
-            self.clean.append(block.latents.float().cpu())
-
-    def __getitem__(self, index):
-        """latents[:, start:start + 3], as stream_frames asks for them (whole blocks, in order)."""
-        _, frames = index
-        block = frames.start // FRAMES_PER_BLOCK
-        while len(self.clean) <= block:
-            latents = next(self.blocks).latents
-            self.ready[len(self.clean)] = latents
-            self.clean.append(latents.float().cpu())
-        return self.ready.pop(block)
 
 
 class LiveView:
