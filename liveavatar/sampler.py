@@ -186,20 +186,28 @@ class Streamer:
             self._prepare(model, inputs, settings, h * w // 4)
 
     def _prepare(self, model, inputs, settings, frame_tokens: int):
+        self._build_replicas(model, inputs)
+        self._build_caches(model.cfg, settings, ring=self.latent_frames * frame_tokens)
+
+    def _build_replicas(self, model, inputs):
+        """Per model copy: text K/V, the portrait's sink, the modulation of the steps it runs."""
         step_models = model.step_models(len(self.timesteps))
         replicas = {}
         for step, (m, t) in enumerate(zip(step_models, self.timesteps)):
             if id(m) not in replicas:
                 text_kv = m.text_context(inputs.text)
-                replicas[id(m)] = _Replica(m, text_kv, {}, {0: m.prefill_sink(inputs.ref_latent, inputs.motion_latents, text_kv)})
+                sink = m.prefill_sink(inputs.ref_latent, inputs.motion_latents, text_kv)
+                replicas[id(m)] = _Replica(m, text_kv, {}, {0: sink})
             replicas[id(m)].step_mods[step] = m.time_modulation(t.repeat(FRAMES_PER_BLOCK))
         self.replicas = list(replicas.values())
         self.step_replica = [replicas[id(m)] for m in step_models]
+
+    def _build_caches(self, cfg, settings, ring: int):
+        """One StepCache per step, on the layer devices of the copy that runs the step, holding
+        the portrait's sink; fp8 where asked, or (auto) where bf16 would not fit."""
         sink = self.replicas[0].sinks[0]
-        ring = self.latent_frames * frame_tokens
         layer_devices = [[r.model.layer_device(i) for i in range(len(r.model.blocks))] for r in self.step_replica]
         dtype = sink.values[0].dtype
-        cfg = model.cfg
         bytes_per_layer_step = (sink.length + ring) * 2 * cfg.dim * dtype.itemsize
         fp8 = settings.kv_fp8 if settings.kv_fp8 is not None else not _fits(bytes_per_layer_step, layer_devices)
         self.kv_fp8 = fp8
