@@ -131,8 +131,9 @@ class Offload(Placement):
 
     def _plan_upcast(self, layer: int):
         """fp8 storage: the weights cross the bus as fp8 (half the bytes) and are upcast to
-        bf16 in the slot, so the block computes with plain bf16 matmuls (faster than
-        quantising activations per call); the slot's scale then reads 1."""
+        bf16 in the slot, so the block computes with plain bf16 matmuls; the slot's scale then
+        reads 1. (Chosen before the fused fp8 kernels existed; fp8 compute in the slot is
+        untested here and may be faster now.)"""
         names = self._names(layer)
         index = {name: i for i, name in enumerate(names)}
         tensors = self._tensors(layer)
