@@ -7,7 +7,6 @@ memory traffic. Statistics and arithmetic are fp32. Casts to bf16 / fp8 ask for
 round-to-nearest-even explicitly: that is the GPU's default, and it makes Triton's CPU
 interpreter (used by the tests) round like PyTorch instead of truncating.
 """
-import torch
 import triton
 import triton.language as tl
 

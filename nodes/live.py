@@ -10,15 +10,13 @@ import torch
 from ..liveavatar import StreamInputs, StreamSettings, Streamer
 from ..liveavatar.decoding import DROPPED_FIRST_FRAMES, VideoDecoder
 from ..liveavatar.overlap import decode_alongside
-from ..liveavatar.portrait import parse_area, prepare_portrait
 from ..liveavatar.sampler import VIDEO_FRAMES_PER_LATENT
 from ..liveavatar.vae import normalised_to_raw
 
 from . import host
-from .conditioning import image_tensor, text_embeddings
+from .conditioning import text_embeddings
 from .live_mp4 import FragmentedMp4Writer
-from .sampler import FPS, LiveAvatarSampler
-from .vae_adapter import encode_portrait, streaming_vae
+from .sampler import FPS, LiveAvatarSampler, portrait_latents
 
 LIVE_EVENT = "liveavatar.live"  # websocket message the extension in web/js/live_view.js listens to
 
@@ -47,12 +45,11 @@ class LiveAvatarLiveVideo:
 
     def generate(self, model, positive, image, vae, audio_features, size, width, height, infer_frames, num_clip,
                  sample_steps, seed, audio, filename_prefix, return_frames=True):
-        model.prepare()  # our DiT on the GPU via ComfyUI's model management, at this LoRA strength
-        vae_engine = streaming_vae(vae, host.torch_device())
-        portrait = prepare_portrait(image_tensor(image), width * height if size == "custom" else parse_area(size))
-        ref_latent, motion_latents = encode_portrait(vae_engine, portrait)
+        text = text_embeddings(positive, model.dit.cfg.text_len)  # input checks before the long work
         features, speech_frames = audio_features.per_frame(infer_frames)
-        inputs = StreamInputs(text_embeddings(positive, model.dit.cfg.text_len), ref_latent, motion_latents, features)
+        model.prepare()  # our DiT on the GPU via ComfyUI's model management, at this LoRA strength
+        vae_engine, ref_latent, motion_latents = portrait_latents(vae, image, size, width, height)
+        inputs = StreamInputs(text, ref_latent, motion_latents, features)
         settings = StreamSettings(infer_frames=infer_frames, num_clip=num_clip, steps=sample_steps, seed=seed,
                                   kv_fp8=model.kv_fp8)
         streamer = Streamer(model.dit, inputs, settings)

@@ -76,9 +76,7 @@ class LiveAvatarSampler:
             if continue_from is not None:
                 ref_latent, motion_latents = approximate_history(continue_from)
             else:
-                area = width * height if size == "custom" else parse_area(size)
-                vae_engine = streaming_vae(vae, host.torch_device())
-                ref_latent, motion_latents = encode_portrait(vae_engine, prepare_portrait(image_tensor(image), area))
+                _, ref_latent, motion_latents = portrait_latents(vae, image, size, width, height)
             inputs = StreamInputs(text, ref_latent, motion_latents, features)
             streamer = Streamer(model.dit, inputs, settings)
         latents = run_stream(streamer, keep=keep_state)
@@ -92,6 +90,14 @@ class LiveAvatarSampler:
         # ComfyUI's LATENT holds raw VAE means (its Wan latent format normalises inside the
         # model); the DiT works in normalised space, so convert at the boundary.
         return ({"samples": normalised_to_raw(latents).unsqueeze(0), "liveavatar": info},)
+
+
+def portrait_latents(vae, image, size: str, width: int, height: int):
+    """(engine VAE, reference latent, 19 motion latents) of the portrait IMAGE at the size the
+    node's size inputs ask for (encoding shows progress and can be cancelled)."""
+    area = width * height if size == "custom" else parse_area(size)
+    vae_engine = streaming_vae(vae, host.torch_device())
+    return (vae_engine, *encode_portrait(vae_engine, prepare_portrait(image_tensor(image), area)))
 
 
 # Streaming states kept for an exact continuation (keep_state): at most one, as it holds the

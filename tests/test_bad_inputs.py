@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import nodes
-from liveavatar.loading import Checkpoint, CheckpointError, load_dit, read_lora
+from liveavatar.loading import CheckpointError, load_dit, read_lora
 from liveavatar.testing import tiny_dit_config, write_tiny_dit, write_tiny_lora
 from liveavatar.weights import read_state_dict
 

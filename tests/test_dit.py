@@ -1,11 +1,10 @@
 """The DiT and the streaming sampler against the original's fixtures (manifest-driven)."""
-import json
 
 import pytest
 import torch
 
 from conftest import fixture_sets, load_manifest, load_tensors, relative_l2
-from dit_fixture import fixture_config, fixture_inputs, fixture_model, fixture_settings, stream_clips
+from dit_fixture import fixture_inputs, fixture_model, fixture_settings, stream_clips
 from liveavatar.dit import DiTConfig, LiveAvatarDiT
 from liveavatar.sampler import Streamer, flow_schedule
 

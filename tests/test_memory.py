@@ -1,6 +1,5 @@
 """Memory management: changing the LoRA strength in place (engine), the loader reusing loaded
 weights, and, when ComfyUI is importable, our DiT in ComfyUI's model management."""
-import importlib.util
 
 import pytest
 import torch
