@@ -8,6 +8,9 @@ GPUs; and ours / original where the original was timed in the same run (`--origi
 with its public code and run_original.py, never committed).
 
     python bench/bench.py --sizes 384*256,704*384 --modes bf16,bf16-seq,fp8,offload40,offload40-fp8 --clips 3
+
+`--profile --profile-modes bf16,fp8` adds, per profiled mode and size, a torch.profiler trace of
+three steady ticks and its summary (GPU busy/idle, time by kernel kind, copies; trace_summary.py).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from liveavatar.dit import DiTConfig  # noqa: E402
 from liveavatar.loading import build_dit  # noqa: E402
 from liveavatar.overlap import decode_alongside  # noqa: E402
@@ -160,7 +164,7 @@ def bench_dit(mode, sizes, clips, args, vaes):
                          kernels=Fusion.kernels_status()))
         print(json.dumps(rows[-1]), flush=True)
         if args.profile and mode in args.profile_modes.split(","):
-            profile(model, inputs_for(size, cfg, 1), settings, Path(args.out_dir) / f"profile_{mode}_{size.replace('*', 'x')}.txt")
+            profile(model, inputs, settings, Path(args.out_dir), f"{mode}_{size.replace('*', 'x')}")
     del model
     gc.collect()  # the model must be gone before the next mode measures its own memory
     torch.cuda.set_per_process_memory_fraction(1.0)
@@ -168,19 +172,39 @@ def bench_dit(mode, sizes, clips, args, vaes):
     return rows
 
 
-def profile(model, inputs, settings, path):
-    """Where the time of one clip goes: CUDA kernels by total time (written to `path`)."""
+def profile(model, inputs, settings, out_dir: Path, name: str, ticks: int = 3):
+    """Where the time of `ticks` steady-state ticks goes: a Chrome trace (gzipped) and its
+    summary (trace_summary.py), written to out_dir and printed. The profiler starts once the
+    pipeline is full (S + 1 blocks out) and stops after `ticks` more blocks (one per tick)."""
+    import gzip
+    import shutil
+
     from torch.profiler import ProfilerActivity
-    settings = StreamSettings(infer_frames=settings.infer_frames, steps=settings.steps, num_clip=1, kv_fp8=settings.kv_fp8)
+
+    from trace_summary import load, summarize
     streamer = Streamer(model, inputs, settings)
-    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in streamer.blocks():
-            pass
-        torch.cuda.synchronize()
+    blocks = streamer.blocks()
+    for _ in range(settings.steps + 1):
+        next(blocks)
+    torch.cuda.synchronize()
+    prof = torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    prof.start()
+    for _ in range(ticks):
+        next(blocks)
+    for d in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(d)
+    prof.stop()
+    blocks.close()
     streamer.close()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    path.write_text(table)
-    print(table[:6000], flush=True)
+    trace = out_dir / f"trace_{name}.json"
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+    per = ticks if settings.pipelined else ticks * settings.steps
+    text = summarize(load(f"{trace}.gz"), label=name, per=per, per_name="tick" if settings.pipelined else "block-step")
+    (out_dir / f"profile_{name}.md").write_text(text)
+    print(text, flush=True)
 
 
 def real_size_vaes():
@@ -254,7 +278,7 @@ def main():
     parser.add_argument("--memory-cap-gib", type=float, default=22.0, help="per-process GPU memory cap for offload modes")
     parser.add_argument("--cap-sizes", default="384*256", help="sizes at which offload modes run under the cap")
     parser.add_argument("--offload-sizes", default="384*256,704*384", help="sizes at which offload modes run at all")
-    parser.add_argument("--profile", action="store_true", help="kernel time breakdown of one clip (bf16)")
+    parser.add_argument("--profile", action="store_true", help="trace + time breakdown of 3 steady ticks per profiled mode")
     parser.add_argument("--profile-modes", default="bf16")
     parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--peak-clips", default="", help="e.g. 1,20: peak memory of bf16 runs of that many clips")

@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from . import rope
-from .layers import Fusion, Linear, RMSNorm, attend, conv_fp32, layer_norm
+from .layers import Fusion, Linear, RMSNorm, attend, conv_fp32
 
 # Wan2.2-S2V constants that are code, not config, in the original.
 REFERENCE_TIME = 30  # RoPE time index of the reference frame at prefill
@@ -126,12 +126,6 @@ class Attention(nn.Module):
     def out(self, x: torch.Tensor) -> torch.Tensor:
         return self.o(x.flatten(-2))
 
-    def roped_qkv(self, h, cos, sin):
-        """q and k normed and roped (one fused pass each on the GPU), v: [N, H, D] each."""
-        q = self.norm_q.forward_rope(self.q(h), cos, sin, self.num_heads)
-        k = self.norm_k.forward_rope(self.k(h), cos, sin, self.num_heads)
-        return q, k, self.heads(self.v(h))
-
 
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
@@ -150,26 +144,28 @@ class DiTBlock(nn.Module):
         text_kv the layer's cross-attention keys/values. The element-wise steps go through
         Fusion (fused kernels on the GPU; fp8 rows straight from the norm for fp8 linears)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + time_mod).unsqueeze(2).unbind(1)
-        attn = self.self_attn
+        attn, cross, up = self.self_attn, self.cross_attn, self.ffn[0]
         dtype = attn.q.compute_dtype
         h = Fusion.modulated_norm(x, shift1, scale1, self.eps, dtype, fp8=attn.q.takes_fp8_rows).flatten(0, 1)
         y = attn.out(self_attention(attn, h))
-        x = Fusion.gated_add(x, y.view_as(x), gate1)
-        x = Fusion.gated_add(x, self.cross_attention(x, *text_kv))
-        h = Fusion.modulated_norm(x, shift2, scale2, self.eps, dtype, fp8=self.ffn[0].takes_fp8_rows)
+        # each residual update and the norm after it in one pass: norm3 (affine) before the
+        # cross-attention, the second modulated norm before the FFN
+        x, h = Fusion.add_norm(x, y, gate1, self.norm3.bias, self.norm3.weight, self.eps, dtype,
+                               fp8=cross.q.takes_fp8_rows, affine=True)
+        x, h = Fusion.add_norm(x, self.cross_attention(h, *text_kv), None, shift2, scale2, self.eps, dtype,
+                               fp8=up.takes_fp8_rows)
         return Fusion.gated_add(x, self.feed_forward(h), gate2)
 
     def feed_forward(self, h):
         up, down = self.ffn[0], self.ffn[2]
-        return down(Fusion.gelu(up(h), fp8=down.takes_fp8_rows))
+        if down.takes_fp8_rows:
+            return down(Fusion.gelu(up(h), fp8=True))
+        return down(up.forward_gelu(h))
 
-    def cross_attention(self, x, text_k, text_v):
-        """fp32 affine LayerNorm (norm3), then attention to the prompt; residual [G, n, dim]."""
+    def cross_attention(self, normed, text_k, text_v):
+        """Attention of the norm3-normed tokens [G, n, dim] (or their fp8 rows) to the prompt -> [G*n, dim]."""
         attn = self.cross_attn
-        normed = Fusion.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, self.eps, attn.q.compute_dtype,
-                                          fp8=attn.q.takes_fp8_rows)
-        q = attn.query(normed.flatten(0, 1))
-        return attn.out(attend(q, text_k, text_v)).view(x.shape)
+        return attn.out(attend(attn.query(normed.flatten(0, 1)), text_k, text_v))
 
     def text_key_value(self, text: torch.Tensor):
         return self.cross_attn.key_value(text)
@@ -185,7 +181,7 @@ class Head(nn.Module):
     def forward(self, x, time_emb):
         """x [F, n, dim], time_emb [F, dim] (the un-projected timestep embedding)."""
         shift, scale = (self.modulation.float() + time_emb.unsqueeze(1)).unsqueeze(2).unbind(1)
-        return self.head(layer_norm(x, self.eps) * (1 + scale) + shift).float()
+        return self.head(Fusion.modulated_norm(x, shift, scale, self.eps, self.head.compute_dtype)).float()
 
 
 class CausalConv1d(nn.Module):
@@ -259,9 +255,10 @@ class AdaLayerNorm(nn.Module):
         super().__init__()
         self.linear = Linear(dim, 2 * dim)
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, dtype=torch.float32, fp8: bool = False):
+        """x [F, n, dim] fp32, emb [F, dim] -> normed [F, n, dim] in dtype (Fusion.modulated_norm)."""
         shift, scale = self.linear(F.silu(emb)).float().unsqueeze(1).chunk(2, dim=-1)
-        return layer_norm(x, ADAIN_EPS) * (1 + scale) + shift
+        return Fusion.modulated_norm(x, shift, scale, ADAIN_EPS, dtype, fp8=fp8)
 
 
 class AudioInjector(nn.Module):
@@ -275,11 +272,12 @@ class AudioInjector(nn.Module):
         self.injector_adain_layers = nn.ModuleList(AdaLayerNorm(cfg.dim) for _ in range(n))
 
     def forward(self, index, x, audio_tokens, audio_global):
-        """x [F, n, dim], audio_tokens [F, k, dim], audio_global [F, dim] -> residual [F, n, dim]."""
+        """x [F, n, dim], audio_tokens [F, k, dim], audio_global [F, dim] -> residual [F, n, dim]
+        in the compute dtype (added to the fp32 stream by the caller)."""
         attn = self.injector[index]
-        h = self.injector_adain_layers[index](x, audio_global)
+        h = self.injector_adain_layers[index](x, audio_global, attn.q.compute_dtype, fp8=attn.q.takes_fp8_rows)
         k, v = attn.key_value(audio_tokens)
-        return attn.out(attend(attn.query(h), k, v)).float()
+        return attn.out(attend(attn.query(h), k, v))
 
 
 class FramePacker(nn.Module):
@@ -325,64 +323,111 @@ class FramePacker(nn.Module):
 class Sink:
     """Prefilled sink, shared by every denoising step: per layer the reference tokens'
     un-roped keys (re-roped each forward at the rolling position) and, for all sink
-    tokens, the keys roped at fixed positions (motion part used) and the values."""
+    tokens, the keys roped at fixed positions (motion part used) and the values. Once every
+    step's cache holds them, `release()` drops the keys/values (the caches have copies)."""
 
     ref_len: int
+    length: int
     ref_keys: list = field(default_factory=list)
-    keys: list = field(default_factory=list)
-    values: list = field(default_factory=list)
+    keys: list | None = field(default_factory=list)
+    values: list | None = field(default_factory=list)
 
-    @property
-    def length(self) -> int:
-        return self.values[0].shape[0]
+    def release(self):
+        self.keys = self.values = None
+
+    def park(self):
+        """Keys/values to pinned host memory until every step's cache has loaded them: the
+        refreshed sink waits there while the clip-0 blocks in flight finish (the pipelined
+        schedule would otherwise hold two sinks on the GPU; ~2 GiB at 704*384)."""
+        if self.keys and self.keys[0].is_cuda:
+            self.keys, self.values = ([torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in tensors]
+                                      for tensors in (self.keys, self.values))
 
 
-class StepCache:
-    """One denoising step's keys/values per layer, laid out [sink | ring] so that a block
-    attends to one contiguous slice: sink (S tokens) + the valid part of the ring (R).
+class StepCaches:
+    """The keys/values of the denoising steps one model copy runs: per layer one buffer
+    [steps, sink + ring, heads, head_dim] on that layer's device, laid out [sink | ring] per
+    step, so that a block attends to one contiguous slice (sink S tokens + the valid part R
+    of the ring) and block-steps of consecutive steps with full rings attend in one call.
 
     With `fp8=True` keys/values are stored as float8_e4m3fn with one scale per token
     (half the memory; dequantised to the compute dtype for attention)."""
 
-    def __init__(self, sink_len: int, ring_len: int, heads: int, head_dim: int, devices, dtype, fp8: bool = False):
+    def __init__(self, steps: int, sink_len: int, ring_len: int, heads: int, head_dim: int, devices, dtype,
+                 fp8: bool = False):
         self.sink_len, self.ring_len, self.dtype = sink_len, ring_len, dtype
-        size = (sink_len + ring_len, heads, head_dim)
+        size = (steps, sink_len + ring_len, heads, head_dim)
         store = torch.float8_e4m3fn if fp8 else dtype
         self.keys = [torch.zeros(size, dtype=store, device=d) for d in devices]
         self.values = [torch.zeros(size, dtype=store, device=d) for d in devices]
-        self.scales = [torch.ones(2, size[0], 1, 1, device=d) for d in devices] if fp8 else None
+        self.scales = [torch.ones(2, *size[:2], 1, 1, device=d) for d in devices] if fp8 else None
+        self.count = steps
 
-    def _write(self, layer: int, rows: slice, k=None, v=None):
-        for i, (buffer, x) in enumerate(((self.keys[layer], k), (self.values[layer], v))):
-            if x is None:
-                continue
-            if self.scales is None:
-                buffer[rows].copy_(x)
-            else:  # per-token scale: amax over heads and channels maps to fp8's largest value
-                scale = x.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-12) / 448.0
-                buffer[rows].copy_((x.float() / scale).to(buffer.dtype))
-                self.scales[layer][i, rows].copy_(scale)
+    def views(self) -> list["StepCache"]:
+        """One StepCache per step (made on request: a list kept here would be a reference
+        cycle, and the buffers would wait for the garbage collector after a run)."""
+        return [StepCache(self, i) for i in range(self.count)]
 
-    def _read(self, layer: int, end: int):
-        k, v = self.keys[layer][:end], self.values[layer][:end]
+    def slices(self, layer: int, index, rows):
+        """(keys, values) buffer views of step(s) `index` and token `rows`, with their per-token
+        scale views ([n] fp32) or None for a bf16 cache."""
+        views = self.keys[layer][index, rows], self.values[layer][index, rows]
+        if self.scales is None:
+            return views, (None, None)
+        return views, tuple(self.scales[layer][i, index, rows] for i in range(2))
+
+    def read(self, layer: int, index, end: int):
+        """Keys and values of step(s) `index` up to token `end`, in the compute dtype."""
+        (k, v), (k_scale, v_scale) = self.slices(layer, index, slice(0, end))
         if self.scales is None:
             return k, v
-        scales = self.scales[layer][:, :end]
-        return (k.to(self.dtype) * scales[0].to(self.dtype)), (v.to(self.dtype) * scales[1].to(self.dtype))
+        return k.to(self.dtype) * k_scale.to(self.dtype), v.to(self.dtype) * v_scale.to(self.dtype)
+
+
+class StepCache:
+    """One denoising step's rows of a StepCaches."""
+
+    def __init__(self, group: StepCaches, index: int):
+        self.group, self.index = group, index
+
+    def _write(self, layer: int, rows: slice, k=None, v=None):
+        views, scales = self.group.slices(layer, self.index, rows)
+        for x, out, out_scales in zip((k, v), views, scales):
+            if x is not None:
+                Fusion.write_tokens(x, out, out_scales)
 
     def load_sink(self, sink: Sink):
         for layer, (sink_k, sink_v) in enumerate(zip(sink.keys, sink.values)):
-            self._write(layer, slice(sink.ref_len, self.sink_len), k=sink_k[sink.ref_len:])
-            self._write(layer, slice(0, self.sink_len), v=sink_v)
+            device = self.group.keys[layer].device  # a parked sink comes from pinned host memory
+            self._write(layer, slice(sink.ref_len, self.group.sink_len), k=sink_k[sink.ref_len:].to(device, non_blocking=True))
+            self._write(layer, slice(0, self.group.sink_len), v=sink_v.to(device, non_blocking=True))
 
-    def attend(self, layer, q, k, v, ref_keys, token_start):
-        """Write this block's roped k/v into the ring at token_start (mod R), set the
-        re-roped reference keys, and attend over sink + valid ring."""
-        slot = token_start % self.ring_len
-        valid = self.ring_len if token_start >= self.ring_len else token_start + k.shape[0]
-        self._write(layer, slice(self.sink_len + slot, self.sink_len + slot + k.shape[0]), k, v)
-        self._write(layer, slice(0, ref_keys.shape[0]), k=ref_keys)
-        return attend(q, *self._read(layer, self.sink_len + valid))
+    def write_block(self, layer, norm_k, k, v, cos, sin, ref_keys, ref_tables, token_start: int) -> int:
+        """Store a block's keys (k [n, dim] straight from the projection: normed and roped into
+        the ring in one pass) and values [n, H, D] at token_start (mod R), and the reference keys
+        re-roped at the rolling position; returns how many tokens the block attends to."""
+        group, n = self.group, k.shape[0]
+        slot = group.sink_len + token_start % group.ring_len
+        (ring_k, ring_v), (k_scales, v_scales) = group.slices(layer, self.index, slice(slot, slot + n))
+        norm_k.forward_rope(k, cos, sin, ring_k.shape[1], out=ring_k, out_scales=k_scales)
+        Fusion.write_tokens(v, ring_v, v_scales)
+        (ref_k, _), (ref_scales, _) = group.slices(layer, self.index, slice(0, ref_keys.shape[0]))
+        Fusion.rope(ref_keys, *ref_tables, out=ref_k, out_scales=ref_scales)
+        valid = group.ring_len if token_start >= group.ring_len else token_start + n
+        return group.sink_len + valid
+
+    def attend(self, layer, q, end: int):
+        return attend(q, *self.group.read(layer, self.index, end))
+
+
+def attend_steps(layer: int, caches: list[StepCache], q: torch.Tensor, ends: list[int]) -> torch.Tensor:
+    """q [B, n, H, D] of B block-steps, each against its cache up to its end -> [B, n, H, D].
+    One attention call when they are consecutive steps of one buffer attending to equally
+    many tokens (full rings: every tick after the first clip), else one per block-step."""
+    group, first = caches[0].group, caches[0].index
+    if all(c.group is group and c.index == first + j for j, c in enumerate(caches)) and len(set(ends)) == 1:
+        return attend(q, *group.read(layer, slice(first, first + len(caches)), ends[0]))
+    return torch.stack([cache.attend(layer, q[j], end) for j, (cache, end) in enumerate(zip(caches, ends))])
 
 
 class LiveAvatarDiT(nn.Module):
@@ -490,7 +535,7 @@ class LiveAvatarDiT(nn.Module):
         x = torch.cat([ref, motion]).unsqueeze(0)
         cos, sin = rope.rope_tables(torch.cat([ref_pos, motion_pos]).to(self.device), self.cfg.head_dim)
         _, zero_mod = self.time_modulation(torch.zeros(1))
-        sink = Sink(ref_len=ref.shape[0])
+        sink = Sink(ref_len=ref.shape[0], length=x.shape[1])
 
         def layer(i, block, x):
             c, s = cos.to(x.device), sin.to(x.device)
@@ -515,15 +560,19 @@ class LiveAvatarDiT(nn.Module):
 
         The items' frames are stacked (B*F frames of ft tokens) through every layer, so each
         layer's weights are read once for all of them (one copy per tick when offloaded);
-        only self-attention goes item by item, each against its own step's ring and sink."""
+        each item writes its keys/values into its own step's ring and attends to that ring
+        and sink (all items in one call when attend_steps can)."""
         frames, (h, w) = items[0].latents.shape[1], items[0].latents.shape[2:]
         hp, wp = h // 2, w // 2
         ft = hp * wp
         x = self._patchify(torch.stack([item.latents for item in items]))
         x = x + self.cond_encoder.bias.float() + self.trainable_cond_mask.weight[MASK_NOISY].float()
         # cond_encoder sees LiveAvatar's all-zero pose latents, so it contributes its bias only.
-        tables = [rope.grid_tables(item.frame_start, frames, hp, wp, self.cfg.head_dim, self.device) for item in items]
-        cos, sin = (torch.cat(t) for t in zip(*tables))
+        for item in items:  # the block's frame grid: the same for all its steps, built once per device
+            if self.device not in item.rope_cache:
+                item.rope_cache[self.device] = rope.grid_tables(item.frame_start, frames, hp, wp, self.cfg.head_dim,
+                                                                self.device)
+        cos, sin = (torch.cat(t) for t in zip(*(item.rope_cache[self.device] for item in items)))
         ref_tables = [rope.grid_tables(item.ref_time, 1, hp, wp, self.cfg.head_dim, self.device) for item in items]
         time_emb = torch.cat([item.time_mod[0] for item in items])
         mod = torch.cat([item.time_mod[1] for item in items])
@@ -541,17 +590,19 @@ class LiveAvatarDiT(nn.Module):
             (c, s, layer_mod, layer_tokens, layer_global), refs = inputs_on(x.device)
 
             def self_attention(attn, h):
-                q, k, v = attn.roped_qkv(h, c, s)
-                out = []
+                q = attn.norm_q.forward_rope(attn.q(h), c, s, attn.num_heads)
+                k, v = attn.k(h), attn.heads(attn.v(h))
+                ends = []
                 for j, item in enumerate(items):
                     rows = slice(j * per_item, (j + 1) * per_item)
-                    ref_keys = rope.apply_rope(item.sink.ref_keys[i], *refs[j])
-                    out.append(item.cache.attend(i, q[rows], k[rows], v[rows], ref_keys, item.frame_start * ft))
-                return torch.cat(out)
+                    ends.append(item.cache.write_block(i, attn.norm_k, k[rows], v[rows], c[rows], s[rows],
+                                                       item.sink.ref_keys[i], refs[j], item.frame_start * ft))
+                del k, v  # in the rings now: freed before attention allocates its output
+                return attend_steps(i, [item.cache for item in items], q.unflatten(0, (len(items), -1)), ends).flatten(0, 1)
 
             x = block(x, layer_mod, self_attention, text_kv[i])
             if i in self.injector_index:
-                x = x + self.audio_injector(self.injector_index[i], x, layer_tokens, layer_global)
+                x = Fusion.gated_add(x, self.audio_injector(self.injector_index[i], x, layer_tokens, layer_global))
             return x
 
         x = self._run_layers(x.view(len(items) * frames, ft, -1), layer)
@@ -572,3 +623,4 @@ class BlockStep:
     cache: StepCache  # this step's rings
     frame_start: int  # absolute latent-frame index of the block's first frame
     ref_time: int  # RoPE time index of the reference tokens now (rolling sink)
+    rope_cache: dict = field(default_factory=dict)  # device -> the block's RoPE tables (kept by the sampler)

@@ -4,11 +4,11 @@ reference of the same signature (used on CPU, without Triton, or when switched o
 The block spends about a third of a block-step in memory-bound passes around the matrix
 products: fp32 LayerNorm + per-frame modulation, q/k RMSNorm + RoPE, gated residual adds,
 fp8 activation quantisation, KV ring writes. Each kernel here does one of those in a single
-read and write of the activations (kernels_triton.py): modulated_norm / layer_norm_affine
-(optionally straight to per-row fp8 for the next fp8 linear), add_norm (a residual update and
-the next norm in one pass), rms_norm_rope (q/k norm + RoPE, optionally written into a KV ring
-slice), rope, gated_add, gelu (+ fp8) and quantize_rows; fp8_linear_rows multiplies the fp8
-rows with torch._scaled_mm's per-row scales.
+read and write of the activations (kernels_triton.py): modulated_norm (optionally straight to
+per-row fp8 for the next fp8 linear), add_norm (a residual update and the next modulated or
+affine norm in one pass), rms_norm (q of the cross- and audio attention), rms_norm_rope (q/k
+norm + RoPE, optionally written into a KV ring slice), rope, gated_add, gelu (+ fp8) and
+quantize_rows; fp8_linear_rows multiplies the fp8 rows with torch._scaled_mm's per-row scales.
 
 Shapes are generic: leading dims are flattened, so x [G, n, dim] with per-group (frame)
 modulation [G, 1, dim] works for any G (frames, or batch*frames).
@@ -115,10 +115,15 @@ def rope_reference(x, cos, sin, out=None, out_scales=None):
     return roped if out is None else write_tokens(out, roped, out_scales)
 
 
+def rms_norm_reference(x, weight, eps: float):
+    """Wan's RMSNorm over the whole feature dim: fp32 statistics, the result cast to x's dtype,
+    times the weight in x's dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight.to(x.dtype)
+
+
 def rms_norm_rope_reference(x, weight, eps: float, cos, sin, heads: int, out=None, out_scales=None):
-    """RMSNorm over the whole feature dim (fp32 statistics, result cast to x's dtype, times the
-    weight in x's dtype: layers.RMSNorm), then RoPE per head. x [N, dim] -> [N, heads, dim/heads]."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight.to(x.dtype)
+    """rms_norm_reference, then RoPE per head. x [N, dim] -> [N, heads, dim/heads]."""
+    normed = rms_norm_reference(x, weight, eps)
     return rope_reference(normed.unflatten(-1, (heads, -1)), cos, sin, out, out_scales)
 
 
@@ -242,14 +247,6 @@ def modulated_norm(x, shift, scale, eps: float, dtype, fp8: bool = False):
     return modulated_norm_reference(x, shift, scale, eps, dtype)
 
 
-def layer_norm_affine(x, weight, bias, eps: float, dtype, fp8: bool = False):
-    """fp32 LayerNorm(x) * weight + bias -> dtype (or Fp8Rows, as modulated_norm)."""
-    if active_for(x):
-        return _modulated_norm_triton(x, bias.float().reshape(1, -1), weight.float().reshape(1, -1),
-                                      x.numel() // x.shape[-1], eps, dtype, fp8, one_plus=False)
-    return layer_norm_affine_reference(x, weight, bias, eps, dtype)
-
-
 def _modulated_norm_triton(x, shift_g, scale_g, rows_per_group, eps, dtype, fp8, one_plus, residual=None):
     x2 = _rows(x)
     if fp8 and fp8_rows_supported(x.device):
@@ -287,6 +284,16 @@ def add_norm(x, y, gate, shift, scale, eps: float, dtype, fp8: bool = False, aff
     if affine:
         return total, layer_norm_affine_reference(total, scale, shift, eps, dtype)
     return total, modulated_norm_reference(total, shift, scale, eps, dtype)
+
+
+def rms_norm(x, weight, eps: float):
+    """rms_norm_reference in one pass on the GPU: x [..., dim] -> the same shape and dtype."""
+    if active_for(x) and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.shape[-1] % 2 == 0:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        with _on_device_of(x):
+            _backend.rms_norm(_rows(x), weight, out.view(-1, x.shape[-1]), eps)
+        return out
+    return rms_norm_reference(x, weight, eps)
 
 
 def rms_norm_rope(x, weight, eps: float, cos, sin, heads: int, out=None, out_scales=None):
@@ -463,6 +470,10 @@ def self_check_cases(rand):
     with _on_device_of(x):
         _backend.rms_norm_rope(q, w, _table(cos), _table(sin), out, 1e-6, norm=True)
     yield "rms_norm_rope", out, rms_norm_rope_reference(q, w, 1e-6, cos, sin, 2), 1e-2
+    plain = torch.empty_like(q)
+    with _on_device_of(x):
+        _backend.rms_norm(q, w, plain, 1e-6)
+    yield "rms_norm", plain, rms_norm_reference(q, w, 1e-6), 1e-2
     q8, s8 = torch.empty(48, 256, dtype=FP8, device=x.device), torch.empty(48, 1, device=x.device)
     with _on_device_of(x):
         _backend.modulated_norm(_rows(x), _rows(scale), _rows(shift), 24, 1e-6, True, fp8_rows=(q8, s8))

@@ -67,38 +67,36 @@ def _modulated_norm_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, q_ptr, q_scale_
 @triton.jit
 def _rms_norm_rope_kernel(x_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr, out_scale_ptr,
                           pairs, half_head, x_row_stride, out_row_stride, eps,
-                          NORM: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK: tl.constexpr):
+                          NORM: tl.constexpr, ROPE: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK: tl.constexpr):
     """One token: RMSNorm over all heads (fp32 statistics, rounded to x's dtype, times the
-    weight in x's dtype) then RoPE on consecutive channel pairs (a, b) -> (a c - b s, a s + b c)
-    in fp32 with c, s = cos/sin[token, pair % half_head]. NORM=False: RoPE only. FP8_OUT (an
-    fp8 KV cache): the roped token, rounded to x's dtype, stored as fp8 with one scale
-    (amax / 448) in out_scale_ptr[token]."""
+    weight in x's dtype), then (ROPE) RoPE on consecutive channel pairs (a, b) -> (a c - b s,
+    a s + b c) in fp32 with c, s = cos/sin[token, pair % half_head]. NORM=False: RoPE only.
+    FP8_OUT (an fp8 KV cache): the result, rounded to x's dtype, stored as fp8 with one scale
+    (amax / 448) in out_scale_ptr[token]. The row is loaded and stored flat (wide, contiguous
+    accesses) and viewed as [pairs, 2] for the rotation."""
     row = tl.program_id(0)
-    pair = tl.arange(0, BLOCK)
-    mask = pair < pairs
-    x_row = x_ptr + row.to(tl.int64) * x_row_stride
-    a = tl.load(x_row + 2 * pair, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(x_row + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
+    offs = tl.arange(0, 2 * BLOCK)
+    mask = offs < 2 * pairs
+    x = tl.load(x_ptr + row.to(tl.int64) * x_row_stride + offs, mask=mask, other=0.0).to(tl.float32)
     if NORM:
-        rstd = 1.0 / tl.sqrt(tl.sum(a * a + b * b, axis=0) / (2 * pairs) + eps)
-        w_a = _round_to(tl.load(weight_ptr + 2 * pair, mask=mask, other=0.0).to(tl.float32), x_ptr.dtype.element_ty)
-        w_b = _round_to(tl.load(weight_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32), x_ptr.dtype.element_ty)
-        a = _round_to(_round_to(a * rstd, x_ptr.dtype.element_ty) * w_a, x_ptr.dtype.element_ty)
-        b = _round_to(_round_to(b * rstd, x_ptr.dtype.element_ty) * w_b, x_ptr.dtype.element_ty)
-    table = row.to(tl.int64) * half_head + pair % half_head
-    c = tl.load(cos_ptr + table, mask=mask, other=0.0)
-    s = tl.load(sin_ptr + table, mask=mask, other=0.0)
-    out_row = out_ptr + row.to(tl.int64) * out_row_stride
-    real, imag = a * c - b * s, a * s + b * c
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / (2 * pairs) + eps)
+        weight = _round_to(tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32), x_ptr.dtype.element_ty)
+        x = _round_to(_round_to(x * rstd, x_ptr.dtype.element_ty) * weight, x_ptr.dtype.element_ty)
+    if ROPE:
+        a, b = tl.split(tl.reshape(x, (BLOCK, 2)))
+        pair = tl.arange(0, BLOCK)
+        table = row.to(tl.int64) * half_head + pair % half_head
+        c = tl.load(cos_ptr + table, mask=pair < pairs, other=0.0)
+        s = tl.load(sin_ptr + table, mask=pair < pairs, other=0.0)
+        x = tl.reshape(tl.join(a * c - b * s, a * s + b * c), (2 * BLOCK,))
     if FP8_OUT:
-        real = _round_to(real, x_ptr.dtype.element_ty)
-        imag = _round_to(imag, x_ptr.dtype.element_ty)
-        amax = tl.max(tl.where(mask, tl.maximum(tl.abs(real), tl.abs(imag)), 0.0), axis=0)
+        x = _round_to(x, x_ptr.dtype.element_ty)
+        amax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
         token_scale = tl.maximum(amax, 1e-12) / FP8_MAX
-        real, imag = real / token_scale, imag / token_scale
+        x = x / token_scale
         tl.store(out_scale_ptr + row, token_scale)
-    tl.store(out_row + 2 * pair, real.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
-    tl.store(out_row + 2 * pair + 1, imag.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(out_ptr + row.to(tl.int64) * out_row_stride + offs, x.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+             mask=mask)
 
 
 @triton.jit
@@ -164,12 +162,21 @@ def rms_norm_rope(x2, weight, cos2, sin2, out3, eps, norm: bool, out_scales=None
     """x2 [N, dim]; cos2/sin2 [N, half_head] fp32 contiguous; out3 [..., heads, head_dim] with
     contiguous rows and one row stride (a slice of a KV ring works); fp8 out3 with out_scales
     (N contiguous fp32) for an fp8 cache."""
+    _rms_norm_rope(x2, weight, cos2, sin2, out3, out3.stride(-3), out3.shape[-1] // 2, eps, norm, True, out_scales)
+
+
+def rms_norm(x2, weight, out2, eps):
+    """RMSNorm alone: x2/out2 [N, dim] (dim even), rows contiguous."""
+    _rms_norm_rope(x2, weight, x2, x2, out2, out2.stride(0), 1, eps, True, False, None)
+
+
+def _rms_norm_rope(x2, weight, cos2, sin2, out, out_row_stride, half_head, eps, norm, rope, out_scales):
     rows, dim = x2.shape
-    half_head = out3.shape[-1] // 2
-    _rms_norm_rope_kernel[(rows,)](x2, weight if weight is not None else x2, cos2, sin2, out3,
+    _rms_norm_rope_kernel[(rows,)](x2, weight if weight is not None else x2, cos2, sin2, out,
                                    out_scales if out_scales is not None else cos2, dim // 2, half_head,
-                                   x2.stride(0), out3.stride(-3), eps, NORM=norm, FP8_OUT=out_scales is not None,
-                                   BLOCK=triton.next_power_of_2(dim // 2), num_warps=_row_launch(dim)["num_warps"])
+                                   x2.stride(0), out_row_stride, eps, NORM=norm, ROPE=rope,
+                                   FP8_OUT=out_scales is not None, BLOCK=triton.next_power_of_2(dim // 2),
+                                   num_warps=_row_launch(dim)["num_warps"])
 
 
 def gated_add(x2, y2, gate2, rows_per_group, out2):

@@ -53,6 +53,17 @@ class Linear(nn.Linear):
             return fp8_linear(x.to(dtype), self.weight, self.scale_weight, bias)
         return F.linear(x.to(dtype), self.weight_as(dtype), bias)
 
+    def forward_gelu(self, x) -> torch.Tensor:
+        """tanh-GELU(forward(x)). On CUDA with bf16/fp16 weights and a bias the GELU runs in the
+        matmul's epilogue (cuBLASLt GELU_BIAS, the tanh form): no separate pass over the FFN's
+        widest activation."""
+        dtype = self.compute_dtype
+        if (isinstance(x, torch.Tensor) and x.is_cuda and self.bias is not None and self.weight.dtype == dtype
+                and dtype in (torch.bfloat16, torch.float16)):
+            rows = x.reshape(-1, x.shape[-1]).to(dtype)
+            return torch._addmm_activation(self.bias, rows, self.weight.t(), use_gelu=True).reshape(*x.shape[:-1], -1)
+        return F.gelu(self(x), approximate="tanh")
+
     def _fp8_rows_product(self, rows: "kernels.Fp8Rows", bias) -> torch.Tensor:
         scale = kernels.rowwise_weight_scale(self.scale_weight, self.weight.shape[0])
         return kernels.fp8_linear_rows(rows, self.weight, scale, bias, self.compute_dtype)
@@ -86,8 +97,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return normed * self.weight.to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
     def forward_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, out=None,
                      out_scales=None):
@@ -160,11 +170,6 @@ class Fusion:
         if affine:
             return total, kernels.layer_norm_affine_reference(total, scale, shift, eps, dtype)
         return total, Fusion.modulated_norm(total, shift, scale, eps, dtype)
-
-    @staticmethod
-    def layer_norm_affine(x, weight, bias, eps: float, dtype, fp8: bool = False):
-        """fp32 LayerNorm(x) * weight + bias handed on in dtype (DiTBlock.norm3)."""
-        return kernels.layer_norm_affine(x, weight, bias, eps, dtype, fp8)
 
     @staticmethod
     def gated_add(x, y, gate=None):

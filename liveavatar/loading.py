@@ -447,5 +447,7 @@ def _fp8_eligible(module_name, module, attr) -> bool:
 def quantize_fp8(weight: torch.Tensor, dtype=torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor scaled fp8: stored = weight / scale, scale = amax / 448."""
     weight = weight.float()
-    scale = (weight.abs().amax() / FP8_MAX).clamp_min(1e-12)
+    # times the reciprocal: what CUDA computes for a division by a Python number, so a
+    # weight quantised on the CPU (offloaded) and on the GPU gets the very same scale
+    scale = (weight.abs().amax() * (1.0 / FP8_MAX)).clamp_min(1e-12)
     return (weight / scale).to(dtype), scale.reshape(())

@@ -6,8 +6,8 @@
   and each block is loaded straight onto its GPU (no full-model copy anywhere). A tick's
   block-steps go through one by one, so the GPUs work on different block-steps at once.
 - `Offload(device, blocks)`: the last `blocks` transformer blocks stay in (pinned) CPU
-  memory and are streamed into two reusable GPU slots just before they run, the next one
-  copied while the current one computes. The pipelined sampler runs all steps of a tick in
+  memory and are streamed into a few reusable GPU slots (3 by default) ahead of the layer
+  that runs, as stored (fp8 stays fp8). The pipelined sampler runs all steps of a tick in
   one forward, so each block's weights cross the bus once per tick, not once per step.
 - `StepPerGPU(devices)`: a full copy of the weights on every GPU; the denoising steps are
   dealt out over them (step s on GPU s mod N), each GPU holding its steps' caches and its
@@ -23,7 +23,6 @@ from contextlib import contextmanager
 
 import torch
 
-from .layers import FP8_DTYPES
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 _INJECTOR = re.compile(r"audio_injector\.(?:injector|injector_adain_layers)\.(\d+)\.")
@@ -92,20 +91,26 @@ class Sharded(Placement):
 
 
 class Offload(Placement):
-    def __init__(self, device, blocks: int, num_layers: int):
+    """`slots` reusable GPU copies of one block's tensors, filled in the order the layers run:
+    while layer k computes, layers k+1 .. k+slots-1 are being copied (a side stream waits
+    only for the compute that last used the slot). Weights cross the bus and compute in
+    their storage dtype (fp8 storage: half the bytes and the fp8 matmuls)."""
+
+    def __init__(self, device, blocks: int, num_layers: int, slots: int = 3):
         super().__init__(device)
         if not 0 <= blocks <= num_layers:
             raise ValueError(f"can offload 0 to {num_layers} blocks, not {blocks}")
+        if slots < 2:
+            raise ValueError(f"offload needs at least 2 weight slots (one computing, one loading), not {slots}")
         self.offloaded = list(range(num_layers - blocks, num_layers))
+        self.slot_count = slots
         self.cuda = self.device.type == "cuda"
-        self.slots = []  # two lists of device tensors shaped like one block's tensors
-        self.loaded = {}  # slot index -> layer whose weights it holds
-        self.current = None  # slot of the layer running now
+        self.slots = []  # per slot: device tensors shaped like one block's tensors
+        self.loaded = {}  # slot index -> layer whose weights it holds (or is receiving)
+        self.loads = 0  # copies started so far; the next one goes into slot loads % slots
         self.ready = {}  # slot index -> event: copy into it finished
         self.free = {}  # slot index -> event: last compute using it finished
         self.copy_stream = None  # made at attach: building one needs a CUDA runtime
-        self.scale_of = {}  # tensor index of an fp8 weight -> index of its scale (fp8 storage)
-        self.staging = []  # per slot: device buffers the fp8 weights land in before the upcast
 
     def device_for(self, name: str) -> torch.device:
         layer = self.layer_of(name)
@@ -121,30 +126,9 @@ class Offload(Placement):
                     t.data = t.data.pin_memory()
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
-        self._plan_upcast(self.offloaded[0])
         template = self._tensors(self.offloaded[0])
-        scales = set(self.scale_of.values())
-        self.slots = [[torch.ones((), device=self.device) if i in scales else
-                       torch.empty_like(t, device=self.device, dtype=torch.bfloat16 if i in self.scale_of else t.dtype)
-                       for i, t in enumerate(template)] for _ in range(2)]
-        self.staging = [{i: torch.empty_like(template[i], device=self.device) for i in self.scale_of} for _ in range(2)]
-
-    def _plan_upcast(self, layer: int):
-        """fp8 storage: the weights cross the bus as fp8 (half the bytes) and are upcast to
-        bf16 in the slot, so the block computes with plain bf16 matmuls; the slot's scale then
-        reads 1. (Chosen before the fused fp8 kernels existed; fp8 compute in the slot is
-        untested here and may be faster now.)"""
-        names = self._names(layer)
-        index = {name: i for i, name in enumerate(names)}
-        tensors = self._tensors(layer)
-        for i, name in enumerate(names):
-            scale = index.get(name.removesuffix(".weight") + ".scale_weight")
-            if name.endswith(".weight") and scale is not None and tensors[i].dtype in FP8_DTYPES:
-                self.scale_of[i] = scale
-
-    def _names(self, layer: int) -> list[str]:
-        block = self.model.blocks[layer]
-        return [n for n, _ in block.named_parameters()] + [n for n, _ in block.named_buffers()]
+        count = min(self.slot_count, len(self.offloaded))
+        self.slots = [[torch.empty_like(t, device=self.device) for t in template] for _ in range(count)]
 
     def _tensors(self, layer: int) -> list[torch.Tensor]:
         block = self.model.blocks[layer]
@@ -155,38 +139,39 @@ class Offload(Placement):
         if layer not in self.offloaded:
             yield self.device
             return
-        slot = self.current = self._slot_of(layer)
+        slot = self._prefetch(layer)
         tensors = self._tensors(layer)
         host = [t.data for t in tensors]
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
         for t, staged in zip(tensors, self.slots[slot]):
             t.data = staged
-        self._prefetch(self._next_offloaded(layer))
+        for ahead in self._following(layer):
+            self._prefetch(ahead)
         try:
             yield self.device
         finally:
             for t, h in zip(tensors, host):
                 t.data = h
-            self.current = None
             if self.cuda:
                 self.free[slot] = torch.cuda.current_stream(self.device).record_event()
 
-    def _slot_of(self, layer: int) -> int:
+    def _following(self, layer: int) -> list[int]:
+        """The offloaded layers that run next (cyclically: the next tick starts over), one
+        per slot not used by `layer`."""
+        i = self.offloaded.index(layer)
+        ahead = min(len(self.slots), len(self.offloaded)) - 1
+        return [self.offloaded[(i + k) % len(self.offloaded)] for k in range(1, ahead + 1)]
+
+    def _prefetch(self, layer: int) -> int:
+        """The slot holding (or receiving) `layer`'s weights; starts the copy if none does.
+        Copies go round the slots in the order they are started, so the slot taken is the
+        one whose layer ran longest ago."""
         for slot, held in self.loaded.items():
             if held == layer:
                 return slot
-        return self._prefetch(layer)
-
-    def _next_offloaded(self, layer: int) -> int:
-        i = self.offloaded.index(layer)
-        return self.offloaded[(i + 1) % len(self.offloaded)]
-
-    def _prefetch(self, layer: int) -> int:
-        """Start copying `layer`'s weights into the slot not holding the running layer."""
-        if layer in self.loaded.values():
-            return next(s for s, held in self.loaded.items() if held == layer)
-        slot = 1 if self.current == 0 else 0
+        slot = self.loads % len(self.slots)
+        self.loads += 1
         self.loaded[slot] = layer
         if not self.cuda:
             self._copy_into(slot, layer)
@@ -199,16 +184,8 @@ class Offload(Placement):
         return slot
 
     def _copy_into(self, slot: int, layer: int):
-        host = self._tensors(layer)
-        scales = set(self.scale_of.values())
-        for i, (staged, t) in enumerate(zip(self.slots[slot], host)):
-            if i in self.scale_of:
-                fp8 = self.staging[slot][i]
-                fp8.copy_(t.data, non_blocking=self.cuda)
-                scale = host[self.scale_of[i]].data.to(self.device, non_blocking=self.cuda)
-                torch.mul(fp8.to(torch.bfloat16), scale.to(torch.bfloat16), out=staged)  # Linear.weight_as's math
-            elif i not in scales:
-                staged.copy_(t.data, non_blocking=self.cuda)
+        for staged, t in zip(self.slots[slot], self._tensors(layer)):
+            staged.copy_(t.data, non_blocking=self.cuda)
 
 
 class StepPerGPU(Placement):

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .dit import FRAMES_PER_BLOCK, REFERENCE_TIME, BlockStep, LiveAvatarDiT, StepCache
+from .dit import FRAMES_PER_BLOCK, REFERENCE_TIME, BlockStep, LiveAvatarDiT, StepCaches
 
 NUM_TRAIN_TIMESTEPS = 1000
 SHIFT = 3.0
@@ -148,6 +148,7 @@ class _Job:
     step: int
     x: torch.Tensor
     audio: tuple
+    rope_cache: dict = field(default_factory=dict)  # the block's RoPE tables, built at its first step
 
 
 class Streamer:
@@ -203,19 +204,35 @@ class Streamer:
         self.step_replica = [replicas[id(m)] for m in step_models]
 
     def _build_caches(self, cfg, settings, ring: int):
-        """One StepCache per step, on the layer devices of the copy that runs the step, holding
-        the portrait's sink; fp8 where asked, or (auto) where bf16 would not fit."""
+        """A StepCache per step, in one StepCaches per model copy (on its layer devices),
+        holding the portrait's sink; fp8 where asked, or (auto) where bf16 would not fit."""
         sink = self.replicas[0].sinks[0]
         layer_devices = [[r.model.layer_device(i) for i in range(len(r.model.blocks))] for r in self.step_replica]
         dtype = sink.values[0].dtype
         bytes_per_layer_step = (sink.length + ring) * 2 * cfg.dim * dtype.itemsize
         fp8 = settings.kv_fp8 if settings.kv_fp8 is not None else not _fits(bytes_per_layer_step, layer_devices)
         self.kv_fp8 = fp8
-        self.caches = [StepCache(sink.length, ring, cfg.num_heads, cfg.head_dim, devices, dtype, fp8)
-                       for devices in layer_devices]
-        for replica, cache in zip(self.step_replica, self.caches):
-            cache.load_sink(replica.sinks[0])
+        self.caches = [None] * len(self.step_replica)
+        for replica in self.replicas:
+            steps = self._steps_of(replica)
+            group = StepCaches(len(steps), sink.length, ring, cfg.num_heads, cfg.head_dim, layer_devices[steps[0]],
+                               dtype, fp8)
+            for step, cache in zip(steps, group.views()):
+                self.caches[step] = cache
+                cache.load_sink(replica.sinks[0])
         self.cache_phase = [0] * len(self.caches)
+        self._release_loaded_sinks()
+
+    def _steps_of(self, replica: _Replica) -> list[int]:
+        return [step for step, r in enumerate(self.step_replica) if r is replica]
+
+    def _release_loaded_sinks(self):
+        """A sink's keys/values are copied into every step's cache; once all of a copy's
+        steps hold them, only the reference keys (re-roped every forward) stay."""
+        for replica in self.replicas:
+            for phase, sink in replica.sinks.items():
+                if sink.keys is not None and all(self.cache_phase[s] == phase for s in self._steps_of(replica)):
+                    sink.release()
 
     # ---- per block ------------------------------------------------------------------------
     def clip_noise(self, clip: int) -> torch.Tensor:
@@ -239,13 +256,14 @@ class Streamer:
         if self.cache_phase[step] != phase:  # this step's first block of clip 1: refreshed sink
             self.caches[step].load_sink(replica.sinks[phase])
             self.cache_phase[step] = phase
+            self._release_loaded_sinks()
         frame_start = self.frame_start(clip, block)
         ref_time = self.offsets.reference_time(frame_start, self.offsets.at(job.index * len(self.timesteps) + step))
         device = replica.model.device
         # non_blocking: the latents/audio come from another GPU's stream, the host must not wait for it
         return BlockStep(job.x.to(device, non_blocking=True), replica.step_mods[step],
                          tuple(a.to(device, non_blocking=True) for a in job.audio),
-                         replica.sinks[phase], self.caches[step], frame_start, ref_time)
+                         replica.sinks[phase], self.caches[step], frame_start, ref_time, job.rope_cache)
 
     def predict(self, x, step: int, clip: int, block: int, audio=None) -> torch.Tensor:
         """Flow prediction for one block at one step (writes that step's KV ring)."""
@@ -316,6 +334,7 @@ class Streamer:
         replica = self.step_replica[jobs[0].step]
         device = replica.model.device
         placement = replica.model.placement
+        jobs = sorted(jobs, key=lambda job: job.step)  # consecutive steps: one attention call (attend_steps)
         with torch.no_grad(), (torch.cuda.device(device) if device.type == "cuda" else nullcontext()):
             items = [self._block_step(job) for job in jobs]
             # Layers sharded over GPUs: one item at a time, so that while the last GPU runs
@@ -350,6 +369,7 @@ class Streamer:
             m = replica.model
             replica.sinks[1] = m.prefill_sink(self.first_clean_frame.to(m.device), self.inputs.motion_latents,
                                               replica.text_kv)
+            replica.sinks[1].park()
 
     def _drop_portrait_sink(self):
         for replica in self.replicas:
@@ -390,12 +410,18 @@ class Streamer:
 
 def _fits(bytes_per_layer_step: int, step_layer_devices, headroom: float = 0.85) -> bool:
     """Would the KV caches (one per step; per step, one buffer per layer on that layer's
-    device) fit in the free memory of each GPU?"""
+    device) fit in the free memory of each GPU? Free = the driver's free memory plus what
+    PyTorch's allocator holds unused (a previous run's caches, freed but kept reserved)."""
     need = {}
     for layer_devices in step_layer_devices:
         for device in layer_devices:
             need[device] = need.get(device, 0) + bytes_per_layer_step
-    return all(device.type != "cuda" or n <= headroom * torch.cuda.mem_get_info(device)[0] for device, n in need.items())
+    return all(device.type != "cuda" or n <= headroom * _free_bytes(device) for device, n in need.items())
+
+
+def _free_bytes(device: torch.device) -> int:
+    unused_reserve = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + unused_reserve
 
 
 def stream(model: LiveAvatarDiT, inputs: StreamInputs, settings: StreamSettings,

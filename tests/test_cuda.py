@@ -64,6 +64,24 @@ def test_offloaded_fp8_storage_close_to_bf16(checkpoint, bf16):
     assert relative_l2(latents, bf16) < 0.15
 
 
+@pytest.mark.parametrize("slots", [2, 3])
+def test_offloaded_fp8_computes_as_in_place_fp8(checkpoint, slots):
+    """fp8 weights streamed into the slots run the same fp8 kernels as fp8 weights kept on the GPU."""
+    layers = fixture_config(SET).num_layers
+    in_place = run(checkpoint, "fp8", OneDevice("cuda"))
+    offloaded = run(checkpoint, "fp8", Offload("cuda", blocks=layers, num_layers=layers, slots=slots))
+    assert torch.equal(offloaded, in_place), f"relative L2 {relative_l2(offloaded, in_place):.2e}"
+
+
+def test_ffn_gelu_in_the_matmul_epilogue_is_linear_then_tanh_gelu():
+    from liveavatar.layers import Linear
+    g = torch.Generator().manual_seed(0)
+    linear = Linear(256, 512).to("cuda", torch.bfloat16)
+    x = torch.randn(100, 256, generator=g).to("cuda", torch.bfloat16)
+    want = torch.nn.functional.gelu(linear(x).float(), approximate="tanh")
+    assert relative_l2(linear.forward_gelu(x).float(), want) < 1e-2
+
+
 def test_sharded_equals_bf16(checkpoint, bf16):
     cfg = fixture_config(SET)
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.device_count() > 1 else ["cuda:0", "cuda:0"]

@@ -107,12 +107,6 @@ def test_modulated_norm_fp8_rows(triton_on):
     assert rows.flatten(0, 1).shape == (60, 96)
 
 
-def test_layer_norm_affine_kernel(triton_on):
-    x, weight, bias = randn(2, 10, 96), randn(96, seed=1), randn(96, seed=2)
-    want = F.layer_norm(x, (96,), weight, bias, 1e-6)
-    torch.testing.assert_close(kernels.layer_norm_affine(x, weight, bias, 1e-6, torch.float32), want, rtol=1e-5, atol=1e-5)
-
-
 def rope_tables(tokens: int, head_dim: int):
     positions = rope.grid_positions(range(-1, 1), range(2), range(tokens // 4))  # includes negative times
     return tuple(t.to(DEVICE) for t in rope.rope_tables(positions, head_dim))
@@ -125,12 +119,27 @@ def test_rms_norm_rope_kernel_matches_rmsnorm_then_apply_rope(triton_on, dtype):
     norm = RMSNorm(heads * head_dim, eps=1e-6)
     norm.weight.data = randn(heads * head_dim, seed=1)
     cos, sin = rope_tables(20, head_dim)
-    want = rope.apply_rope(norm(x).unflatten(-1, (heads, head_dim)), cos, sin)
+    want = rope.apply_rope(kernels.rms_norm_reference(x, norm.weight, 1e-6).unflatten(-1, (heads, head_dim)), cos, sin)
     got = norm.forward_rope(x, cos, sin, heads)
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
         assert_within_bf16_step(got, want, rotated=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_kernel_is_wan_rmsnorm(triton_on, dtype):
+    """x / rms(x) in full precision, rounded to x's dtype, times the weight in x's dtype."""
+    x = (randn(3, 20, 96) * 4).to(dtype)
+    norm = RMSNorm(96, eps=1e-6)
+    norm.weight.data = randn(96, seed=1)
+    rms = x.double().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    want = (x.double() / rms).to(dtype) * norm.weight.to(dtype)
+    got = norm(x)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert_within_bf16_step(got, want)
 
 
 def test_rms_norm_rope_writes_into_a_ring_slice(triton_on):

@@ -178,3 +178,29 @@ def test_strength_change_reaches_every_gpu_copy(set_dir, tmp_path):
     for copy in model.copies():
         for name, value in copy.state_dict().items():
             assert relative_l2(value, fresh[name]) < 1e-6, name
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_a_runs_caches_are_freed_at_once(close):
+    """The KV caches and sinks (most of a run's GPU memory) go as soon as the run is closed or
+    dropped, not whenever Python's garbage collector next runs (no reference cycles)."""
+    import gc
+    import weakref
+
+    from dit_fixture import fixture_inputs, fixture_model, fixture_settings
+    from liveavatar.sampler import Streamer
+
+    set_dir = fixture_sets("dit_streaming")[0].values[0]
+    model = fixture_model(set_dir)
+    gc.collect()
+    gc.disable()
+    try:
+        streamer = Streamer(model, fixture_inputs(set_dir), fixture_settings(set_dir))
+        blocks = list(streamer.blocks())
+        held = [weakref.ref(t) for t in (streamer.caches[0].group.keys[0], streamer.replicas[0].sinks[1].ref_keys[0])]
+        if close:
+            streamer.close()
+        del streamer
+        assert blocks and all(ref() is None for ref in held)
+    finally:
+        gc.enable()
