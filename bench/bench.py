@@ -176,9 +176,6 @@ def profile(model, inputs, settings, out_dir: Path, name: str, ticks: int = 3):
     """Where the time of `ticks` steady-state ticks goes: a Chrome trace (gzipped) and its
     summary (trace_summary.py), written to out_dir and printed. The profiler starts once the
     pipeline is full (S + 1 blocks out) and stops after `ticks` more blocks (one per tick)."""
-    import gzip
-    import shutil
-
     from torch.profiler import ProfilerActivity
 
     from trace_summary import load, summarize
@@ -196,13 +193,10 @@ def profile(model, inputs, settings, out_dir: Path, name: str, ticks: int = 3):
     prof.stop()
     blocks.close()
     streamer.close()
-    trace = out_dir / f"trace_{name}.json"
-    prof.export_chrome_trace(str(trace))
-    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    trace.unlink()
+    trace = str(out_dir / f"trace_{name}.json.gz")
+    prof.export_chrome_trace(trace)  # gzipped by torch for a .gz path
     per = ticks if settings.pipelined else ticks * settings.steps
-    text = summarize(load(f"{trace}.gz"), label=name, per=per, per_name="tick" if settings.pipelined else "block-step")
+    text = summarize(load(trace), label=name, per=per, per_name="tick" if settings.pipelined else "block-step")
     (out_dir / f"profile_{name}.md").write_text(text)
     print(text, flush=True)
 
