@@ -1,0 +1,297 @@
+"""The nodes as a graph calls them, at full size (14B, random weights), on the GPU.
+
+Loader -> Audio Encode -> Live Video (or Sampler -> Decode), outside ComfyUI through the
+pack's standalone fallbacks, with a random 14B checkpoint in ComfyUI's fp8_scaled layout
+written once to --models (bf16 rows load the same file upcast). Per case it reports:
+
+- steady_fps: frames after the first block / seconds after the first frame (what the viewer
+  of the live player sees), ttff_s: node start -> the first block handed to the player;
+- peak_gib (max allocated) and peak_reserved_gib, under memory_cap_gib when the case sets one
+  (the loader's cap, and the same cap on PyTorch's allocator so a miss cannot hide);
+- for offload cases: copied_gb_per_tick (the offloaded blocks cross the bus once per tick)
+  and the FPS the bus allows at 25 and 50 GB/s, capped by the same-size compute-bound FPS
+  measured in this run (modelled_fps_25gbps / modelled_fps_50gbps).
+
+    python bench/live_bench.py --models /tmp/la_models --out $OUT/live.json \
+        --cases live-fp8-704,live-fp8-384 [--ttff-cold live-fp8-384]
+
+A case name is live[-sd]-<weights>-<size>[-s<steps>][-cap<GiB>][-off<blocks>][-stepgpu]: `-sd` runs
+Sampler -> Decode instead of Live Video. The first Live Video call of a process also pays
+what a first run after ComfyUI starts pays; --ttff-cold CASE runs CASE again in a fresh
+process (compile caches on disk present) and reports ttff_cold_s.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2 ** 30
+CHECKPOINT = "liveavatar_bench_14B_fp8_scaled.safetensors"
+CONFIG_14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, text_dim=4096, text_len=512, audio_dim=1024)
+SIZES = {"384": "384*256", "704": "704*384"}
+SPEECH_S = 8.0  # 199 video frames at 25 fps
+INFER_FRAMES = 48
+
+
+def import_pack():
+    spec = importlib.util.spec_from_file_location("liveavatar_pack", REPO / "__init__.py")
+    pack = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    return pack
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+def write_checkpoint(path: Path, pack, config: dict, device: str):
+    """Random DiT in ComfyUI's fp8_scaled layout: block/injector Linear weights fp8 e4m3 with a
+    per-tensor scale_weight, the rest bf16. Drawn on `device`, saved from the CPU."""
+    from safetensors.torch import save_file
+    la = pack.liveavatar
+    cfg = la.dit.DiTConfig(**config)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.device("meta"):
+        model = la.dit.LiveAvatarDiT(cfg)
+    out = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for name, meta in model.state_dict().items():
+        module_name = name.rpartition(".")[0]
+        shape = tuple(meta.shape)
+        if len(shape) >= 2:
+            t = torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16) / math.prod(shape[1:]) ** 0.5
+        elif "norm" in name:
+            t = torch.ones(shape, device=device, dtype=torch.bfloat16)
+        else:
+            t = torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16) * 0.02
+        if la.loading._fp8_eligible(module_name, model.get_submodule(module_name), name.rpartition(".")[2]):
+            t, scale = la.loading.quantize_fp8(t)
+            out[module_name + ".scale_weight"] = scale.float().cpu()
+        out[name] = t.cpu()
+    meta = {f: getattr(cfg, f) for f in ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_len",
+                                         "audio_dim", "num_audio_token", "cond_dim", "in_dim", "out_dim", "freq_dim")}
+    meta["audio_inject_layers"] = list(cfg.audio_inject_layers)
+    save_file(out, str(path), metadata={"config": json.dumps(meta)})
+
+
+def graph_inputs(pack, device, tiny: bool, seconds: float):
+    """What the graph's other nodes would hand over: a real-size random wav2vec2 and Wan2.1 VAE
+    (engine objects, which the nodes accept as the core loaders' outputs), the prompt's
+    CONDITIONING, a 512x512 portrait IMAGE and 8 s of AUDIO. `tiny`: the test-size models."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+    la = pack.liveavatar
+    torch.manual_seed(0)
+    config = la.testing.WAV2VEC2_TINY if tiny else dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)
+    half = torch.float16 if device == "cuda" else torch.float32
+    wav2vec = la.audio.Wav2Vec2Encoder(Wav2Vec2Model(Wav2Vec2Config(**config)), device, half)
+    with torch.device(device):
+        vae = la.vae.WanVAE(la.vae.VideoVAE(dim=4 if tiny else 96), device, torch.bfloat16 if device == "cuda" else torch.float32)
+    cond = torch.zeros(1, 512, 4096)
+    cond[0, :20] = torch.randn(20, 4096) * 0.2
+    mask = torch.zeros(1, 512, dtype=torch.long)
+    mask[0, :20] = 1
+    rate = 16000
+    t = torch.arange(int(seconds * rate)) / rate
+    wave = 0.2 * torch.sin(2 * math.pi * 140 * t) * (torch.sin(2 * math.pi * 3.5 * t).clamp(min=0) ** 0.5)
+    return dict(wav2vec=wav2vec, vae=vae, positive=[[cond, {"attention_mask": mask}]],
+                image=torch.rand(1, 512, 512, 3), audio={"waveform": wave[None, None], "sample_rate": rate})
+
+
+# ---- cases ----------------------------------------------------------------------------------
+def parse_case(name: str) -> dict:
+    m = re.fullmatch(r"live(-sd)?-(fp8|bf16)-(384|704)(?:-s(\d))?(?:-cap(\d+(?:\.\d+)?))?(?:-off(\d+))?(-stepgpu)?", name)
+    if not m:
+        raise SystemExit(f"bad case name {name!r} (see the module docstring)")
+    sd, weights, size, steps, cap, off, stepgpu = m.groups()
+    placement = "one denoising step per GPU" if stepgpu else ("offload blocks to CPU" if off else "one GPU")
+    return dict(mode=name, graph="sampler+decode" if sd else "live video", weight_dtype="fp8_e4m3fn" if weights == "fp8" else "bf16",
+                size=SIZES[size], steps=int(steps or 4), memory_cap_gib=float(cap) if cap else 0.0,
+                offload_blocks=int(off or 0), placement=placement)
+
+
+def call(node, function: str, **values):
+    """A node's FUNCTION with the inputs its INPUT_TYPES declares (others dropped), as ComfyUI
+    passes them; declared inputs missing here get their defaults."""
+    declared = node.INPUT_TYPES()
+    specs = {**declared.get("required", {}), **declared.get("optional", {})}
+    kwargs = {k: v for k, v in values.items() if k in specs}
+    for key, spec in declared.get("required", {}).items():
+        if key not in kwargs and len(spec) > 1 and "default" in spec[1]:
+            kwargs[key] = spec[1]["default"]
+    return getattr(node(), function)(**kwargs)
+
+
+class BlockClock:
+    """Times the blocks handed to the player: wraps the websocket sender of the Live Video node
+    (standalone it sends nothing) and records (time, frames) of every block message."""
+
+    def __init__(self, host):
+        self.host, self.marks, self.original = host, [], host.send_to_browser
+
+    def __enter__(self):
+        def record(event, data):
+            if not data.get("done", False) and data.get("status", "running") == "running":
+                self.marks.append((time.perf_counter(), data["frames"]))
+            self.original(event, data)
+        self.host.send_to_browser = record
+        return self
+
+    def __exit__(self, *exc):
+        self.host.send_to_browser = self.original
+
+
+class Gpu:
+    """Memory stats and syncs on CUDA; nothing on the CPU (--tiny smoke runs)."""
+
+    on = torch.cuda.is_available()
+
+    @classmethod
+    def start(cls, cap_gib: float):
+        gc.collect()
+        if cls.on:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total) if cap_gib else 1.0)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    @classmethod
+    def sync(cls):
+        if cls.on:
+            torch.cuda.synchronize()
+
+    @classmethod
+    def peaks(cls) -> dict:
+        if not cls.on:
+            return dict(peak_gib=0.0, peak_reserved_gib=0.0)
+        return dict(peak_gib=torch.cuda.max_memory_allocated() / GIB, peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+
+
+def run_case(pack, case: dict, inputs: dict, model_name: str) -> dict:
+    nodes, host = pack.nodes, pack.nodes.host
+    cap = case["memory_cap_gib"]
+    Gpu.start(cap)
+    start = time.perf_counter()
+    (model,) = call(nodes.loader.LiveAvatarModelLoader, "load", model_name=model_name, lora_name="None",
+                    lora_strength=1.0, weight_dtype=case["weight_dtype"], placement=case["placement"],
+                    offload_blocks=case["offload_blocks"], kv_cache="auto", memory_cap_gib=cap, compile=False)
+    load_s = time.perf_counter() - start
+    features, _, frames = call(nodes.audio.LiveAvatarAudioEncode, "encode", audio=inputs["audio"],
+                               audio_encoder=inputs["wav2vec"], infer_frames=INFER_FRAMES)
+    common = dict(model=model, positive=inputs["positive"], image=inputs["image"], vae=inputs["vae"],
+                  audio_features=features, size=case["size"], infer_frames=INFER_FRAMES, num_clip=0,
+                  sample_steps=case["steps"], seed=42, audio=inputs["audio"], return_frames=False)
+    Gpu.sync()
+    node_start = time.perf_counter()
+    if case["graph"] == "live video":
+        with BlockClock(host) as clock:
+            call(nodes.live.LiveAvatarLiveVideo, "generate", filename_prefix="bench/live", **common)
+        marks = clock.marks
+    else:  # Sampler -> Decode: blocks reach the viewer only when the decode node writes them
+        (latents,) = call(nodes.sampler.LiveAvatarSampler, "sample", **common)
+        sampled = time.perf_counter()
+        call(nodes.decode.LiveAvatarDecode, "decode", latents=latents, vae=inputs["vae"], save_mp4=True,
+             filename_prefix="bench/sd", audio=inputs["audio"], return_frames=False)
+        marks = [(sampled, 0), (time.perf_counter(), frames)]
+    Gpu.sync()
+    wall = time.perf_counter() - node_start
+    first_t, first_frames = marks[0]
+    last_t, last_frames = marks[-1]
+    row = dict(case, gpus=torch.cuda.device_count() if "step per GPU" in case["placement"] else 1,
+               frames=frames, ttff_s=first_t - node_start, wall_s=wall, load_s=load_s,
+               steady_fps=(last_frames - first_frames) / max(last_t - first_t, 1e-9), **Gpu.peaks())
+    row.update(offload_traffic(model, case))
+    del model
+    return row
+
+
+def offload_traffic(model, case) -> dict:
+    """Bytes of the offloaded blocks (each crosses the bus once per tick)."""
+    placement = getattr(model.dit, "placement", None)
+    offloaded = getattr(placement, "offloaded", None)
+    if not offloaded:
+        return {}
+    per_tick = sum(t.numel() * t.element_size() for layer in offloaded for t in placement._tensors(layer))
+    return dict(offloaded_blocks=len(offloaded), copied_gb_per_tick=per_tick / 1e9)
+
+
+def add_models(rows):
+    """FPS the host link allows for offload rows: one block (12 frames) per tick, the tick at
+    least as long as its copies and as its compute (the same size without offload, this run)."""
+    compute = {(r["size"], r["weight_dtype"], r["steps"]): r["steady_fps"] for r in rows if "copied_gb_per_tick" not in r
+               and r["placement"] == "one GPU"}
+    for r in rows:
+        if "copied_gb_per_tick" in r:
+            bound = compute.get((r["size"], r["weight_dtype"], r["steps"]), r["steady_fps"])
+            for gbps in (25, 50):
+                r[f"modelled_fps_{gbps}gbps"] = min(bound, 12 / (r["copied_gb_per_tick"] / gbps))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="/tmp/la_models")
+    parser.add_argument("--cases", default="live-fp8-384,live-fp8-704")
+    parser.add_argument("--ttff-cold", default="", help="a case to run again in a fresh process")
+    parser.add_argument("--out", default="live_rows.json")
+    parser.add_argument("--command", default=" ".join(sys.argv), help="recorded in every row")
+    parser.add_argument("--seconds", type=float, default=SPEECH_S, help="speech length")
+    parser.add_argument("--tiny", action="store_true", help="test-size models on the CPU: a smoke run of this script")
+    args = parser.parse_args()
+    models = Path(args.models)
+    os.environ["LIVEAVATAR_MODELS"] = str(models)
+    os.environ.setdefault("LIVEAVATAR_OUTPUT", str(models.parent / "la_output"))
+    pack = import_pack()
+    for module in ("testing", "audio", "vae", "dit", "loading"):
+        importlib.import_module(f"{pack.__name__}.liveavatar.{module}")
+    device = "cuda" if Gpu.on else "cpu"
+    config = {f: getattr(pack.liveavatar.testing.tiny_dit_config(), f) for f in CONFIG_14B} if args.tiny else CONFIG_14B
+    if args.tiny:
+        config.update(audio_layers=4, audio_inject_layers=(0, 2))
+    checkpoint = models / "diffusion_models" / CHECKPOINT
+    if not checkpoint.exists():
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        write_checkpoint(checkpoint, pack, config, device)
+        print(f"wrote {checkpoint} ({checkpoint.stat().st_size / 1e9:.1f} GB) in {time.perf_counter() - started:.0f} s", flush=True)
+    inputs = graph_inputs(pack, device, args.tiny, args.seconds)
+    rows = []
+    for name in filter(None, args.cases.split(",")):
+        case = parse_case(name)
+        try:
+            row = run_case(pack, case, inputs, CHECKPOINT)
+        except Exception as error:  # one failing case must not lose the others
+            row = dict(case, error=f"{type(error).__name__}: {error}"[:500])
+        row["command"] = args.command
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    if args.ttff_cold:
+        cold = Path(args.out).with_suffix(".cold.json")
+        subprocess.run([sys.executable, __file__, "--models", str(models), "--cases", args.ttff_cold,
+                        "--out", str(cold), "--command", args.command, "--seconds", str(args.seconds)]
+                       + ["--tiny"] * args.tiny, check=False)
+        for row in json.loads(cold.read_text()) if cold.exists() else []:
+            rows.append(dict(row, mode=row["mode"] + "-cold", ttff_cold_s=row.get("ttff_s")))
+    add_models(rows)
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    print("\n| case | steady FPS | TTFF s | peak GiB | cap GiB | GB/tick | FPS@25GB/s | FPS@50GB/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['mode']} | error: {r['error'][:80]} |")
+            continue
+        print(f"| {r['mode']} | {r['steady_fps']:.1f} | {r['ttff_s']:.2f} | {r['peak_gib']:.1f} | {r['memory_cap_gib'] or '-'} | "
+              f"{r.get('copied_gb_per_tick', 0):.1f} | {r.get('modelled_fps_25gbps', 0):.1f} | {r.get('modelled_fps_50gbps', 0):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
