@@ -23,6 +23,7 @@ process (compile caches on disk present) and reports ttff_cold_s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -176,7 +177,52 @@ class Gpu:
         return dict(peak_gib=torch.cuda.max_memory_allocated() / GIB, peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
 
 
-def run_case(pack, case: dict, inputs: dict, model_name: str) -> dict:
+class Phases:
+    """Where the time to the first frame goes, in the Live Video node: the GPU is synchronised at
+    each mark (phases only: the mark itself costs a little overlap). Wraps, where the node module
+    has them, its portrait encode and its Streamer (setup, first clean block)."""
+
+    def __init__(self, live_module):
+        self.module, self.marks, self.saved = live_module, {}, {}
+
+    def mark(self, name):
+        Gpu.sync()
+        self.marks.setdefault(name, time.perf_counter())
+
+    def __enter__(self):
+        phases = self
+        encode = getattr(self.module, "portrait_latents", None)
+        streamer = getattr(self.module, "Streamer", None)
+        if encode is not None:
+            def timed_encode(*args, **kwargs):
+                out = encode(*args, **kwargs)
+                phases.mark("portrait_encoded")
+                return out
+            self.saved["portrait_latents"] = encode
+            self.module.portrait_latents = timed_encode
+        if streamer is not None:
+            class TimedStreamer(streamer):
+                def __init__(self, *args, **kwargs):
+                    super().__init__(*args, **kwargs)
+                    phases.mark("streamer_ready")
+
+                def blocks(self, *args, **kwargs):
+                    for block in super().blocks(*args, **kwargs):
+                        phases.mark("first_block_clean")
+                        yield block
+            self.saved["Streamer"] = streamer
+            self.module.Streamer = TimedStreamer
+        return self
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(self.module, name, value)
+
+    def relative(self, start: float) -> dict:
+        return {f"{k}_s": v - start for k, v in self.marks.items()}
+
+
+def run_case(pack, case: dict, inputs: dict, model_name: str, phases: bool = False) -> dict:
     nodes, host = pack.nodes, pack.nodes.host
     cap = case["memory_cap_gib"]
     Gpu.start(cap)
@@ -192,10 +238,12 @@ def run_case(pack, case: dict, inputs: dict, model_name: str) -> dict:
                   sample_steps=case["steps"], seed=42, audio=inputs["audio"], return_frames=False)
     Gpu.sync()
     node_start = time.perf_counter()
+    timeline = {}
     if case["graph"] == "live video":
-        with BlockClock(host) as clock:
+        with BlockClock(host) as clock, (Phases(nodes.live) if phases else contextlib.nullcontext()) as phase:
             call(nodes.live.LiveAvatarLiveVideo, "generate", filename_prefix="bench/live", **common)
         marks = clock.marks
+        timeline = phase.relative(node_start) if phases else {}
     else:  # Sampler -> Decode: blocks reach the viewer only when the decode node writes them
         (latents,) = call(nodes.sampler.LiveAvatarSampler, "sample", **common)
         sampled = time.perf_counter()
@@ -208,7 +256,7 @@ def run_case(pack, case: dict, inputs: dict, model_name: str) -> dict:
     last_t, last_frames = marks[-1]
     row = dict(case, gpus=torch.cuda.device_count() if "step per GPU" in case["placement"] else 1,
                frames=frames, ttff_s=first_t - node_start, wall_s=wall, load_s=load_s,
-               steady_fps=(last_frames - first_frames) / max(last_t - first_t, 1e-9), **Gpu.peaks())
+               steady_fps=(last_frames - first_frames) / max(last_t - first_t, 1e-9), **Gpu.peaks(), **timeline)
     row.update(offload_traffic(model, case))
     del model
     return row
@@ -243,6 +291,8 @@ def main():
     parser.add_argument("--ttff-cold", default="", help="a case to run again in a fresh process")
     parser.add_argument("--out", default="live_rows.json")
     parser.add_argument("--command", default=" ".join(sys.argv), help="recorded in every row")
+    parser.add_argument("--phases", default="", help="cases to run again with the time to the first frame split "
+                        "into phases (synchronised marks; separate rows, mode + '-phases')")
     parser.add_argument("--seconds", type=float, default=SPEECH_S, help="speech length")
     parser.add_argument("--tiny", action="store_true", help="test-size models on the CPU: a smoke run of this script")
     args = parser.parse_args()
@@ -264,10 +314,14 @@ def main():
         print(f"wrote {checkpoint} ({checkpoint.stat().st_size / 1e9:.1f} GB) in {time.perf_counter() - started:.0f} s", flush=True)
     inputs = graph_inputs(pack, device, args.tiny, args.seconds)
     rows = []
-    for name in filter(None, args.cases.split(",")):
+    runs = [(name, False) for name in filter(None, args.cases.split(","))]
+    runs += [(name, True) for name in filter(None, args.phases.split(","))]
+    for name, phases in runs:
         case = parse_case(name)
+        if phases:
+            case["mode"] += "-phases"
         try:
-            row = run_case(pack, case, inputs, CHECKPOINT)
+            row = run_case(pack, case, inputs, CHECKPOINT, phases=phases)
         except Exception as error:  # one failing case must not lose the others
             row = dict(case, error=f"{type(error).__name__}: {error}"[:500])
         row["command"] = args.command
