@@ -292,6 +292,23 @@ def attention_fp8(q: torch.Tensor, segments, pv: str = "fp8", scale: float | Non
         raise RuntimeError("attention_fp8: the kernel needs a CUDA tensor (or TRITON_INTERPRET=1); "
                            "use attention_fp8_reference on CPU")
     backend = _load_backend()
+    out, args, flags = kernel_arguments(q, prepared, pv, scale)
+    n_q, batch_heads = q.shape[1], q.shape[0] * q.shape[2]
+    if config is None and _interpreting():
+        config = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+    with _on_device_of(q):
+        if config is None:
+            grid = lambda meta: (triton_cdiv(n_q, meta["BLOCK_M"]), batch_heads)  # noqa: E731
+            backend.attention_fp8_kernel_tuned[grid](*args, **flags)
+        else:
+            grid = (triton_cdiv(n_q, config["BLOCK_M"]), batch_heads)
+            backend.attention_fp8_kernel[grid](*args, **flags, **config)
+    return out
+
+
+def kernel_arguments(q: torch.Tensor, prepared: list[PreparedSegment], pv: str, scale: float | None = None):
+    """(out, positional arguments, constexpr flags) of attention_fp8_kernel for checked,
+    prepared segments (also what bench/attention_check.py precompiles with)."""
     batch, n_q, heads, head_dim = q.shape
     q = _unit_last(q)
     out = torch.empty(q.shape, dtype=q.dtype if q.dtype != torch.float32 else torch.bfloat16, device=q.device)
@@ -303,7 +320,7 @@ def attention_fp8(q: torch.Tensor, segments, pv: str = "fp8", scale: float | Non
     args += [n_q, first.tokens, second.tokens if len(prepared) == 2 else 0, heads, scale * math.log2(math.e)]
     args += [q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2)]
     for seg in (first, second):
-        shared = seg.batch == 1
+        shared = seg.batch == 1  # one copy read by every batch item: batch stride 0
         k_bs = 0 if shared else seg.k.stride(0)
         v_bs = 0 if shared else seg.v.stride(0)
         s_bs = 0 if shared else seg.k_scale.stride(0)
@@ -314,16 +331,7 @@ def attention_fp8(q: torch.Tensor, segments, pv: str = "fp8", scale: float | Non
             v_h, v_n, v_d = seg.v.stride(2), seg.v.stride(1), 1
         args += [k_bs, seg.k.stride(1), seg.k.stride(2), s_bs, v_bs, v_h, v_n, v_d, vs_bs]
     flags = dict(HEAD_DIM=head_dim, PV_FP8=pv == "fp8", V_KMAJOR=first.v_kmajor, TWO_SEGMENTS=len(prepared) == 2)
-    if config is None and _interpreting():
-        config = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
-    with _on_device_of(q):
-        if config is None:
-            grid = lambda meta: (triton_cdiv(n_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-            backend.attention_fp8_kernel_tuned[grid](*args, **flags)
-        else:
-            grid = (triton_cdiv(n_q, config["BLOCK_M"]), batch * heads)
-            backend.attention_fp8_kernel[grid](*args, **flags, **config)
-    return out
+    return out, args, flags
 
 
 def _on_device_of(t: torch.Tensor):

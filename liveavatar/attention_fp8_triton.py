@@ -165,9 +165,11 @@ def attention_fp8_kernel(
 
 def _sm90_configs():
     """A small autotune space for H100/H200 (bench/attention_check.py must tune within its
-    time budget). 8 warps = two warpgroups of 64 query rows for BLOCK_M 128; BLOCK_N 128 halves
-    the per-score cost of the accumulator rescale against 64; stages 2-4 of K/V prefetch."""
-    shapes = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 4, 3)]
+    time budget). BLOCK_M 128 with 8 warps = two warpgroups of 64 query rows per CTA (one CTA
+    per SM: ptxas takes 255 registers); BLOCK_M 64 with 4 warps = one warpgroup, two CTAs per
+    SM whose softmax and tensor-core phases interleave. BLOCK_N 128 halves the per-score cost
+    of the accumulator rescale against 64. Stages: K/V tiles prefetched by cp.async."""
+    shapes = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
