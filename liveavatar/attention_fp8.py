@@ -11,11 +11,15 @@ whole batch: the sink, read once per head from L2 by all batch items), as float8
 one fp32 scale per token (any shape holding B*N or N values, e.g. the cache's
 [steps, tokens, 1, 1]) or bf16/fp16 without scales (quantised per token in a pre-pass).
 
-pv="fp8" runs both products on fp8 tensor cores; it needs V transposed (keys contiguous, see
+pv="fp8" runs both products on fp8 tensor cores, each key tile's P.V summed in fp32 (Hopper's
+fp8 MMA accumulates with ~14 bits); pv="fp8_fastacc" lets the tensor cores accumulate across
+tiles (FlashAttention-3 / Triton-tutorial style: fewer registers, a few percent of bias
+possible at 15k keys). Both read V fastest transposed (keys contiguous, see
 attention_fp8_triton.py), which prepare_segment() writes in a pre-pass (~one read + write of
-V). Callers that keep a segment for several calls (the sink: static for a whole clip) prepare
-it once and pass the PreparedSegment. pv="bf16" runs P.V in bf16 on V as stored (no pre-pass
-for an fp8 cache: the kernel reads the cache in place), more accurate, slower tensor-core work.
+V); PreparedSegments with V as stored work too (Triton then transposes each tile on chip).
+Callers that keep a segment for several calls (the sink: static for a whole clip) prepare it
+once and pass the PreparedSegment. pv="bf16" runs P.V in bf16 on V as stored (no pre-pass for
+an fp8 cache: the kernel reads the cache in place), more accurate, slower tensor-core work.
 
 attention_fp8_reference() has the same signature: dequantise, exact attention in fp32 (the
 CPU path, and the check of the kernel). This module imports nothing from the pack (the bench
@@ -36,7 +40,7 @@ FP8 = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0
 HEAD_DIMS = (32, 64, 128)  # fp8 tensor-core products need a reduction of >= 32; 256 would spill
 TOKEN_ALIGN = 16  # keys-contiguous V rows padded to 16 bytes (aligned, vectorised loads)
-PV_MODES = ("fp8", "bf16")
+PV_MODES = ("fp8", "fp8_fastacc", "bf16")
 
 
 @dataclass(frozen=True)
@@ -274,7 +278,7 @@ def _prepared_list(q, segments, pv: str) -> list[PreparedSegment]:
             prepared.append(seg)
         else:
             _check_segment(seg, i, q)
-            prepared.append(prepare_segment(seg, v_kmajor=pv == "fp8"))
+            prepared.append(prepare_segment(seg, v_kmajor=pv != "bf16"))
     if len({p.v_kmajor for p in prepared}) > 1:
         raise ValueError("attention_fp8: prepared segments mix V layouts (v_kmajor); prepare all alike")
     if sum(p.tokens for p in prepared) < 1:
@@ -330,7 +334,8 @@ def kernel_arguments(q: torch.Tensor, prepared: list[PreparedSegment], pv: str, 
         else:  # [Bk, N, H, D]
             v_h, v_n, v_d = seg.v.stride(2), seg.v.stride(1), 1
         args += [k_bs, seg.k.stride(1), seg.k.stride(2), s_bs, v_bs, v_h, v_n, v_d, vs_bs]
-    flags = dict(HEAD_DIM=head_dim, PV_FP8=pv == "fp8", V_KMAJOR=first.v_kmajor, TWO_SEGMENTS=len(prepared) == 2)
+    flags = dict(HEAD_DIM=head_dim, PV_FP8=pv != "bf16", PV_FP32_SUM=pv == "fp8", V_KMAJOR=first.v_kmajor,
+                 TWO_SEGMENTS=len(prepared) == 2)
     return out, args, flags
 
 

@@ -28,6 +28,11 @@ Scaling, in the log2 domain (c = scale * log2(e)):
   the fp8 rounding of the values themselves.
 - l (the softmax denominator) sums the unquantised fp32 p, as FlashAttention-3 does.
 
+PV_FP32_SUM (with PV_FP8): each tile's P.V is summed on tensor cores from zero and added to
+acc in fp32, instead of accumulating into acc inside the MMA (whose fp8 accumulation keeps
+~14 bits; over ~480 MMA steps per row at 15k keys its truncation can bias the output by
+percents). Costs one accumulator of registers more.
+
 PV_FP8=False runs P.V in bf16 instead (V dequantised to bf16 in registers, exact for e4m3
 values): fp8 QK^T only, P rounded to bf16 (2^-9 relative instead of e4m3's 2^-4).
 
@@ -52,7 +57,7 @@ def _attend_tile(acc, m_i, l_i, v_norm, q8, q_scale,
                  k_base, ks_base, v_base, vs_base, start, n_keys,
                  stride_kn, stride_vn, stride_vd, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr,
-                 V_KMAJOR: tl.constexpr, MASKED: tl.constexpr):
+                 PV_FP32_SUM: tl.constexpr, V_KMAJOR: tl.constexpr, MASKED: tl.constexpr):
     """One tile of BLOCK_N keys starting at `start`: online-softmax update of (acc, m_i, l_i,
     v_norm). MASKED: the last, partial tile of a segment (keys >= n_keys are left out)."""
     offs_n = start + tl.arange(0, BLOCK_N)
@@ -84,12 +89,19 @@ def _attend_tile(acc, m_i, l_i, v_norm, q8, q_scale,
 
     tile_norm = tl.maximum(tl.max(v_scale, 0), 1e-30)  # largest V scale of the tile
     weighted = p * (v_scale / tile_norm)[None, :]  # per-key V scales moved into P, <= 2^8
-    acc = acc * (alpha * (v_norm / tile_norm))[:, None]  # acc now in units of tile_norm
+    rescale = alpha * (v_norm / tile_norm)  # acc now in units of tile_norm
     v_norm = tl.zeros_like(l_i) + tile_norm  # carried per row (a loop-carried block, like m_i)
     if PV_FP8:
-        acc = tl.dot(weighted.to(tl.float8e4nv, fp_downcast_rounding="rtne"), v, acc)
+        p8 = weighted.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        if PV_FP32_SUM:
+            # Hopper's fp8 MMA keeps ~14 bits when it adds into its accumulator; fed the running
+            # acc it would do that ~4 times per tile over ~120 tiles. Instead the tile's sum is
+            # formed on tensor cores from zero and added here in fp32 (DeepSeek-V3's promotion).
+            acc = acc * rescale[:, None] + tl.dot(p8, v)
+        else:
+            acc = tl.dot(p8, v, acc * rescale[:, None])
     else:
-        acc = tl.dot(weighted.to(tl.bfloat16, fp_downcast_rounding="rtne"), v.to(tl.bfloat16), acc)
+        acc = tl.dot(weighted.to(tl.bfloat16, fp_downcast_rounding="rtne"), v.to(tl.bfloat16), acc * rescale[:, None])
     return acc, m_new, l_i, v_norm
 
 
@@ -98,17 +110,17 @@ def _attend_segment(acc, m_i, l_i, v_norm, q8, q_scale,
                     k_base, ks_base, v_base, vs_base, n_keys,
                     stride_kn, stride_vn, stride_vd, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr,
-                    V_KMAJOR: tl.constexpr):
+                    PV_FP32_SUM: tl.constexpr, V_KMAJOR: tl.constexpr):
     """All keys of one segment: full tiles unmasked (the hot loop), then the partial one."""
     full = (n_keys // BLOCK_N) * BLOCK_N
     for start in range(0, full, BLOCK_N):
         acc, m_i, l_i, v_norm = _attend_tile(
             acc, m_i, l_i, v_norm, q8, q_scale, k_base, ks_base, v_base, vs_base, start, n_keys,
-            stride_kn, stride_vn, stride_vd, qk_scale, HEAD_DIM, BLOCK_N, PV_FP8, V_KMAJOR, False)
+            stride_kn, stride_vn, stride_vd, qk_scale, HEAD_DIM, BLOCK_N, PV_FP8, PV_FP32_SUM, V_KMAJOR, False)
     if full < n_keys:
         acc, m_i, l_i, v_norm = _attend_tile(
             acc, m_i, l_i, v_norm, q8, q_scale, k_base, ks_base, v_base, vs_base, full, n_keys,
-            stride_kn, stride_vn, stride_vd, qk_scale, HEAD_DIM, BLOCK_N, PV_FP8, V_KMAJOR, True)
+            stride_kn, stride_vn, stride_vd, qk_scale, HEAD_DIM, BLOCK_N, PV_FP8, PV_FP32_SUM, V_KMAJOR, True)
     return acc, m_i, l_i, v_norm
 
 
@@ -123,7 +135,7 @@ def attention_fp8_kernel(
         stride_k2b, stride_k2n, stride_k2h, stride_ks2b,
         stride_v2b, stride_v2h, stride_v2n, stride_v2d, stride_vs2b,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PV_FP8: tl.constexpr, V_KMAJOR: tl.constexpr, TWO_SEGMENTS: tl.constexpr):
+        PV_FP8: tl.constexpr, PV_FP32_SUM: tl.constexpr, V_KMAJOR: tl.constexpr, TWO_SEGMENTS: tl.constexpr):
     """out[b, m, h] = softmax over the keys of both segments. Grid (cdiv(n_q, BLOCK_M),
     batch * heads): the query blocks of one (b, h) are neighbours in launch order, so they
     read that head's keys/values while they are in L2. A segment shared by the whole batch
@@ -150,13 +162,13 @@ def attention_fp8_kernel(
         acc, m_i, l_i, v_norm, q8, q_scale,
         k1_ptr + b * stride_k1b + h * stride_k1h, ks1_ptr + b * stride_ks1b,
         v1_ptr + b * stride_v1b + h * stride_v1h, vs1_ptr + b * stride_vs1b, n1,
-        stride_k1n, stride_v1n, stride_v1d, qk_scale, HEAD_DIM, BLOCK_N, PV_FP8, V_KMAJOR)
+        stride_k1n, stride_v1n, stride_v1d, qk_scale, HEAD_DIM, BLOCK_N, PV_FP8, PV_FP32_SUM, V_KMAJOR)
     if TWO_SEGMENTS:
         acc, m_i, l_i, v_norm = _attend_segment(
             acc, m_i, l_i, v_norm, q8, q_scale,
             k2_ptr + b * stride_k2b + h * stride_k2h, ks2_ptr + b * stride_ks2b,
             v2_ptr + b * stride_v2b + h * stride_v2h, vs2_ptr + b * stride_vs2b, n2,
-            stride_k2n, stride_v2n, stride_v2d, qk_scale, HEAD_DIM, BLOCK_N, PV_FP8, V_KMAJOR)
+            stride_k2n, stride_v2n, stride_v2d, qk_scale, HEAD_DIM, BLOCK_N, PV_FP8, PV_FP32_SUM, V_KMAJOR)
 
     out = acc * (v_norm / l_i)[:, None]
     o_ptrs = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
@@ -174,7 +186,7 @@ def _sm90_configs():
 
 
 attention_fp8_kernel_tuned = triton.autotune(
-    configs=_sm90_configs(), key=["n_q", "n1", "n2", "HEAD_DIM", "PV_FP8", "V_KMAJOR", "TWO_SEGMENTS"],
+    configs=_sm90_configs(), key=["n_q", "n1", "n2", "HEAD_DIM", "PV_FP8", "PV_FP32_SUM", "V_KMAJOR", "TWO_SEGMENTS"],
 )(attention_fp8_kernel)
 
 
