@@ -22,25 +22,26 @@ Scaling, in the log2 domain (c = scale * log2(e)):
   cv = max sv over the tile, i.e. the weights are <= 1 (no overflow) and the largest key of
   every tile keeps the full range (no underflow from a global normaliser when scales differ
   between tiles). acc is kept in units of the current tile's cv: acc <- acc * alpha *
-  cv_old / cv_new + P'8 . v8, and the epilogue multiplies by cv / l. A key whose weight
-  sv[n] / cv is tiny may flush to zero, but its contribution to the output is bounded by
-  2^-17 of the tile's largest value row times its probability: an absolute error far below
-  the fp8 rounding of the values themselves.
+  cv_old / cv_new + P'8 . v8, and the epilogue multiplies by cv / l. A weighted P' below
+  e4m3's smallest subnormal (2^-9) rounds to zero; since l >= 2^8, such a key's lost share
+  of the output is below 2^-17 of the largest value magnitude in its tile (448 cv).
 - l (the softmax denominator) sums the unquantised fp32 p, as FlashAttention-3 does.
 
 PV_FP32_SUM (with PV_FP8): each tile's P.V is summed on tensor cores from zero and added to
 acc in fp32, instead of accumulating into acc inside the MMA (whose fp8 accumulation keeps
 ~14 bits; over ~480 MMA steps per row at 15k keys its truncation can bias the output by
-percents). Costs one accumulator of registers more.
+percents). ptxas fits the extra accumulator without more spills at the autotuned launches;
+the cost is that the product is waited for within the iteration (less MMA overlap).
 
 PV_FP8=False runs P.V in bf16 instead (V dequantised to bf16 in registers, exact for e4m3
 values): fp8 QK^T only, P rounded to bf16 (2^-9 relative instead of e4m3's 2^-4).
 
 Operand layouts: on sm90 fp8 wgmma reads both operands "K-major" (the reduction dim
 contiguous). For QK^T the reduction is head_dim, contiguous in the cache [.., tokens, H, D]:
-fine as stored. For P.V the reduction runs over keys, so V must be stored transposed, keys
-contiguous ([.., H, D, tokens]); V_KMAJOR says which layout V has (the bf16 P.V reads V as
-stored, which wgmma accepts for 16-bit operands).
+fine as stored. For P.V the reduction runs over keys: V transposed, keys contiguous
+([.., H, D, tokens]; V_KMAJOR), streams into shared memory by cp.async as the MMA wants it;
+V as stored also works (Triton then loads each tile to registers and writes it transposed
+into shared memory). bf16 P.V reads V as stored (wgmma takes 16-bit operands either way).
 
 Casts to fp8 / bf16 ask for round-to-nearest-even explicitly: that is the GPU's default, and
 it makes Triton's CPU interpreter (used by the tests) round like PyTorch.
