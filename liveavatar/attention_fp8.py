@@ -59,7 +59,7 @@ class KVSegment:
 class PreparedSegment:
     """A segment in the kernel's format: k [Bk, N, H, D] fp8 (head_dim contiguous), k_scale /
     v_scale [Bk, N] fp32 (contiguous), v fp8 either as stored [Bk, N, H, D] (v_kmajor False) or
-    transposed [Bk, H, D, >=N] with keys contiguous (v_kmajor True; what pv="fp8" needs).
+    transposed [Bk, H, D, >=N] with keys contiguous (v_kmajor True; fastest for the fp8 P.V).
     Bk is 1 for a segment shared by the batch."""
 
     k: torch.Tensor
@@ -346,8 +346,8 @@ def _on_device_of(t: torch.Tensor):
     return nullcontext()
 
 
-def tuned_config(pv: str = "fp8") -> dict | None:
-    """The autotuner's choice of the last tuned shape (for bench reports)."""
+def tuned_config() -> dict | None:
+    """The autotuner's choice for the last autotuned call (for bench reports)."""
     backend = _load_backend()
     best = getattr(backend.attention_fp8_kernel_tuned, "best_config", None)
     if best is None:
