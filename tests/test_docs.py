@@ -1,0 +1,61 @@
+"""What the docs show is true: the Python API program runs as written, and every benchmark
+figure in README.md and docs/benchmarks.md is the one recorded in docs/bench_results.json."""
+import contextlib
+import io
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+RESULTS = {(r["size"], r["mode"]): r for r in json.loads((REPO / "docs" / "bench_results.json").read_text())}
+# column header -> (result field, decimals); "-" in the table where the field is None
+COLUMNS = {"s / block-step": ("block_step_s", 3), "FPS": ("fps4", 1), "FPS @4": ("fps4", 1),
+           "FPS with decode": ("end_to_end_fps4", 1), "FPS @4 with decode": ("end_to_end_fps4", 1),
+           "first block s": ("first_block_s", 2), "peak GiB": ("peak_gib", 1), "cap GiB": ("memory_cap_gib", 1)}
+
+
+def python_block(markdown: Path) -> str:
+    return re.search(r"```python\n(.*?)```", markdown.read_text(), re.S).group(1)
+
+
+def test_python_api_program_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its work folder, to see it removed
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(python_block(REPO / "docs" / "python_api.md"), "docs/python_api.md", "exec"), {})
+    # 1 s of speech: 25 frames spoken (one per 40 ms), all decoded, at the 128x128 that
+    # "160*128" gives a 256x320 portrait (area budget, sides multiples of 64)
+    assert printed.getvalue().strip() == "25 frames of 128x128 for 25 spoken frames"
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def result_tables(markdown: Path):
+    """Rows of the tables with `size` and `mode` columns: dicts keyed by header."""
+    lines = markdown.read_text().splitlines()
+    for i, line in enumerate(lines):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[:2] == ["size", "mode"]:
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                yield dict(zip(cells, (c.strip() for c in row.strip().strip("|").split("|"))))
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/benchmarks.md"])
+def test_benchmark_figures_are_the_recorded_ones(doc):
+    rows = list(result_tables(REPO / doc))
+    assert rows, f"no results table in {doc}"
+    for row in rows:
+        result = RESULTS[(row["size"].replace("\\", ""), row["mode"])]
+        for header, (field, decimals) in COLUMNS.items():
+            if header in row:
+                expected = "-" if result.get(field) is None else f"{result[field]:.{decimals}f}"
+                assert row[header] == expected, (doc, row["size"], row["mode"], header)
+        if "time vs original" in row:
+            original = RESULTS[(row["size"].replace("\\", ""), "original bf16")]
+            assert row["time vs original"] == f"{result['block_step_s'] / original['block_step_s']:.2f}"
