@@ -24,14 +24,16 @@ def python_block(markdown: Path) -> str:
 
 def test_python_api_program_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its work folder, to see it removed
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its work folder goes here
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(python_block(REPO / "docs" / "python_api.md"), "docs/python_api.md", "exec"), {})
-    # 1 s of speech: 25 frames spoken (one per 40 ms), all decoded, at the 128x128 that
-    # "160*128" gives a 256x320 portrait (area budget, sides multiples of 64)
-    assert printed.getvalue().strip() == "25 frames of 128x128 for 25 spoken frames"
-    assert list(tmp_path.iterdir()) == []  # nothing left behind
+    # 1 s at 16 kHz: wav2vec2's conv stack (receptive field 400, stride 320) gives 49 states
+    # at 50 Hz -> int(49 / 50 * 30) = 29 at 30 Hz; video frame i takes state round(1.2 i),
+    # inside the 29 for i <= 23: 24 frames carry speech, and the video is cut to them. The
+    # "64*64" budget leaves the smallest size, one 64-pixel side each way.
+    assert printed.getvalue().strip() == "24 frames of 64x64 for 24 spoken frames"
+    assert not list(tmp_path.glob("liveavatar_api_*"))  # its work folder is removed
 
 
 def result_tables(markdown: Path):
