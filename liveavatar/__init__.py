@@ -1,6 +1,6 @@
 """LiveAvatar engine: plain PyTorch, importable without ComfyUI.
 
-Typical use (see README.md, "Python API"):
+Typical use (a complete program that runs: docs/python_api.md):
 
     import liveavatar as la
     dit = la.load_dit("wan2.2_s2v_14B_bf16.safetensors", lora="liveavatar.safetensors",

@@ -1,8 +1,8 @@
 """Speech -> per-video-frame audio features, as LiveAvatar computes them.
 
 The path (shapes for the real model: 25 hidden states of width 1024):
-1. `load_audio`: a file or a ComfyUI AUDIO dict -> mono float32 at 16 kHz (librosa, as the
-   original's `librosa.load(path, sr=16000)`).
+1. `load_audio`: a file or a ComfyUI AUDIO dict -> mono float32 at 16 kHz (as the
+   original's `librosa.load(path, sr=16000)`: libsndfile, PyAV for what it cannot read).
 2. `Wav2Vec2Encoder.hidden_states`: zero mean / unit variance (the Hugging Face feature
    extractor's rule, sqrt(var + 1e-7) so silence stays finite), then wav2vec2 (large
    xlsr-53 english, `transformers.Wav2Vec2Model`): every hidden state, embedding output
@@ -107,14 +107,42 @@ def float_pcm(wave: torch.Tensor) -> torch.Tensor:
 
 
 def _read_audio_file(path: Path) -> torch.Tensor:
+    """What the original's `librosa.load(path, sr=16000)` returns (libsndfile's float32
+    samples, channels averaged, soxr_hq resampling), without librosa's deprecated audioread
+    fallback: files libsndfile cannot read (m4a, aac, ...) are decoded by PyAV instead."""
     import librosa
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
     try:
-        mono, _ = librosa.load(str(path), sr=SAMPLE_RATE, mono=True)
-    except Exception as error:  # librosa/soundfile/audioread raise many types
+        samples, rate = _decode_audio_file(path)
+    except Exception as error:  # libsndfile and FFmpeg raise many types
         raise ValueError(f"cannot decode audio file {path} ({error}); use wav, flac, mp3 or ogg") from None
+    mono = samples.mean(0)
+    if rate != SAMPLE_RATE and mono.size:
+        mono = librosa.resample(mono, orig_sr=rate, target_sr=SAMPLE_RATE)
     return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+
+
+def _decode_audio_file(path: Path) -> tuple[np.ndarray, int]:
+    """[channels, samples] float32 and the file's sample rate."""
+    import soundfile
+    try:
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        return samples.T, rate
+    except soundfile.SoundFileRuntimeError:
+        return _decode_with_av(path)
+
+
+def _decode_with_av(path: Path) -> tuple[np.ndarray, int]:
+    import av
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ValueError("no audio stream")
+        stream = container.streams.audio[0]
+        to_float = av.AudioResampler(format="fltp")  # planar float, the file's layout and rate
+        chunks = [out.to_ndarray() for frame in container.decode(stream) for out in to_float.resample(frame)]
+        chunks += [out.to_ndarray() for out in to_float.resample(None)]
+        return (np.concatenate(chunks, axis=1) if chunks else np.zeros((1, 0), np.float32)), stream.rate
 
 
 def _checked(wave: torch.Tensor) -> torch.Tensor:

@@ -124,9 +124,11 @@ def _quantize_rows_kernel(x_ptr, q_ptr, q_scale_ptr, dim, x_row_stride,
     mask = offs < dim
     x = tl.load(x_ptr + row.to(tl.int64) * x_row_stride + offs, mask=mask, other=0.0).to(tl.float32)
     if GELU:
-        # 0.5 x (1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+        # 0.5 x (1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3); sigmoid
+        # through exp(-2|u|) <= 1, which cannot overflow (exp(-2u) does for x below about -6)
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        x = _round_to(x / (1.0 + tl.exp(-2.0 * u)), x_ptr.dtype.element_ty)
+        e = tl.exp(-2.0 * tl.abs(u))
+        x = _round_to(tl.where(u >= 0, x, x * e) / (1.0 + e), x_ptr.dtype.element_ty)
     amax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
     row_scale = tl.maximum(amax, 1e-12) / FP8_MAX
     tl.store(q_ptr + row.to(tl.int64) * dim + offs, (x / row_scale).to(tl.float8e4nv, fp_downcast_rounding="rtne"),

@@ -269,3 +269,27 @@ def test_audio_coverage_by_duration():
     assert A.audio_coverage(49600, 48) == (78, 2)
     # exactly 2 clips of 48 frames: 3.84 s
     assert A.audio_coverage(61440, 48) == (96, 2)
+
+
+def test_audio_file_libsndfile_cannot_read_is_decoded_by_pyav(tmp_path):
+    """m4a (AAC): libsndfile has no decoder for it, PyAV (FFmpeg) has; a 440 Hz stereo tone
+    of 1.5 s comes back as 440 Hz mono at 16 kHz, 1.5 s plus the codec's padding."""
+    import av
+    rate, seconds = 44100, 1.5
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
+    path = tmp_path / "speech.m4a"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=rate, layout="stereo")
+        for start in range(0, len(tone), 1024):
+            frame = av.AudioFrame.from_ndarray(np.stack([tone[start:start + 1024]] * 2), format="fltp", layout="stereo")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with pytest.raises(soundfile.LibsndfileError):
+        soundfile.read(str(path))
+    wave = A.load_audio(path).numpy()
+    assert seconds <= len(wave) / 16000 < seconds + 0.1
+    spectrum = np.abs(np.fft.rfft(wave))
+    assert abs(np.argmax(spectrum) * 16000 / len(wave) - 440) < 16000 / len(wave)  # within one bin

@@ -7,6 +7,7 @@ already behaved well are kept here as guards. Tiny random models only; CPU; fast
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -118,19 +119,23 @@ def test_old_format_pth_loads(tmp_path):
 
 
 class RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("touch /tmp/liveavatar_pickle_ran",))
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
 
 
 def test_pickle_is_refused_without_advice_to_run_it(tmp_path):
     path = tmp_path / "evil.pth"
-    torch.save({"w": RunsCode()}, path)
+    marker = tmp_path / "pickle_ran"
+    torch.save({"w": RunsCode(marker)}, path)
     with pytest.raises(CheckpointError) as error:
         read_state_dict(path)
     message = str(error.value)
     assert str(path) in message and "safetensors" in message
     assert "weights_only" not in message and "Re-running" not in message
-    assert not Path("/tmp/liveavatar_pickle_ran").exists()
+    assert not marker.exists()
 
 
 # ---- LoRA slot holding the wrong thing -------------------------------------------------
