@@ -56,6 +56,8 @@ class LiveAvatarDecode:
                              "save_mp4 (long videos: the mp4 holds every frame) or return_frames")
         path = host.save_path(filename_prefix, "mp4") if save_mp4 else None
         mux_audio, notes = prepare_audio(audio) if save_mp4 else (None, [])
+        if audio is not None and not save_mp4:
+            notes.append("the audio input goes only into the mp4, and save_mp4 is off: it is not used")
         engine = streaming_vae(vae, host.torch_device())
         frames_out = FrameCollector(return_frames, fps)
         writer = None

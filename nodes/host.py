@@ -154,7 +154,7 @@ def _inside_output(prefix: str, root: Path) -> tuple[Path, str]:
     return Path(folder), os.path.basename(normal)
 
 
-SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota, file size limit
+SPACE_ERRORS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)  # disk full, quota, size limit
 PROBE_BYTES = 1 << 16  # written (and dropped) to prove the disk has room, not only a free name
 
 

@@ -118,12 +118,13 @@ class LiveView:
         self.frames += len(frames)
         self._send("running")
 
-    def close_file(self):
+    def close_file(self, announce: bool = True):
         """Finish the mp4 (playable up to its last frame); the run may go on."""
         if self.writer is not None and not self.closed:
             self.closed = True
             self.writer.close()
-            self._send("running")
+            if announce:
+                self._send("running")
 
     @contextmanager
     def reporting(self):
@@ -134,14 +135,13 @@ class LiveView:
         except BaseException as error:
             status = "cancelled" if host.is_cancel(error) else "failed"
             try:
-                self.close_file()
+                self.close_file(announce=False)
             except Exception as close_error:  # e.g. the disk that stopped the run: the first error is the news
                 log.warning("LiveAvatar: %s could not be finished: %s", self.path, close_error)
-                self.closed = True
             self._send(status, "" if status == "cancelled" else _reason(error))
             raise
         try:
-            self.close_file()
+            self.close_file(announce=False)
         except Exception as error:
             self._send("failed", _reason(error))
             raise

@@ -99,10 +99,14 @@ class Mp4Writer:
             close_quietly(self.container, self.partial)
             self.partial.unlink(missing_ok=True)
             return None
-        with writing(self.partial, self):
-            for packet in self.video.encode():
-                self.container.mux(packet)
-            self.container.close()
+        try:
+            with writing(self.partial, self):
+                for packet in self.video.encode():
+                    self.container.mux(packet)
+                self.container.close()
+        except Exception:
+            self.close()  # broken now: the unplayable partial file goes
+            raise
         if self.audio is not None and self.frames:
             try:
                 self._mux_audio()

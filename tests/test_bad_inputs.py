@@ -471,6 +471,15 @@ def test_short_video_with_return_frames_off_says_what_frames_holds(tiny_vae, out
     assert mp4_contents(output_dir / "LiveAvatar_00001.mp4")["frames"] == 9
 
 
+def test_audio_without_save_mp4_is_said_to_be_unused(tiny_vae, output_dir, monkeypatch):
+    from nodes import host
+    shown = []
+    monkeypatch.setattr(host, "_show_on_node", shown.append)
+    (frames, _), ui = decode_node(tiny_vae, latent_input(3, 9), save_mp4=False, audio=sine_audio(48000))
+    assert len(frames) == 9 and ui == {} and files_under(output_dir) == []
+    assert shown == ["the audio input goes only into the mp4, and save_mp4 is off: it is not used"]
+
+
 def test_return_frames_and_save_mp4_both_off_is_an_error_before_decoding(tiny_vae, output_dir, monkeypatch):
     from liveavatar.vae import StreamDecoder
     decoded = []
@@ -536,6 +545,27 @@ def test_priming_can_be_cancelled(tiny_vae, output_dir, monkeypatch):
     with pytest.raises(Cancelled):
         decode_node(tiny_vae, latent_input(6, 14), save_mp4=False)
     assert len(calls) == 3
+
+
+def test_decode_cancelled_keeps_the_frames_so_far_in_the_mp4(tiny_vae, output_dir, monkeypatch):
+    """Cancel after the first block (9 frames) is written: the mp4 is finished with those
+    frames and their speech, no partial file is left."""
+    from nodes import host
+    from nodes.video_writer import Mp4Writer
+    written = []
+    write = Mp4Writer.write
+    monkeypatch.setattr(Mp4Writer, "write", lambda self, frames: (write(self, frames), written.append(len(frames))))
+
+    def cancel_after_first_block():
+        if written:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(host, "check_interrupted", cancel_after_first_block)
+    with pytest.raises(KeyboardInterrupt):
+        decode_node(tiny_vae, latent_input(9, SPOKEN), audio=sine_audio(48000))
+    assert files_under(output_dir) == ["LiveAvatar_00001.mp4"] and written == [9]
+    mp4 = mp4_contents(output_dir / "LiveAvatar_00001.mp4")
+    assert (mp4["frames"], mp4["rate"]) == (9, 48000) and len(mp4["audio"]) >= 9 / FPS * 48000
 
 
 def test_portrait_encode_shows_progress_and_can_be_cancelled(tiny_vae, monkeypatch, capsys):

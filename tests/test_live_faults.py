@@ -91,7 +91,7 @@ def long_work(monkeypatch):
     ("clip\x00name", "characters a file name cannot"),
     ("", "has no file name"),
     ("x" * 300, "longer than 255 bytes"),
-])
+], ids=["outside", "nul", "empty", "too-long"])
 def test_bad_prefix_is_refused_before_any_work(prefix, says, tiny_graph, monkeypatch, long_work):
     run = Run(tiny_graph, monkeypatch, prefix=prefix)
     assert isinstance(run.error, ValueError) and says in str(run.error) and repr(prefix) in str(run.error)
