@@ -143,7 +143,12 @@ def test_finished_run_with_return_frames_off_gives_a_one_per_second_preview(tiny
 
 
 def test_cancel_tells_the_browser_and_keeps_the_first_block(tiny_graph, monkeypatch):
-    run = Run(tiny_graph, monkeypatch, cancel_when=lambda messages: messages[-1]["frames"] > 0)
+    """Cancel while the second block samples, once the first is decoded (on CUDA its decode
+    is queued alongside that sampling and handed over only after it: it must still come out)."""
+    decode, decoded = decoding.VideoDecoder.decode, []
+    monkeypatch.setattr(decoding.VideoDecoder, "decode",
+                        lambda self, latents: (decode(self, latents), decoded.append(1))[0])
+    run = Run(tiny_graph, monkeypatch, cancel_when=lambda messages: bool(decoded))
     assert isinstance(run.error, KeyboardInterrupt)
     assert (run.last["status"], run.last["done"], run.last["frames"], run.last["total_frames"]) == \
         ("cancelled", True, 9, SPOKEN)
