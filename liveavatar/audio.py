@@ -66,30 +66,87 @@ WEIGHT_NORM_NAMES = {  # positional conv weight norm: transformers 4.x (old torc
 
 
 # ---- audio input --------------------------------------------------------------------------
-def load_audio(source) -> torch.Tensor:
+def load_audio(source, notes: list | None = None) -> torch.Tensor:
     """A file librosa can read, or a ComfyUI AUDIO dict {"waveform": [B, C, T], "sample_rate"}
-    (first item of the batch) -> mono float32 waveform at 16 kHz [T]."""
+    (first item of the batch) -> mono float32 waveform at 16 kHz [T]. What was adjusted on the
+    way (a batch cut to its first item, channels that cancel in the mono mix) is appended to
+    `notes` when given."""
     if isinstance(source, dict):
-        return _checked(_comfy_audio_to_16k(source))
+        return _checked(_comfy_audio_to_16k(source, notes if notes is not None else []))
     if not isinstance(source, (str, Path)):
         raise ValueError(f"audio must be a file path or a ComfyUI AUDIO dict, got {type(source).__name__}")
     return _checked(_read_audio_file(Path(source)))
 
 
-def _comfy_audio_to_16k(audio: dict) -> torch.Tensor:
+def _comfy_audio_to_16k(audio: dict, notes: list) -> torch.Tensor:
     import librosa
-    if "waveform" not in audio or "sample_rate" not in audio:
-        raise ValueError("a ComfyUI AUDIO must be a dict with 'waveform' [batch, channels, samples] and 'sample_rate'")
-    wave = torch.as_tensor(audio["waveform"]).detach()
-    if wave.dim() != 3 or wave.shape[0] == 0 or wave.shape[1] == 0:
-        raise ValueError(f"AUDIO waveform must be [batch, channels, samples], got {tuple(wave.shape)}")
-    rate = int(audio["sample_rate"])
-    if rate <= 0:
-        raise ValueError(f"AUDIO sample_rate must be positive, got {audio['sample_rate']}")
-    mono = float_pcm(wave[0]).mean(0).cpu().numpy()  # librosa.load also averages channels first
+    channels, rate = comfy_audio_waveform(audio, notes)
+    mono, note = mono_mix(channels)  # librosa.load also averages channels first
+    notes += [note] if note else []
+    mono = mono.cpu().numpy()
     if rate != SAMPLE_RATE and mono.size:
         mono = librosa.resample(mono, orig_sr=rate, target_sr=SAMPLE_RATE)
     return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+
+
+AUDIO_FORMAT = "a ComfyUI AUDIO is a dict with 'waveform' [batch, channels, samples] and 'sample_rate'"
+
+
+def comfy_audio_waveform(audio, notes: list) -> tuple[torch.Tensor, int]:
+    """A ComfyUI AUDIO checked -> (its first item as float32 PCM in [-1, 1] [channels, samples]
+    (float_pcm; NaN kept for the caller to judge), sample rate). A ValueError names what is
+    wrong with the audio input and what to do; a batch of several is noted, not refused.
+    Zero samples pass (callers decide what no sound means)."""
+    if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
+        got = f"a dict with keys {sorted(map(str, audio))}" if isinstance(audio, dict) else type(audio).__name__
+        raise ValueError(f"the audio input is not a ComfyUI AUDIO ({AUDIO_FORMAT}), got {got}: connect LoadAudio "
+                         "or another node that outputs AUDIO")
+    try:
+        wave = torch.as_tensor(audio["waveform"]).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"the audio input's waveform is not an array of samples ({error})") from None
+    if wave.dtype == torch.bool or wave.is_complex():
+        raise ValueError(f"the audio input's waveform holds {wave.dtype} values; it must hold PCM samples "
+                         "(float in -1..1, or integer PCM such as int16)")
+    if wave.dim() != 3:
+        fix = "add the batch dimension (waveform[None])" if wave.dim() == 2 else AUDIO_FORMAT
+        raise ValueError(f"the audio input's waveform has shape {tuple(wave.shape)}; {AUDIO_FORMAT}: {fix}")
+    if wave.shape[0] == 0 or wave.shape[1] == 0:
+        raise ValueError(f"the audio input's waveform {tuple(wave.shape)} has no {'items' if wave.shape[0] == 0 else 'channels'}")
+    if wave.shape[1] > MAX_CHANNELS and wave.shape[2] <= MAX_CHANNELS:
+        raise ValueError(f"the audio input's waveform {tuple(wave.shape)} looks like [batch, samples, channels]; "
+                         "ComfyUI AUDIO is [batch, channels, samples]: swap the last two dimensions")
+    rate = audio["sample_rate"]
+    try:
+        rate_value = float(rate)
+    except (TypeError, ValueError):
+        rate_value = math.nan
+    if not math.isfinite(rate_value) or rate_value < 1:
+        raise ValueError(f"the audio input's sample_rate is {rate!r}; it must be a positive number of samples per "
+                         "second (such as 16000, 44100 or 48000)")
+    if wave.shape[0] > 1:
+        notes.append(f"the audio input holds a batch of {wave.shape[0]} clips; the first is used")
+    return float_pcm(wave[0]), int(round(rate_value))
+
+
+MAX_CHANNELS = 8  # 7.1 surround; more "channels" than this with fewer samples is a transposed waveform
+CANCELLING_MIX = 0.1  # mono mix RMS under this fraction of the loudest channel's: the channels cancel
+
+
+def mono_mix(channels: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """[channels, samples] -> (mono [samples], note or None): the channels' average, as librosa
+    mixes; but where that average all but cancels (one channel the other inverted, as from a
+    microphone wired out of phase) the loudest channel alone, with a note saying so."""
+    mix = channels.mean(0)
+    if channels.shape[0] < 2 or channels.shape[1] == 0:
+        return mix, None
+    power = channels.double().pow(2).mean(1)
+    loudest = int(power.argmax())
+    if power[loudest] > 0 and mix.double().pow(2).mean() < CANCELLING_MIX ** 2 * power[loudest]:
+        return channels[loudest], (f"the audio input's channels cancel out when mixed to mono (one is the other "
+                                   f"inverted, as from a microphone wired out of phase): channel {loudest + 1} "
+                                   "alone is used")
+    return mix, None
 
 
 def float_pcm(wave: torch.Tensor) -> torch.Tensor:

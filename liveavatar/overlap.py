@@ -25,14 +25,32 @@ def decode_alongside(blocks: Iterable, decode: Callable[[torch.Tensor], torch.Te
             yield block, decode(block.latents).cpu()
         return
     side = torch.cuda.Stream(device)
+    yield from one_behind(blocks, lambda block: _queue_decode(block, decode, device, side),
+                          lambda block, queued: _collect(block, *queued))
+
+
+def one_behind(items: Iterable, start: Callable, finish: Callable) -> Iterator:
+    """finish(item, start(item)) for every item, each finished only once the next one is started
+    (so the work started runs alongside the production of the next). When producing the next
+    item fails (an error, a cancel), the item already started is still finished and yielded
+    before the error goes on: a block sampled before a cancel is never lost."""
     pending = None
-    for block in blocks:
-        queued = _queue_decode(block, decode, device, side)
+    try:
+        for item in items:
+            started = start(item)
+            if pending is not None:
+                last, pending = pending, None
+                yield finish(*last)
+            pending = (item, started)
+    except GeneratorExit:  # the consumer stopped listening: nothing more to hand over
+        raise
+    except BaseException:
         if pending is not None:
-            yield _collect(*pending)
-        pending = (block, *queued)
+            last, pending = pending, None
+            yield finish(*last)
+        raise
     if pending is not None:
-        yield _collect(*pending)
+        yield finish(*pending)
 
 
 def _queue_decode(block, decode, device, side):

@@ -27,7 +27,10 @@ class LiveAvatarAudioEncode:
         }}
 
     def encode(self, audio, audio_encoder, infer_frames):
+        notes = []
+        wave = load_audio(audio, notes)  # input checks before the encoder is loaded
+        host.NodeNotes().add(*notes)
         encoder = engine_audio_encoder(audio_encoder, host.torch_device())
-        features = encode_audio(encoder, load_audio(audio))
+        features = encode_audio(encoder, wave)
         _, frames = features.per_frame(infer_frames)
         return features, features.num_clips(infer_frames), frames

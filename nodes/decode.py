@@ -1,8 +1,6 @@
 """LiveAvatar streaming decode node: latents -> frames, one block at a time."""
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..liveavatar.decoding import DROPPED_FIRST_FRAMES, LATENTS_PER_BLOCK, VideoDecoder
@@ -12,7 +10,6 @@ from . import host
 from .vae_adapter import streaming_vae
 from .video_writer import Mp4Writer, prepare_audio
 
-log = logging.getLogger("LiveAvatar")
 PREVIEW_FPS = 1.0  # return_frames off: one frame per second comes out, with this fps
 
 
@@ -36,7 +33,8 @@ class LiveAvatarDecode:
                                                 "output folder while decoding."}),
             "return_frames": ("BOOLEAN", {"default": True,
                                           "tooltip": "Output all frames as IMAGE. Turn off for long videos written "
-                                                     "to mp4 (a 5-minute 704*384 video is ~24 GB of frames): frames "
+                                                     "to mp4 with save_mp4 (a 5-minute 704*384 video is ~24 GB of "
+                                                     "frames): frames "
                                                      "is then a preview, one frame per second, and fps is 1.0, so "
                                                      "CreateVideo -> SaveVideo still make a video of the same length "
                                                      "in sync with the audio."}),
@@ -51,9 +49,15 @@ class LiveAvatarDecode:
         samples = checked_latents(latents)
         info = latents.get("liveavatar", {})
         fps = float(info.get("fps", 25))
-        # Everything that can fail without decoding fails now: the path, the folder, the audio.
+        # Everything that can fail without decoding fails now: the settings, the path, the
+        # folder, the audio.
+        if not save_mp4 and not return_frames:
+            raise ValueError("save_mp4 and return_frames are both off: the decoded video would go nowhere. Turn on "
+                             "save_mp4 (long videos: the mp4 holds every frame) or return_frames")
         path = host.save_path(filename_prefix, "mp4") if save_mp4 else None
         mux_audio, notes = prepare_audio(audio) if save_mp4 else (None, [])
+        if audio is not None and not save_mp4:
+            notes.append("the audio input goes only into the mp4, and save_mp4 is off: it is not used")
         engine = streaming_vae(vae, host.torch_device())
         frames_out = FrameCollector(return_frames, fps)
         writer = None
@@ -65,15 +69,21 @@ class LiveAvatarDecode:
                 if writer is not None:
                     writer.write(frames)
                 frames_out.add(frames)
-        finally:
+        except BaseException:
             if writer is not None:
-                writer.close()
-                notes += writer.notes
+                writer.abort()  # the frames decoded so far stay in the mp4
+            raise
+        finally:
             host.release_memory()
-        for note in notes:
-            log.warning("LiveAvatar decode: %s", note)
+        if writer is not None:
+            writer.close()
+            notes += writer.notes
+        result = frames_out.result()
+        if not return_frames:
+            notes.append(frames_out.preview_note(writer.path))
+        host.NodeNotes().add(*notes)
         ui = {"text": [str(writer.path), *notes]} if writer is not None else {}
-        return {"ui": ui, "result": frames_out.result()}
+        return {"ui": ui, "result": result}
 
 
 def checked_latents(latents) -> torch.Tensor:
@@ -105,6 +115,14 @@ class FrameCollector:
 
     def result(self) -> tuple[torch.Tensor, float]:
         return torch.cat(self.kept), self.fps
+
+    def preview_note(self, video) -> str:
+        """What the frames output holds with return_frames off, and where the video is."""
+        kept = sum(len(frames) for frames in self.kept)
+        return (f"return_frames is off: frames is a preview, {kept} frame{'s' * (kept != 1)} (one per second of the "
+                f"{self.seen}-frame video) at fps {self.fps:g}, which CreateVideo -> SaveVideo turn into a preview in "
+                f"sync with the audio, in whole seconds. The full video is {video}; turn return_frames on for "
+                "every frame")
 
 
 def stream_frames(vae, latents: torch.Tensor, motion_latents=None, max_frames=None, continues=False):

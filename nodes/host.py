@@ -7,15 +7,20 @@ present, progress printed to stderr, cancel never requested.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import sys
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 SHARDED_INDEX_SUFFIX = ".safetensors.index.json"
+NAME_MAX = 255  # bytes in a file name on every common file system
+WINDOWS_RESERVED = '<>:"|?*'
+log = logging.getLogger("LiveAvatar")
 
 
 def _comfy(module: str):
@@ -54,13 +59,33 @@ def list_models(folder: str, sharded: bool = False) -> list[str]:
     return sorted(names)
 
 
-def model_path(folder: str, name: str) -> Path:
-    """Full path of a listed model; a sharded index json resolves to its folder."""
+def model_path(folder: str, name: str, input_name: str = "model name") -> Path:
+    """Full path of a listed model, found as ComfyUI's folder_paths.get_full_path finds it: a
+    file at `name` under one of the folder's roots; a sharded index json resolves to its
+    folder. Names that leave the model folders ('..', absolute paths) are refused: ComfyUI's
+    prompt validation stops them, but a script or another pack calling the node does not
+    pass through it."""
+    check_model_name(folder, name, input_name)
     for root in model_roots(folder):
         path = root / name
-        if path.exists():
+        if path.is_file():
             return path.parent if name.endswith(SHARDED_INDEX_SUFFIX) else path
-    raise FileNotFoundError(f"'{name}' is not in the {folder} model folder ({', '.join(map(str, model_roots(folder)))})")
+    raise FileNotFoundError(f"{input_name} {name!r} is not in the {folder} model folder "
+                            f"({', '.join(map(str, model_roots(folder)))}): put the file there, or pick one listed "
+                            "(press R in ComfyUI to refresh the lists)")
+
+
+def check_model_name(folder: str, name, input_name: str = "model name"):
+    """A ValueError unless `name` is a weights file name relative to the model folder."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ValueError(f"{input_name} {name!r} is not a file name: pick a file listed for the {folder} folder")
+    posix, windows = PurePosixPath(name.replace("\\", "/")), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts:
+        raise ValueError(f"{input_name} {name!r} leads outside the {folder} model folder: give the name of a "
+                         f"file inside it (as listed, e.g. 'x.safetensors' or 'sub/x.safetensors')")
+    if not name.endswith((*WEIGHT_SUFFIXES, SHARDED_INDEX_SUFFIX)):
+        raise ValueError(f"{input_name} {name!r} is not a weights file: pick a .safetensors (or .pth, .pt, .bin) "
+                         f"file of the {folder} folder, or a sharded checkpoint's .safetensors.index.json")
 
 
 def output_directory() -> Path:
@@ -74,8 +99,10 @@ def save_path(prefix: str, extension: str, width: int = 0, height: int = 0) -> P
     """A new file `<subfolders>/<name>_00001.<extension>` inside the output folder for a
     filename_prefix, by ComfyUI's rules (its folder_paths.get_save_image_path inside ComfyUI,
     the same rules standalone): subfolders in the prefix are created; a prefix that leads
-    outside the output folder ('../x', an absolute path) is refused; the folder is checked to
-    be writable now, before any long work."""
+    outside the output folder ('../x', an absolute path), holds characters no file name can
+    (a NUL byte, control characters), or has no file name at all is refused; the folder is
+    checked to take a file now, before any long work."""
+    check_prefix_characters(prefix)
     root = output_directory()
     _writable_folder(root, prefix)
     folder_paths = _comfy("folder_paths")
@@ -90,10 +117,32 @@ def save_path(prefix: str, extension: str, width: int = 0, height: int = 0) -> P
     except Exception:  # ComfyUI refuses paths outside the output folder with a bare Exception
         raise ValueError(f"filename_prefix {prefix!r} points outside the output folder {root}: use a name, "
                          "optionally with subfolders inside it, such as 'LiveAvatar' or 'videos/LiveAvatar'") from None
+    check_file_name(prefix, name, f"_00001.{extension}")
     folder = _writable_folder(Path(folder), prefix)
     while (folder / f"{name}_{counter:05d}.{extension}").exists():
         counter += 1
     return folder / f"{name}_{counter:05d}.{extension}"
+
+
+def check_prefix_characters(prefix):
+    """A ValueError for a filename_prefix no file name can hold: not text, a NUL byte (which
+    would silently cut the name short) or other control characters, and on Windows its
+    reserved characters."""
+    if not isinstance(prefix, str):
+        raise ValueError(f"filename_prefix must be text, got {type(prefix).__name__}")
+    bad = sorted({c for c in prefix if ord(c) < 32 or ord(c) == 127 or (os.name == "nt" and c in WINDOWS_RESERVED)})
+    if bad:
+        raise ValueError(f"filename_prefix {prefix!r} holds characters a file name cannot ({', '.join(map(repr, bad))}; "
+                         "a NUL byte would cut the name short): remove them")
+
+
+def check_file_name(prefix: str, name: str, suffix: str):
+    """The file-name part of a prefix must exist and fit a file system's 255-byte limit."""
+    if name in ("", ".", ".."):
+        raise ValueError(f"filename_prefix {prefix!r} has no file name: end it with a name, such as "
+                         "'LiveAvatar' or 'videos/LiveAvatar'")
+    if len((name + suffix).encode("utf-8", "surrogateescape")) > NAME_MAX:
+        raise ValueError(f"filename_prefix {prefix!r} makes a file name longer than {NAME_MAX} bytes: shorten it")
 
 
 def _inside_output(prefix: str, root: Path) -> tuple[Path, str]:
@@ -105,18 +154,33 @@ def _inside_output(prefix: str, root: Path) -> tuple[Path, str]:
     return Path(folder), os.path.basename(normal)
 
 
+SPACE_ERRORS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)  # disk full, quota, size limit
+PROBE_BYTES = 1 << 16  # written (and dropped) to prove the disk has room, not only a free name
+
+
 def _writable_folder(folder: Path, prefix: str) -> Path:
-    """Create the folder if needed and prove it takes a file (a read-only disk, a file in the
-    way, missing permissions), with an error that says where and what to do."""
+    """Create the folder if needed and prove it takes a file with data in it (a read-only or
+    full disk, a file in the way, missing permissions), with an error that says where and
+    what to do."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(bytes(PROBE_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as error:
-        raise PermissionError(f"cannot write into the output folder {folder} (for filename_prefix {prefix!r}): "
-                              f"{error.strerror or error}. Make it writable, or start ComfyUI with another "
-                              "--output-directory (standalone: set LIVEAVATAR_OUTPUT).") from None
+        kind = OSError if error.errno in SPACE_ERRORS else PermissionError
+        raise kind(f"cannot write into the output folder {folder} (for filename_prefix {prefix!r}): "
+                   f"{error.strerror or error}. {write_advice(error)}") from None
     return folder
+
+
+def write_advice(error: OSError) -> str:
+    """What to do about a failed write, by its cause."""
+    if error.errno in SPACE_ERRORS:
+        return "Free space on that disk, or start ComfyUI with an --output-directory on another one."
+    return ("Make it writable, or start ComfyUI with another --output-directory (standalone: set "
+            "LIVEAVATAR_OUTPUT).")
 
 
 # ---- devices and memory -----------------------------------------------------------------
@@ -196,6 +260,31 @@ def send_to_browser(event: str, data: dict):
         instance.send_sync(event, data, instance.client_id)
 
 
+class NodeNotes:
+    """What the user should know about this run of a node (an input adjusted, what an output
+    holds): logged, and shown on the running node the way ComfyUI's own nodes show text
+    (PromptServer.send_progress_text, ComfyUI 0.3.4x and later). Each showing replaces the
+    node's text, so all notes of the run are shown together."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def add(self, *lines: str):
+        for line in lines:
+            log.warning("LiveAvatar: %s", line)
+        self.lines += lines
+        if lines:
+            _show_on_node("\n".join(self.lines))
+
+
+def _show_on_node(text: str):
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    node_id = executing_node_id()
+    if instance is not None and node_id is not None and hasattr(instance, "send_progress_text"):
+        instance.send_progress_text(text, node_id, instance.client_id)
+
+
 def executing_node_id() -> str | None:
     """Id of the node ComfyUI is running now (the browser finds the node by it); None outside."""
     utils = _comfy("comfy_execution.utils")
@@ -209,6 +298,13 @@ def check_interrupted():
     mm = _comfy("comfy.model_management")
     if mm is not None:
         mm.throw_exception_if_processing_interrupted()
+
+
+def is_cancel(error: BaseException) -> bool:
+    """Whether `error` is the user's cancel (ComfyUI's interruption exception; standalone, Ctrl+C)."""
+    mm = _comfy("comfy.model_management")
+    interrupted = getattr(mm, "InterruptProcessingException", None)
+    return isinstance(error, KeyboardInterrupt) or (interrupted is not None and isinstance(error, interrupted))
 
 
 class Progress:

@@ -3,7 +3,9 @@ speech) to a fragmented MP4 that the pack's browser extension plays on the node 
 graph runs."""
 from __future__ import annotations
 
+import logging
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -15,10 +17,13 @@ from ..liveavatar.vae import normalised_to_raw
 
 from . import host
 from .conditioning import text_embeddings
-from .live_mp4 import FragmentedMp4Writer
+from .decode import FrameCollector
+from .live_mp4 import MIME_TYPE, MIME_TYPE_NO_AUDIO, FragmentedMp4Writer
 from .sampler import FPS, LiveAvatarSampler, portrait_latents
+from .video_writer import prepare_audio
 
 LIVE_EVENT = "liveavatar.live"  # websocket message the extension in web/js/live_view.js listens to
+log = logging.getLogger("LiveAvatar")
 
 
 class LiveAvatarLiveVideo:
@@ -39,87 +44,128 @@ class LiveAvatarLiveVideo:
             "audio": ("AUDIO", {"tooltip": "The speech (as given to LiveAvatar Audio Encode), muxed into the video."}),
             "filename_prefix": ("STRING", {"default": "LiveAvatar_live", "tooltip": "mp4 file name prefix."}),
             "return_frames": ("BOOLEAN", {"default": True,
-                                          "tooltip": "Output all frames as IMAGE (turn off for long videos: only the "
-                                                     "last frame is then returned; the mp4 has them all)."}),
+                                          "tooltip": "Output all frames as IMAGE. Turn off for long videos (the mp4 "
+                                                     "has them all): frames is then a preview, one frame per second, "
+                                                     "and fps is 1.0, as with LiveAvatar Decode."}),
         }}
 
     def generate(self, model, positive, image, vae, audio_features, size, width, height, infer_frames, num_clip,
                  sample_steps, seed, audio, filename_prefix, return_frames=True):
-        text = text_embeddings(positive, model.dit.cfg.text_len)  # input checks before the long work
+        # Input checks before the long work: the prompt, the file to write, the speech to mux.
+        text = text_embeddings(positive, model.dit.cfg.text_len)
         features, speech_frames = audio_features.per_frame(infer_frames)
-        model.prepare()  # our DiT on the GPU via ComfyUI's model management, at this LoRA strength
-        vae_engine, ref_latent, motion_latents = portrait_latents(vae, image, size, width, height)
-        inputs = StreamInputs(text, ref_latent, motion_latents, features)
-        settings = StreamSettings(infer_frames=infer_frames, num_clip=num_clip, steps=sample_steps, seed=seed,
-                                  kv_fp8=model.kv_fp8)
-        streamer = Streamer(model.dit, inputs, settings)
-        latent_frames = streamer.num_clips * streamer.latent_frames
-        total_frames = min(speech_frames, latent_frames * VIDEO_FRAMES_PER_LATENT - DROPPED_FIRST_FRAMES)
-        view = LiveView(host.executing_node_id(), host.save_path(filename_prefix, "mp4"), total_frames)
-        decoder = VideoDecoder(vae_engine, motion_latents, speech_frames, on_step=host.check_interrupted)
-        progress = host.Progress(streamer.total_block_steps, "LiveAvatar live video")
-        kept, last, clean = [], None, []
+        path = host.save_path(filename_prefix, "mp4")
+        speech, adjusted = prepare_audio(audio)
+        notes = host.NodeNotes()
+        notes.add(*adjusted)
+        view = LiveView(host.executing_node_id(), path, speech)  # tells the browser a run started
+        with view.reporting():
+            model.prepare()  # our DiT on the GPU via ComfyUI's model management, at this LoRA strength
+            vae_engine, ref_latent, motion_latents = portrait_latents(vae, image, size, width, height, notes)
+            inputs = StreamInputs(text, ref_latent, motion_latents, features)
+            settings = StreamSettings(infer_frames=infer_frames, num_clip=num_clip, steps=sample_steps, seed=seed,
+                                      kv_fp8=model.kv_fp8)
+            streamer = Streamer(model.dit, inputs, settings)
+            latent_frames = streamer.num_clips * streamer.latent_frames
+            view.total_frames = min(speech_frames, latent_frames * VIDEO_FRAMES_PER_LATENT - DROPPED_FIRST_FRAMES)
+            decoder = VideoDecoder(vae_engine, motion_latents, speech_frames, on_step=host.check_interrupted)
+            progress = host.Progress(streamer.total_block_steps, "LiveAvatar live video")
+            frames_out, clean = FrameCollector(return_frames, FPS), []
 
-        def on_step():
-            host.check_interrupted()
-            progress.step()
+            def on_step():
+                host.check_interrupted()
+                progress.step()
 
-        try:
-            # Each block's decode runs on its own CUDA stream while the DiT works on the next
-            # tick; past the speech the decoder returns nothing and the sampling goes on to the
-            # end of the clip, so the LATENT output is the sampler's.
-            for block, video in decode_alongside(streamer.blocks(on_step), decoder.decode, vae_engine.device):
-                clean.append(block.latents.float().cpu())
-                if not video.shape[1]:
-                    view.close()  # the video is complete for the viewer here
-                    continue
-                frames = ((video.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
-                view.append(frames, audio)
-                if return_frames:
-                    kept.append(frames)
-                last = frames[-1:]
-        finally:
-            view.close()
-            progress.close()
-            streamer.close()
-            host.release_memory()
+            try:
+                # Each block's decode runs on its own CUDA stream while the DiT works on the next
+                # tick; past the speech the decoder returns nothing and the sampling goes on to the
+                # end of the clip, so the LATENT output is the sampler's.
+                for block, video in decode_alongside(streamer.blocks(on_step), decoder.decode, vae_engine.device):
+                    clean.append(block.latents.float().cpu())
+                    if not video.shape[1]:
+                        view.close_file()  # the video is complete for the viewer here
+                        continue
+                    frames = ((video.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
+                    view.append(frames)
+                    frames_out.add(frames)
+            finally:
+                progress.close()
+                streamer.close()
+                host.release_memory()
+        if not return_frames:
+            notes.add(frames_out.preview_note(path))
         latents = {"samples": normalised_to_raw(torch.cat(clean, dim=1)).unsqueeze(0),
                    "liveavatar": {"motion_latents": motion_latents.cpu(), "video_frames": speech_frames, "fps": FPS}}
-        return {"ui": {"live_video": [view.file_info()]},
-                "result": (torch.cat(kept) if kept else last, float(FPS), latents)}
+        return {"ui": {"live_video": [view.file_info()], "text": notes.lines},
+                "result": (*frames_out.result(), latents)}
 
 
 class LiveView:
-    """The growing mp4 and the progress messages that let the browser play it (see
-    web/js/live_view.js): file, bytes ready, frames done / total, generation fps, seconds left."""
+    """The growing mp4 and the messages that let the browser play it (see web/js/live_view.js):
+    file, bytes ready, frames done / total, generation fps, seconds left, and how the run
+    stands: status "running", then "finished", "cancelled" or "failed" (with the reason).
+    `done` says the file is complete (no more bytes will come)."""
 
-    def __init__(self, node_id, path, total_frames: int):
-        self.node_id, self.total_frames, self.path = node_id, total_frames, path
+    def __init__(self, node_id, path, audio, total_frames: int | None = None):
+        self.node_id, self.total_frames, self.path, self.audio = node_id, total_frames, path, audio
         self.writer, self.frames, self.started, self.closed = None, 0, time.monotonic(), False
+        self._send("running")  # the browser drops the previous run's video now, not at our first block
 
-    def append(self, frames: torch.Tensor, audio):
+    def append(self, frames: torch.Tensor):
         if self.writer is None:
-            self.writer = FragmentedMp4Writer(self.path, FPS, frames.shape[2], frames.shape[1], audio)
+            self.writer = FragmentedMp4Writer(self.path, FPS, frames.shape[2], frames.shape[1], self.audio)
         self.writer.write_block(frames)
         self.frames += len(frames)
-        self._send(done=False)
+        self._send("running")
 
-    def close(self):
+    def close_file(self, announce: bool = True):
+        """Finish the mp4 (playable up to its last frame); the run may go on."""
         if self.writer is not None and not self.closed:
-            self.writer.close()
             self.closed = True
-            self._send(done=True)
+            self.writer.close()
+            if announce:
+                self._send("running")
+
+    @contextmanager
+    def reporting(self):
+        """Around the run: the file is finished and the browser told how the run ended, also
+        when it is cancelled or fails (the blocks written so far stay playable)."""
+        try:
+            yield self
+        except BaseException as error:
+            status = "cancelled" if host.is_cancel(error) else "failed"
+            try:
+                self.close_file(announce=False)
+            except Exception as close_error:  # e.g. the disk that stopped the run: the first error is the news
+                log.warning("LiveAvatar: %s could not be finished: %s", self.path, close_error)
+            self._send(status, "" if status == "cancelled" else _reason(error))
+            raise
+        try:
+            self.close_file(announce=False)
+        except Exception as error:
+            self._send("failed", _reason(error))
+            raise
+        self._send("finished")
 
     def file_info(self) -> dict:
         """Where ComfyUI's /view endpoint serves it from (it answers byte-range requests)."""
         subfolder = self.path.parent.relative_to(host.output_directory()).as_posix()
         return {"filename": self.path.name, "subfolder": "" if subfolder == "." else subfolder, "type": "output"}
 
-    def _send(self, done: bool):
+    def _send(self, status: str, reason: str = ""):
         elapsed = max(time.monotonic() - self.started, 1e-6)
         speed = self.frames / elapsed  # frames generated per second of wall time
+        left = None if self.total_frames is None or not self.frames else round(
+            max(self.total_frames - self.frames, 0) / max(speed, 1e-6), 1)
         host.send_to_browser(LIVE_EVENT, {
-            "node": self.node_id, **self.file_info(), "mime": self.writer.mime_type,
-            "bytes": self.writer.bytes_written(), "frames": self.frames, "total_frames": self.total_frames,
-            "fps": round(speed, 2), "video_fps": FPS, "done": done,
-            "seconds_left": 0.0 if done else round(max(self.total_frames - self.frames, 0) / max(speed, 1e-6), 1)})
+            "node": self.node_id, **self.file_info(), "status": status, "reason": reason,
+            "mime": MIME_TYPE if self.audio is not None else MIME_TYPE_NO_AUDIO,
+            "bytes": self.writer.bytes_written() if self.writer is not None else 0,
+            "frames": self.frames, "total_frames": self.total_frames, "fps": round(speed, 2), "video_fps": FPS,
+            "done": self.closed or status != "running", "seconds_left": 0.0 if status != "running" else left})
+
+
+def _reason(error: BaseException) -> str:
+    """One line for the browser: the error's type and the start of its message."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"{type(error).__name__}: {text}"[:300]

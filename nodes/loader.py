@@ -122,8 +122,8 @@ class LiveAvatarModelLoader:
         return (LiveAvatarModel(weights.dit, kv_fp8, description, weights, lora_strength),)
 
     def _load_weights(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks):
-        path = host.model_path("diffusion_models", model_name)
-        lora = None if lora_name == NO_LORA else host.model_path("loras", lora_name)
+        path = host.model_path("diffusion_models", model_name, "model_name")
+        lora = None if lora_name == NO_LORA else host.model_path("loras", lora_name, "lora_name")
         storage = "fp8" if weight_dtype.startswith("fp8") else weight_dtype
         try:
             checkpoint = Checkpoint.open(path)  # opened once: its config decides the placement

@@ -92,12 +92,13 @@ class LiveAvatarSampler:
         return ({"samples": normalised_to_raw(latents).unsqueeze(0), "liveavatar": info},)
 
 
-def portrait_latents(vae, image, size: str, width: int, height: int):
+def portrait_latents(vae, image, size: str, width: int, height: int, notes: host.NodeNotes | None = None):
     """(engine VAE, reference latent, 19 motion latents) of the portrait IMAGE at the size the
-    node's size inputs ask for (encoding shows progress and can be cancelled)."""
+    node's size inputs ask for (encoding shows progress and can be cancelled); what was
+    adjusted in the image goes to `notes`."""
     area = width * height if size == "custom" else parse_area(size)
     vae_engine = streaming_vae(vae, host.torch_device())
-    return (vae_engine, *encode_portrait(vae_engine, prepare_portrait(image_tensor(image), area)))
+    return (vae_engine, *encode_portrait(vae_engine, prepare_portrait(image_tensor(image, notes), area)))
 
 
 # Streaming states kept for an exact continuation (keep_state): at most one, as it holds the

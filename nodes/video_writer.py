@@ -5,11 +5,13 @@ as AAC by copying those video packets (no re-encode) into the final file; if tha
 for any reason the video-only file becomes the final file and the reason is reported, so
 an audio problem never costs the decoded frames. The audio is checked and converted
 before decoding starts (`prepare_audio`): integer or too-loud PCM scaled into [-1, 1],
-NaN replaced by silence, rates AAC encoders refuse resampled.
+NaN replaced by silence, rates AAC encoders refuse resampled. The Live Video node's
+fragmented writer (live_mp4.py) takes the same prepared audio.
 """
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -17,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..liveavatar.audio import float_pcm
+from ..liveavatar.audio import comfy_audio_waveform
+
+from . import host
 
 log = logging.getLogger("LiveAvatar")
 AAC_RATES = (44100, 48000)  # what every AAC encoder and player takes; other rates -> 48 kHz
@@ -31,20 +35,18 @@ class MuxAudio:
 
 
 def prepare_audio(audio: dict | None) -> tuple[MuxAudio | None, list[str]]:
-    """A ComfyUI AUDIO -> (what to mux or None, notes for the user on what was changed)."""
+    """A ComfyUI AUDIO -> (what to mux or None, notes for the user on what was changed). What
+    cannot be an AUDIO at all is a ValueError naming the audio input (comfy_audio_waveform),
+    raised before any long work."""
     if audio is None:
         return None, []
-    try:
-        wave = torch.as_tensor(audio["waveform"]).detach().cpu()
-        rate = int(audio["sample_rate"])
-    except (KeyError, TypeError, ValueError) as error:
-        return None, [f"the AUDIO input is not a ComfyUI AUDIO ({error}): the mp4 has no sound"]
-    if wave.dim() != 3 or 0 in wave.shape[:2] or wave.shape[2] == 0 or rate <= 0:
-        return None, [f"the AUDIO input is empty (waveform {tuple(wave.shape)}, {rate} Hz): the mp4 has no sound"]
     notes = []
-    wave = float_pcm(wave[0, :2])  # first item of the batch; AAC here: mono or stereo
+    wave, rate = comfy_audio_waveform(audio, notes)
+    if wave.shape[1] == 0:
+        return None, [*notes, f"the audio input is empty (0 samples at {rate} Hz): the mp4 has no sound"]
+    wave = wave[:2]  # AAC here: mono or stereo (of more channels, the front left and right)
     if not torch.isfinite(wave).all():
-        notes.append("the AUDIO has NaN/infinite samples; they are silent in the mp4")
+        notes.append("the audio input has NaN/infinite samples; they are silent in the mp4")
         wave = torch.nan_to_num(wave, nan=0.0, posinf=0.0, neginf=0.0)
     samples = wave.numpy()
     if rate not in AAC_RATES:
@@ -60,7 +62,9 @@ class Mp4Writer:
         self.av = av
         self.path = path
         self.partial = path.with_name(path.stem + ".partial.mp4")
-        self.container = av.open(str(self.partial), mode="w")
+        self.broken = False  # a write failed: the file cannot be finished
+        with writing(self.partial, self):
+            self.container = av.open(str(self.partial), mode="w")
         self.video = self.container.add_stream("libx264", rate=fps)
         self.video.width, self.video.height = width - width % 2, height - height % 2  # yuv420p needs even sides
         self.video.pix_fmt = "yuv420p"
@@ -72,17 +76,37 @@ class Mp4Writer:
     def write(self, frames: torch.Tensor):
         """frames [N, H, W, 3] float 0..1 (CPU)."""
         pixels = (frames[:, :self.video.height, :self.video.width].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        for image in pixels:
-            frame = self.av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            for packet in self.video.encode(frame):
-                self.container.mux(packet)
+        with writing(self.partial, self):
+            for image in pixels:
+                frame = self.av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+                for packet in self.video.encode(frame):
+                    self.container.mux(packet)
         self.frames += len(pixels)
 
-    def close(self) -> Path:
-        """Finish the file (also after an error or cancel: the frames so far are kept)."""
-        for packet in self.video.encode():
-            self.container.mux(packet)
-        self.container.close()
+    def abort(self):
+        """After an error or cancel: keep what was written as far as the file can be finished,
+        never raising over the error that stopped the run."""
+        try:
+            self.close()
+        except Exception as error:
+            log.warning("LiveAvatar: %s could not be finished after the run stopped: %s", self.partial, error)
+
+    def close(self) -> Path | None:
+        """Finish the file (also after an error or cancel: the frames so far are kept). After a
+        failed write nothing can be kept: a plain mp4 without its index at the end does not
+        play, so the partial file is removed (on a full disk, that space comes back)."""
+        if self.broken:
+            close_quietly(self.container, self.partial)
+            self.partial.unlink(missing_ok=True)
+            return None
+        try:
+            with writing(self.partial, self):
+                for packet in self.video.encode():
+                    self.container.mux(packet)
+                self.container.close()
+        except Exception:
+            self.close()  # broken now: the unplayable partial file goes
+            raise
         if self.audio is not None and self.frames:
             try:
                 self._mux_audio()
@@ -114,6 +138,30 @@ class Mp4Writer:
             frame.sample_rate, frame.time_base, frame.pts = self.audio.rate, Fraction(1, self.audio.rate), 0
             for packet in (*sound.encode(frame), *sound.encode()):
                 target.mux(packet)
+
+
+@contextmanager
+def writing(path: Path, writer=None):
+    """A failed write (a full disk, a folder removed) as one error naming the file and the fix
+    instead of the muxer's bare errno. The writer is marked broken: after a failed write the
+    muxer is in no state to take more (PyAV can even crash), it may only be closed."""
+    try:
+        yield
+    except Exception as error:
+        if writer is not None:
+            writer.broken = True
+        if isinstance(error, OSError):
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}. "
+                                       f"{host.write_advice(error)}") from None
+        raise
+
+
+def close_quietly(container, path: Path):
+    """Release a broken writer's container; what it says goes to the log only."""
+    try:
+        container.close()
+    except Exception as error:
+        log.warning("LiveAvatar: %s could not be finished after a failed write: %s", path, error)
 
 
 def _copy_of(container, stream):

@@ -1,8 +1,9 @@
-"""Bad inputs and faults (issue 9): every case gets a clear outcome.
+"""Bad inputs and faults: every case gets a clear outcome.
 
 Each test is one row of docs/reliability.md: either an error of a fitting type whose
 message names the input or file (and says what to do), or the correct output. Cases that
-already behaved well are kept here as guards. Tiny random models only; CPU; fast.
+already behaved well are kept here as guards. The Live Video node's cases are in
+test_live_faults.py. Tiny random models only; CPU; fast.
 """
 import json
 import os
@@ -92,6 +93,40 @@ def test_loader_node_reports_damaged_files_by_name(slot, tiny_files, tmp_path, m
     with pytest.raises(ValueError, match="LiveAvatar model loader") as error:
         call()
     assert damaged.name in str(error.value) and "download it again" in str(error.value)
+
+
+@pytest.mark.parametrize("slot, name, says", [
+    ("model_name", "../../elsewhere/x.safetensors", "leads outside the diffusion_models model folder"),
+    ("model_name", "ABSOLUTE", "leads outside the diffusion_models model folder"),
+    ("model_name", "dit\x00.safetensors", "is not a file name"),
+    ("model_name", "notes.txt", "is not a weights file"),
+    ("model_name", "missing.safetensors", "is not in the diffusion_models model folder"),
+    ("lora_name", "../../elsewhere/x.safetensors", "leads outside the loras model folder"),
+])
+def test_loader_takes_only_files_of_its_model_folders(slot, name, says, tiny_files, tmp_path, monkeypatch):
+    """ComfyUI's prompt validation stops such names; a script or another pack calling the node
+    does not go through it. A real weights file sits where '../..' and the absolute name lead."""
+    from liveavatar.loading import Checkpoint
+    root = tmp_path / "comfy" / "models"
+    root.mkdir(parents=True)
+    models_folder(root, monkeypatch, tiny_files["dit"], tiny_files["lora"])
+    outside = tmp_path / "comfy" / "elsewhere" / "x.safetensors"
+    outside.parent.mkdir()
+    outside.symlink_to(tiny_files["dit"])
+    name = str(outside) if name == "ABSOLUTE" else name
+    opened = []
+    monkeypatch.setattr(Checkpoint, "open", classmethod(lambda cls, path: opened.append(path)))
+    model, lora = (name, "None") if slot == "model_name" else (tiny_files["dit"].name, name)
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(says)) as error:
+        load_node(model, lora)
+    assert f"{slot} {name!r}" in str(error.value) and opened == []
+
+
+def test_loader_takes_a_model_in_a_subfolder(tiny_files, tmp_path, monkeypatch):
+    models_folder(tmp_path, monkeypatch, tiny_files["dit"])
+    (tmp_path / "diffusion_models" / "wan").mkdir()
+    (tmp_path / "diffusion_models" / "wan" / "dit.safetensors").symlink_to(tiny_files["dit"])
+    assert load_node("wan/dit.safetensors")[0].dit.cfg.num_layers == 3
 
 
 def sharded_folder(tmp_path, index_text: str) -> Path:
@@ -243,6 +278,54 @@ def test_prefix_outside_the_output_folder_is_refused(prefix, tiny_vae, output_di
     assert [f for f in files_under(tmp_path) if "escaped" in f] == []
 
 
+@pytest.mark.parametrize("prefix, says", [
+    ("clip\x00name", "characters a file name cannot"),
+    ("two\nlines", "characters a file name cannot"),
+    ("", "has no file name"),
+    ("x" * 300, "longer than 255 bytes"),
+], ids=["nul", "newline", "empty", "too-long"])
+def test_prefix_no_file_name_can_hold_is_refused_before_decoding(prefix, says, tiny_vae, output_dir, monkeypatch):
+    """Before: 'clip\x00name' ended in "ValueError: Could not determine output format"."""
+    from liveavatar.vae import StreamDecoder
+    decoded = []
+    monkeypatch.setattr(StreamDecoder, "decode", lambda *a, **k: decoded.append(1))
+    with pytest.raises(ValueError, match=says) as error:
+        decode_node(tiny_vae, latent_input(3, 9), prefix=prefix)
+    assert repr(prefix) in str(error.value) and decoded == [] and files_under(output_dir) == []
+
+
+def test_full_disk_is_named_before_decoding(tiny_vae, output_dir, monkeypatch):
+    """The folder check writes 64 KiB and syncs it; a full disk fails there (ENOSPC), so the
+    error comes before decoding and says to free space, not to fix permissions."""
+    import errno
+    from liveavatar.vae import StreamDecoder
+    from nodes import host
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    decoded = []
+    monkeypatch.setattr(StreamDecoder, "decode", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr(host.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left on device. Free space on that disk") as error:
+        decode_node(tiny_vae, latent_input(3, 9))
+    assert not isinstance(error.value, PermissionError) and str(output_dir) in str(error.value) and decoded == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_disk_full_while_writing_is_named(tiny_vae, output_dir):
+    """The mp4 being written is a link to /dev/full, where every write fails as on a full disk."""
+    import errno
+    output_dir.mkdir()
+    partial = output_dir / "LiveAvatar_00001.partial.mp4"
+    partial.symlink_to("/dev/full")
+    with pytest.raises(OSError) as error:
+        decode_node(tiny_vae, latent_input(9, SPOKEN), audio=sine_audio(48000))
+    assert error.value.errno == errno.ENOSPC and str(partial) in str(error.value)
+    assert "Free space on that disk" in str(error.value)
+    assert files_under(output_dir) == []  # the unplayable partial file is not left behind
+
+
 def test_prefix_with_subfolders_creates_them(tiny_vae, output_dir):
     (frames, _), ui = decode_node(tiny_vae, latent_input(3, 9), prefix="sub/dir/name")
     assert files_under(output_dir) == ["sub/dir/name_00001.mp4"]
@@ -357,7 +440,7 @@ def test_empty_audio_keeps_the_video_and_says_so(tiny_vae, output_dir):
     audio = {"waveform": torch.zeros(1, 1, 0), "sample_rate": 48000}
     (frames, _), ui = decode_node(tiny_vae, latent_input(9, SPOKEN), audio=audio)
     assert mp4_contents(output_dir / "LiveAvatar_00001.mp4") == {"frames": SPOKEN, "rate": None, "audio": None}
-    assert "the AUDIO input is empty" in ui["text"][1] and "no sound" in ui["text"][1]
+    assert "the audio input is empty" in ui["text"][1] and "no sound" in ui["text"][1]
 
 
 def test_muxing_failure_keeps_the_video_without_sound(tiny_vae, output_dir, monkeypatch):
@@ -377,9 +460,38 @@ def test_return_frames_off_gives_one_frame_per_second(tiny_vae, output_dir):
     """12 latents -> 45 frames, cut to 40 spoken: frames 0 and 25 at 1 fps (2 s, as the audio)."""
     latents = latent_input(12, 40)
     (every, fps), _ = decode_node(tiny_vae, latents, save_mp4=False)
-    (preview, preview_fps), _ = decode_node(tiny_vae, latents, save_mp4=False, return_frames=False)
+    (preview, preview_fps), ui = decode_node(tiny_vae, latents, return_frames=False)
     assert (len(every), fps, preview_fps) == (40, 25.0, 1.0)
     assert torch.equal(preview, every[[0, 25]])
+    assert "frames is a preview, 2 frames (one per second of the 40-frame video) at fps 1" in ui["text"][1]
+
+
+def test_short_video_with_return_frames_off_says_what_frames_holds(tiny_vae, output_dir):
+    """Under a second of video: one frame at fps 1.0 (a 1 s preview), and the node says so and
+    where the video is, instead of handing on a 1-frame IMAGE silently."""
+    (preview, fps), ui = decode_node(tiny_vae, latent_input(3, 9), return_frames=False)
+    assert (len(preview), fps) == (1, 1.0)
+    video = str(output_dir / "LiveAvatar_00001.mp4")
+    assert ui["text"][0] == video and f"The full video is {video}" in ui["text"][1]
+    assert mp4_contents(output_dir / "LiveAvatar_00001.mp4")["frames"] == 9
+
+
+def test_audio_without_save_mp4_is_said_to_be_unused(tiny_vae, output_dir, monkeypatch):
+    from nodes import host
+    shown = []
+    monkeypatch.setattr(host, "_show_on_node", shown.append)
+    (frames, _), ui = decode_node(tiny_vae, latent_input(3, 9), save_mp4=False, audio=sine_audio(48000))
+    assert len(frames) == 9 and ui == {} and files_under(output_dir) == []
+    assert shown == ["the audio input goes only into the mp4, and save_mp4 is off: it is not used"]
+
+
+def test_return_frames_and_save_mp4_both_off_is_an_error_before_decoding(tiny_vae, output_dir, monkeypatch):
+    from liveavatar.vae import StreamDecoder
+    decoded = []
+    monkeypatch.setattr(StreamDecoder, "decode", lambda *a, **k: decoded.append(1))
+    with pytest.raises(ValueError, match="save_mp4 and return_frames are both off"):
+        decode_node(tiny_vae, latent_input(3, 9), save_mp4=False, return_frames=False)
+    assert decoded == []
 
 
 def test_node_and_engine_give_the_frames_liveavatar_shows(tiny_vae, output_dir):
@@ -440,6 +552,27 @@ def test_priming_can_be_cancelled(tiny_vae, output_dir, monkeypatch):
     assert len(calls) == 3
 
 
+def test_decode_cancelled_keeps_the_frames_so_far_in_the_mp4(tiny_vae, output_dir, monkeypatch):
+    """Cancel after the first block (9 frames) is written: the mp4 is finished with those
+    frames and their speech, no partial file is left."""
+    from nodes import host
+    from nodes.video_writer import Mp4Writer
+    written = []
+    write = Mp4Writer.write
+    monkeypatch.setattr(Mp4Writer, "write", lambda self, frames: (write(self, frames), written.append(len(frames))))
+
+    def cancel_after_first_block():
+        if written:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(host, "check_interrupted", cancel_after_first_block)
+    with pytest.raises(KeyboardInterrupt):
+        decode_node(tiny_vae, latent_input(9, SPOKEN), audio=sine_audio(48000))
+    assert files_under(output_dir) == ["LiveAvatar_00001.mp4"] and written == [9]
+    mp4 = mp4_contents(output_dir / "LiveAvatar_00001.mp4")
+    assert (mp4["frames"], mp4["rate"]) == (9, 48000) and len(mp4["audio"]) >= 9 / FPS * 48000
+
+
 def test_portrait_encode_shows_progress_and_can_be_cancelled(tiny_vae, monkeypatch, capsys):
     """The portrait alone (1 chunk), then 73 still frames: 1 + 18 chunks of 4 -> 20 steps."""
     from nodes import host
@@ -485,6 +618,135 @@ def test_combined_conditioning_is_an_error():
     one = [torch.randn(1, 8, 4096), {}]
     with pytest.raises(ValueError, match="has 2 entries .e.g. from ConditioningCombine."):
         text_embeddings([one, one], 512)
+
+
+@pytest.mark.parametrize("kind", ["0..255", "uint8", "-1..1"])
+def test_image_in_another_range_is_converted_and_said(kind):
+    """Before: a 0..255 IMAGE was clamped to a flat white picture, silently."""
+    from nodes.conditioning import image_tensor
+    from nodes.host import NodeNotes
+    unit = (torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+    image = {"0..255": unit * 255, "uint8": (unit * 255).round().to(torch.uint8), "-1..1": unit * 2 - 1}[kind]
+    notes = NodeNotes()
+    assert torch.allclose(image_tensor(image, notes), unit[0], atol=1e-6)
+    assert len(notes.lines) == 1 and "the image input (portrait)" in notes.lines[0]
+
+
+@pytest.mark.parametrize("image, says", [
+    (torch.full((1, 32, 32, 3), 1000.0), "pixel values from 1000 to 1000"),
+    (torch.full((1, 32, 32, 3), float("nan")), "NaN or infinite pixels"),
+    (torch.zeros(1, 3, 32, 32), "looks channels-first"),
+    (torch.zeros(1, 32, 32, 3, dtype=torch.int32), "holds torch.int32 values"),
+], ids=["out-of-range", "nan", "channels-first", "int32"])
+def test_image_no_range_fits_is_an_error(image, says):
+    from nodes.conditioning import image_tensor
+    with pytest.raises(ValueError, match=re.escape(says)):
+        image_tensor(image)
+
+
+def test_grey_image_becomes_rgb():
+    from nodes.conditioning import image_tensor
+    grey = torch.rand(1, 32, 32, 1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(image_tensor(grey), grey[0].expand(32, 32, 3))
+
+
+def test_stereo_whose_channels_cancel_uses_one_and_says_so(tmp_path, monkeypatch):
+    """[L, -L] averaged to mono is exactly silence; the encoder now takes L and the node says
+    why, on the node (ComfyUI's progress text) and in the log."""
+    import sys
+    import types
+    from liveavatar.audio import Wav2Vec2Encoder, load_audio
+    from liveavatar.testing import write_tiny_wav2vec2
+    from nodes import host
+    voice = sine_audio(16000)["waveform"][0, 0] * torch.linspace(0.2, 1, 16000)
+    mono = {"waveform": voice[None, None], "sample_rate": 16000}
+    stereo = {"waveform": torch.stack([voice, -voice])[None], "sample_rate": 16000}
+    assert torch.equal(load_audio(stereo), load_audio(mono))
+    shown = []
+    server = types.SimpleNamespace(client_id="c", send_progress_text=lambda text, node, sid: shown.append((node, text)))
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=server)))
+    monkeypatch.setattr(host, "executing_node_id", lambda: "7")
+    encoder = Wav2Vec2Encoder.load(write_tiny_wav2vec2(tmp_path / "wav2vec2.safetensors"))
+    features = nodes.LiveAvatarAudioEncode().encode(stereo, encoder, 24)[0]
+    expected = nodes.LiveAvatarAudioEncode().encode(mono, encoder, 24)[0]
+    assert torch.equal(features.features_30hz, expected.features_30hz)
+    assert len(shown) == 1 and shown[0][0] == "7" and "channels cancel out" in shown[0][1]
+
+
+def test_stereo_with_one_silent_channel_is_still_mixed():
+    """Not every quiet mix is a cancelling one: one silent channel halves the level, no more."""
+    from liveavatar.audio import mono_mix
+    voice = torch.sin(torch.arange(1000.0))
+    mix, note = mono_mix(torch.stack([voice, torch.zeros(1000)]))
+    assert torch.equal(mix, voice / 2) and note is None
+
+
+@pytest.mark.parametrize("audio, says", [
+    ({"waveform": torch.zeros(1, 1, 16000, dtype=torch.bool), "sample_rate": 16000}, "holds torch.bool values"),
+    ({"waveform": torch.zeros(1, 16000, 2), "sample_rate": 16000}, "swap the last two dimensions"),
+    ({"waveform": torch.zeros(2, 16000), "sample_rate": 16000}, "add the batch dimension"),
+    ({"waveform": torch.zeros(1, 1, 16000), "sample_rate": "fast"}, "sample_rate is 'fast'"),
+    ({"waveform": torch.zeros(1, 1, 16000)}, "the audio input is not a ComfyUI AUDIO"),
+], ids=["bool", "channels-last", "no-batch", "text-rate", "no-rate"])
+def test_audio_that_is_no_audio_is_an_error_for_every_node(audio, says, tiny_vae, output_dir):
+    """The same checks for Audio Encode (load_audio) and for muxing (Decode, Live Video)."""
+    from liveavatar.audio import load_audio
+    with pytest.raises(ValueError, match=re.escape(says)):
+        load_audio(audio)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        decode_node(tiny_vae, latent_input(3, 9), audio=audio)
+    assert files_under(output_dir) == []
+
+
+def test_audio_batch_and_surround_are_used_and_said():
+    """A batch of clips: the first, with a note. 5.1: the mono mix of all six channels for the
+    features; the front left and right for the mp4."""
+    from liveavatar.audio import load_audio
+    from nodes.video_writer import prepare_audio
+    waves = torch.rand(2, 6, 48000, generator=torch.Generator().manual_seed(0)) - 0.5
+    notes = []
+    mono = load_audio({"waveform": waves, "sample_rate": 48000}, notes)
+    assert notes == ["the audio input holds a batch of 2 clips; the first is used"]
+    assert torch.equal(mono, load_audio({"waveform": waves[:1].mean(1, keepdim=True), "sample_rate": 48000}))
+    mux, mux_notes = prepare_audio({"waveform": waves, "sample_rate": 48000})
+    assert np.array_equal(mux.wave, waves[0, :2].numpy()) and mux_notes == notes
+
+
+def test_a_block_sampled_before_an_error_is_still_decoded():
+    """decode_alongside's CUDA path hands a block over only once the next is queued; when the
+    sampler stops (cancel, error) the block already queued still comes out, then the error."""
+    from liveavatar.overlap import one_behind
+
+    def blocks():
+        yield "block 0"
+        yield "block 1"
+        raise KeyboardInterrupt
+
+    out = []
+    with pytest.raises(KeyboardInterrupt):
+        for item in one_behind(blocks(), lambda block: f"decoded {block}", lambda block, work: work):
+            out.append(item)
+    assert out == ["decoded block 0", "decoded block 1"]
+    # a consumer that stops early closes it cleanly, with nothing more handed over
+    stream = one_behind(iter(["a", "b", "c"]), str.upper, lambda item, work: work)
+    assert next(stream) == "A"
+    stream.close()
+
+
+def test_comfyui_interrupt_is_a_cancel(monkeypatch):
+    import sys
+    import types
+    from nodes import host
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    comfy = types.ModuleType("comfy")
+    comfy.model_management = types.SimpleNamespace(InterruptProcessingException=InterruptProcessingException)
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", comfy.model_management)
+    assert host.is_cancel(InterruptProcessingException()) and host.is_cancel(KeyboardInterrupt())
+    assert not host.is_cancel(RuntimeError("out of memory"))
 
 
 # ---- already good: guards --------------------------------------------------------------
@@ -554,7 +816,8 @@ def test_guard_cancel_frees_the_caches(fixture_run, monkeypatch):
 
 
 def test_streamer_reused_after_an_error_says_to_build_a_new_one(fixture_run):
-    """Left to the lead's sampler rewrite: fails until Streamer refuses a second blocks()."""
+    """A Streamer stopped by an error or a cancel refuses a second blocks() (its caches are
+    inconsistent): build a new one."""
     from liveavatar.sampler import Streamer
     model, inputs, settings = fixture_run
     streamer = Streamer(model, inputs, settings)

@@ -15,6 +15,7 @@ from nodes.audio import LiveAvatarAudioEncode
 from nodes.decode import LiveAvatarDecode
 from nodes.live import LIVE_EVENT, LiveAvatarLiveVideo
 from nodes.live_mp4 import FragmentedMp4Writer
+from nodes.video_writer import prepare_audio
 from nodes.loader import LiveAvatarModelLoader
 from nodes.sampler import LiveAvatarSampler
 
@@ -38,7 +39,7 @@ def top_level_boxes(path):
 
 def test_fragmented_mp4_has_each_block_on_disk_when_written(tmp_path):
     path = tmp_path / "live.mp4"
-    writer = FragmentedMp4Writer(path, 25, 64, 48, speech(2.0))
+    writer = FragmentedMp4Writer(path, 25, 64, 48, prepare_audio(speech(2.0))[0])
     sizes, blocks = [], [9, 12, 12]
     for n in blocks:
         sizes.append(writer.write_block(torch.rand(n, 48, 64, 3)))
@@ -111,10 +112,15 @@ def test_live_node_equals_sampler_then_decode(tiny_graph):
         assert sum(1 for p in video.demux(video=0) if p.size) == len(frames)
     assert all(event == LIVE_EVENT for event, _ in messages)
     updates = [data for _, data in messages]
-    assert [u["done"] for u in updates] == [False] * (len(updates) - 1) + [True]
-    assert updates[-1]["frames"] == updates[-1]["total_frames"] == len(frames)
-    assert [u["frames"] for u in updates[:-1]] == sorted({u["frames"] for u in updates[:-1]})
-    assert updates[0]["frames"] == 9 and updates[1]["frames"] == 21  # first block drops 3 frames, then 12 each
+    start, blocks, last = updates[0], [u for u in updates if u["frames"]], updates[-1]
+    # the first message comes before any work, so the browser drops the previous run's video
+    assert (start["status"], start["frames"], start["bytes"], start["done"]) == ("running", 0, 0, False)
+    assert [u["status"] for u in updates] == ["running"] * (len(updates) - 1) + ["finished"]
+    done = [u["done"] for u in updates]
+    assert done == sorted(done) and done[-1]  # once the file is complete it stays so
+    assert last["frames"] == last["total_frames"] == len(frames) and last["reason"] == ""
+    assert [u["frames"] for u in blocks] == sorted(u["frames"] for u in blocks)
+    assert blocks[0]["frames"] == 9 and blocks[1]["frames"] == 21  # first block drops 3 frames, then 12 each
     assert all(a["bytes"] <= b["bytes"] for a, b in zip(updates, updates[1:]))
-    assert updates[-1]["bytes"] == path.stat().st_size and updates[-1]["seconds_left"] == 0
-    assert updates[0]["filename"] == path.name and updates[0]["type"] == "output" and updates[0]["fps"] > 0
+    assert last["bytes"] == path.stat().st_size and last["seconds_left"] == 0
+    assert start["filename"] == path.name and start["type"] == "output" and blocks[0]["fps"] > 0
