@@ -8,7 +8,8 @@ The path (shapes for the real model: 25 hidden states of width 1024):
    xlsr-53 english, `transformers.Wav2Vec2Model`): every hidden state, embedding output
    first, the last after the final layer norm (transformers 4.x semantics, whatever
    transformers is installed) -> [layers + 1, T50, hidden] at 50 Hz.
-3. `resample_to_30hz`: linear, align_corners, int(T50 / 50 * 30) steps.
+3. `resample_to_30hz`: linear, align_corners, int(T50 / 50 * 30) steps (F.interpolate's
+   float32 positions, `positions_30hz`).
 4. `per_frame_features`: video frame i (25 fps) takes the 30 Hz feature nearest its time,
    index round(i * 30 / 25); frames past the speech get zeros; padded to whole clips of
    `infer_frames`, int(T30 / (infer_frames * 30 / 25)) + 1 clips as in the original
@@ -22,7 +23,8 @@ Public API:
         or one safetensors file (ComfyUI's wav2vec2_large_english_fp16.safetensors)
     Wav2Vec2Encoder.from_state_dict(sd, config=None, device="cpu", dtype=torch.float32)
     encoder.hidden_states(waveform_16k) -> Tensor[layers + 1, T50, hidden]  (fp32, CPU)
-    encode_audio(encoder, waveform_16k) -> AudioFeatures
+    encode_audio(encoder, waveform_16k, window_s=CHUNK_WINDOW_S, context_s=CHUNK_CONTEXT_S,
+                 on_chunk=None) -> AudioFeatures      (window_s=None: one pass at any length)
     AudioFeatures.per_frame(infer_frames) -> (Tensor[layers + 1, hidden, clips * infer_frames],
                                               video frames carrying speech)
     AudioFeatures.num_clips(infer_frames) -> int
@@ -32,6 +34,14 @@ Public API:
 
 `encode_audio` returns the 30 Hz features rather than the per-frame layout because the
 clip length (`infer_frames`) is a sampler setting, chosen after the audio is encoded.
+
+Long audio: wav2vec2's memory grows with the length it is given (its convolutions hold
+512 channels at 3.2 kHz), so `encode_audio` runs clips longer than CHUNK_WINDOW_S + 2
+CHUNK_CONTEXT_S seconds window by window (`hidden_state_chunks`: windows cut at the 320-sample
+hop, the whole clip's normalisation, `Resampler30Hz` stitching the 30 Hz features across
+windows): memory stays that of one window. wav2vec2 attends over the whole clip, so the
+windowed features differ from one pass by an amount that shrinks with the context; live
+streams are `audio_stream.StreamingAudioEncoder`. docs/audio.md has the measurements.
 """
 from __future__ import annotations
 
@@ -43,7 +53,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .weights import read_state_dict, safetensors_config
 
@@ -218,8 +227,38 @@ def _checked(wave: torch.Tensor) -> torch.Tensor:
 
 def normalise(wave: torch.Tensor) -> torch.Tensor:
     """Zero mean, unit (population) variance, as the feature extractor; silence stays zero."""
-    wave = wave.double()
-    return ((wave - wave.mean()) / torch.sqrt(wave.var(unbiased=False) + NORM_EPS)).float()
+    return apply_normalisation(wave, normalisation_stats(wave))
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """x -> (x - mean) / scale, scale = sqrt(population variance + 1e-7)."""
+    mean: float
+    scale: float
+
+    @classmethod
+    def of_moments(cls, mean: float, variance: float) -> "NormStats":
+        return cls(float(mean), math.sqrt(max(float(variance), 0.0) + NORM_EPS))
+
+
+STATS_SLICE = 1 << 20  # samples per slice: the float64 copies stay at 8 MiB for any length
+
+
+def normalisation_stats(wave: torch.Tensor) -> NormStats:
+    """The whole waveform's mean and variance in float64, two passes over slices (so a long
+    clip never gets a float64 copy)."""
+    n = wave.numel()
+    if n <= STATS_SLICE:  # one slice: torch's own mean and variance
+        whole = wave.double()
+        return NormStats.of_moments(whole.mean(), whole.var(unbiased=False))
+    starts = range(0, n, STATS_SLICE)
+    mean = sum(float(wave[i:i + STATS_SLICE].double().sum()) for i in starts) / n
+    squares = sum(float(((wave[i:i + STATS_SLICE].double() - mean) ** 2).sum()) for i in starts)
+    return NormStats.of_moments(mean, squares / n)
+
+
+def apply_normalisation(wave: torch.Tensor, stats: NormStats) -> torch.Tensor:
+    return ((wave.double() - stats.mean) / stats.scale).float()
 
 
 # ---- wav2vec2 -----------------------------------------------------------------------------
@@ -270,9 +309,12 @@ class Wav2Vec2Encoder:
 
     def hidden_states(self, waveform_16k: torch.Tensor) -> torch.Tensor:
         """[T] mono 16 kHz samples (raw; normalised here) -> [layers + 1, T50, hidden] fp32 CPU."""
-        wave = normalise(_checked(torch.as_tensor(waveform_16k).float().cpu()))
+        return self.run(normalise(_checked(torch.as_tensor(waveform_16k).float().cpu())))
+
+    def run(self, normalised: torch.Tensor) -> torch.Tensor:
+        """[T] normalised samples (T >= 400) -> [layers + 1, feature_count(T), hidden] fp32 CPU."""
         with torch.no_grad():
-            out = self.model(wave[None].to(self.device, self.dtype), output_hidden_states=True)
+            out = self.model(normalised[None].to(self.device, self.dtype), output_hidden_states=True)
         # The last state is taken after the encoder's final layer norm, as transformers 4.x
         # (the original pins <= 4.51.3) and ComfyUI return it; transformers 5 puts the
         # state before that norm in hidden_states[-1], so it comes from last_hidden_state.
@@ -362,17 +404,83 @@ def _indices(sd: dict, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in sd if (m := re.match(pattern, k))})
 
 
-# ---- features per video frame ---------------------------------------------------------------
+# ---- 50 Hz -> 30 Hz -------------------------------------------------------------------------
+def feature_count(num_samples: int) -> int:
+    """wav2vec2's 50 Hz features for `num_samples` samples: one per 320-sample hop whose
+    400-sample receptive field fits (feature k sees samples [320 k, 320 k + 400))."""
+    return (num_samples - RECEPTIVE_FIELD) // HOP + 1 if num_samples >= RECEPTIVE_FIELD else 0
+
+
+def count_30hz(t50: int) -> int:
+    """The original's 30 Hz length, int(T50 / 50 * 30), in its float arithmetic."""
+    return int(t50 / FEATURE_RATE * RESAMPLED_RATE)
+
+
+NATURAL_STEP = FEATURE_RATE / RESAMPLED_RATE  # 5/3: the 30 Hz grid of a clip of unknown length
+
+
+def positions_30hz(indices: np.ndarray, t50: int | None) -> np.ndarray:
+    """50 Hz positions of the 30 Hz features `indices`. For a clip of T50 frames, the
+    original's (F.interpolate, linear, align_corners, over the whole clip), in its float32
+    arithmetic: j * float32((T50 - 1) / (T30 - 1)), a step stretched from 5/3 so the last 30 Hz
+    feature lands on the last 50 Hz frame, which depends on the clip's length. With t50=None
+    (a stream of unknown length), j * 5/3."""
+    if t50 is None:
+        return np.asarray(indices, dtype=np.float64) * NATURAL_STEP
+    t30 = count_30hz(t50)
+    step = np.float32(t50 - 1) / np.float32(t30 - 1) if t30 > 1 else np.float32(0)
+    return (step * np.asarray(indices, dtype=np.float32)).astype(np.float64)
+
+
+def lerp_frames(states: torch.Tensor, positions: np.ndarray, first: int, last: int) -> torch.Tensor:
+    """[layers, n, C] 50 Hz frames first .. first + n - 1 -> [layers, len(positions), C] at
+    the 50 Hz `positions`, linear between neighbours, the right one clamped at frame `last`
+    (the clip's last frame, as F.interpolate clamps)."""
+    left = np.floor(positions).astype(np.int64)
+    right = np.minimum(left + 1, last)
+    weight = torch.from_numpy(positions - left).to(states.dtype)[None, :, None]
+    return states[:, left - first] * (1 - weight) + states[:, right - first] * weight
+
+
+class Resampler30Hz:
+    """A clip's 50 Hz hidden states, given in consecutive pieces, -> its 30 Hz features on
+    the original's grid (`positions_30hz`); each 30 Hz feature is written once both its 50 Hz
+    neighbours have arrived, so only one 50 Hz frame is kept between pieces."""
+
+    def __init__(self, t50: int):
+        t30 = count_30hz(t50)
+        if t30 == 0:
+            raise ValueError(f"{t50} wav2vec2 frame(s) are too few for one video frame; "
+                             f"the audio must be at least {MIN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms long")
+        self.t50, self.positions = t50, positions_30hz(np.arange(t30), t50)
+        self.right = np.minimum(np.floor(self.positions).astype(np.int64) + 1, t50 - 1)  # non-decreasing
+        self.out, self.done, self.carry = None, 0, None
+
+    def add(self, first: int, states: torch.Tensor):
+        """50 Hz frames first .. first + n - 1 ([layers, n, C]), following the last piece."""
+        if self.out is None:
+            self.out = states.new_empty(states.shape[0], len(self.positions), states.shape[2])
+        if self.carry is not None:
+            states, first = torch.cat([self.carry, states], dim=1), first - 1
+        stop = int(np.searchsorted(self.right, first + states.shape[1]))  # both neighbours in
+        self.out[:, self.done:stop] = lerp_frames(states, self.positions[self.done:stop], first, self.t50 - 1)
+        self.done, self.carry = stop, states[:, -1:].clone()
+
+    def result(self) -> torch.Tensor:
+        if self.out is None or self.done < len(self.positions):
+            raise RuntimeError("the 50 Hz hidden states given do not cover the clip")
+        return self.out
+
+
 def resample_to_30hz(hidden_states: torch.Tensor) -> torch.Tensor:
-    """[layers, T50, C] -> [layers, int(T50 / 50 * 30), C], linear, align_corners."""
-    steps = int(hidden_states.shape[1] / FEATURE_RATE * RESAMPLED_RATE)
-    if steps == 0:
-        raise ValueError(f"{hidden_states.shape[1]} wav2vec2 frame(s) are too few for one video frame; "
-                         f"the audio must be at least {MIN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms long")
-    x = F.interpolate(hidden_states.float().transpose(1, 2), size=steps, mode="linear", align_corners=True)
-    return x.transpose(1, 2)
+    """[layers, T50, C] -> [layers, int(T50 / 50 * 30), C], linear, align_corners (the same
+    values as F.interpolate up to float rounding)."""
+    resampler = Resampler30Hz(hidden_states.shape[1])
+    resampler.add(0, hidden_states.float())
+    return resampler.result()
 
 
+# ---- features per video frame ---------------------------------------------------------------
 def num_clips_for(t30: int, infer_frames: int, fps: int = VIDEO_FPS) -> int:
     """The original's clip count for T30 features: int(T30 / (infer_frames * 30 / fps)) + 1
     (one more than whole clips, so a clip boundary at the very end adds an empty clip)."""
@@ -431,7 +539,52 @@ class AudioFeatures:
         return self.num_samples / SAMPLE_RATE
 
 
-def encode_audio(encoder: Wav2Vec2Encoder, waveform_16k: torch.Tensor) -> AudioFeatures:
-    """16 kHz mono waveform -> all layers at 30 Hz (see AudioFeatures.per_frame)."""
+# ---- encoding in bounded memory ---------------------------------------------------------------
+# wav2vec2 attends over the whole clip, so a window's features differ from the one-pass ones;
+# the difference shrinks with the context each side (see docs/audio.md for the measurements).
+CHUNK_WINDOW_S = 30.0  # seconds of features kept per window
+CHUNK_CONTEXT_S = 4.0  # seconds of audio each side of them
+
+
+def chunk_windows(t50: int, window: int, context: int) -> list[tuple[int, int, int, int]]:
+    """(lo, start, stop, hi) in 50 Hz frames: features start .. stop - 1 are kept from a
+    run over frames lo .. hi - 1 (the context clipped at the clip's ends)."""
+    return [(max(0, a - context), a, min(a + window, t50), min(t50, a + window + context))
+            for a in range(0, t50, window)]
+
+
+def hidden_state_chunks(encoder: Wav2Vec2Encoder, wave: torch.Tensor, window_s: float, context_s: float,
+                        stats: NormStats | None = None, on_chunk=None):
+    """Yield (first frame, [layers + 1, n, hidden]) for consecutive pieces of the clip's 50 Hz
+    hidden states, each from a run over `window_s` + 2 `context_s` seconds of audio cut at a
+    320-sample hop, so a piece's frames are the one-pass frames' positions exactly. The
+    waveform is normalised with the whole clip's statistics (`stats`, by default computed
+    here), as the one-pass path. `on_chunk(done, total)` after each window."""
+    window, context = max(1, round(window_s * FEATURE_RATE)), max(0, round(context_s * FEATURE_RATE))
+    stats = stats or normalisation_stats(wave)
+    windows = chunk_windows(feature_count(wave.numel()), window, context)
+    for done, (lo, start, stop, hi) in enumerate(windows, 1):
+        segment = wave[HOP * lo:HOP * (hi - 1) + RECEPTIVE_FIELD]
+        states = encoder.run(apply_normalisation(segment, stats))
+        if states.shape[1] != hi - lo:
+            raise RuntimeError(f"wav2vec2 gave {states.shape[1]} frames for {segment.numel()} samples, "
+                               f"expected {hi - lo}")
+        yield start, states[:, start - lo:stop - lo]
+        if on_chunk is not None:
+            on_chunk(done, len(windows))
+
+
+def encode_audio(encoder: Wav2Vec2Encoder, waveform_16k: torch.Tensor, window_s: float | None = CHUNK_WINDOW_S,
+                 context_s: float = CHUNK_CONTEXT_S, on_chunk=None) -> AudioFeatures:
+    """16 kHz mono waveform -> all layers at 30 Hz (see AudioFeatures.per_frame). A clip
+    longer than one window plus its context runs window by window (memory bounded by
+    `window_s + 2 context_s` seconds of audio, whatever the length); shorter clips, or
+    `window_s=None`, run in one pass."""
     wave = _checked(torch.as_tensor(waveform_16k).float().cpu())
-    return AudioFeatures.from_hidden_states(encoder.hidden_states(wave), wave.numel())
+    t50 = feature_count(wave.numel())
+    if window_s is None or t50 <= round((window_s + 2 * context_s) * FEATURE_RATE):
+        return AudioFeatures.from_hidden_states(encoder.hidden_states(wave), wave.numel())
+    resampler = Resampler30Hz(t50)
+    for first, states in hidden_state_chunks(encoder, wave, window_s, context_s, on_chunk=on_chunk):
+        resampler.add(first, states)
+    return AudioFeatures(resampler.result(), wave.numel())
