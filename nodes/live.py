@@ -7,16 +7,15 @@ import time
 
 import torch
 
-from ..liveavatar import StreamInputs, StreamSettings, Streamer
-from ..liveavatar.decoding import DROPPED_FIRST_FRAMES, VideoDecoder
+from ..liveavatar.decoding import VideoDecoder
 from ..liveavatar.overlap import decode_alongside
 from ..liveavatar.sampler import VIDEO_FRAMES_PER_LATENT
-from ..liveavatar.vae import normalised_to_raw
 
 from . import host
-from .conditioning import text_embeddings
+from .continuation import with_lead_in
 from .live_mp4 import FragmentedMp4Writer
-from .sampler import FPS, LiveAvatarSampler, portrait_latents
+from .sampler import CONTINUE_INPUTS, LiveAvatarSampler
+from .stream_run import FPS, StreamRun
 
 LIVE_EVENT = "liveavatar.live"  # websocket message the extension in web/js/live_view.js listens to
 
@@ -41,51 +40,41 @@ class LiveAvatarLiveVideo:
             "return_frames": ("BOOLEAN", {"default": True,
                                           "tooltip": "Output all frames as IMAGE (turn off for long videos: only the "
                                                      "last frame is then returned; the mp4 has them all)."}),
-        }}
+        }, "optional": CONTINUE_INPUTS}
 
     def generate(self, model, positive, image, vae, audio_features, size, width, height, infer_frames, num_clip,
-                 sample_steps, seed, audio, filename_prefix, return_frames=True):
-        text = text_embeddings(positive, model.dit.cfg.text_len)  # input checks before the long work
-        features, speech_frames = audio_features.per_frame(infer_frames)
-        model.prepare()  # our DiT on the GPU via ComfyUI's model management, at this LoRA strength
-        vae_engine, ref_latent, motion_latents = portrait_latents(vae, image, size, width, height)
-        inputs = StreamInputs(text, ref_latent, motion_latents, features)
-        settings = StreamSettings(infer_frames=infer_frames, num_clip=num_clip, steps=sample_steps, seed=seed,
-                                  kv_fp8=model.kv_fp8)
-        streamer = Streamer(model.dit, inputs, settings)
-        latent_frames = streamer.num_clips * streamer.latent_frames
-        total_frames = min(speech_frames, latent_frames * VIDEO_FRAMES_PER_LATENT - DROPPED_FIRST_FRAMES)
-        view = LiveView(host.executing_node_id(), host.save_path(filename_prefix, "mp4"), total_frames)
-        decoder = VideoDecoder(vae_engine, motion_latents, speech_frames, on_step=host.check_interrupted)
-        progress = host.Progress(streamer.total_block_steps, "LiveAvatar live video")
+                 sample_steps, seed, audio, filename_prefix, return_frames=True, continue_from=None, keep_state=False):
+        run = StreamRun("LiveAvatar Live Video", model, positive, image, vae, audio_features, size, width, height,
+                        infer_frames, num_clip, sample_steps, seed, continue_from, keep_state)
+        path = host.save_path(filename_prefix, "mp4")  # input checks before the long work
+        mux_audio, notes = with_lead_in(audio, run.lead_in, FPS) if run.previous else (audio, [])
+        run.start(decode=True)
+        run.notes += notes
+        total_frames = min(run.video_frames, run.latent_frames_to_make * VIDEO_FRAMES_PER_LATENT - run.drop_first)
+        view = LiveView(host.executing_node_id(), path, total_frames)
+        decoder = VideoDecoder(run.vae, run.priming, run.video_frames, on_step=host.check_interrupted,
+                               drop_first=run.drop_first)
         kept, last, clean = [], None, []
-
-        def on_step():
-            host.check_interrupted()
-            progress.step()
-
+        blocks = run.blocks()
         try:
             # Each block's decode runs on its own CUDA stream while the DiT works on the next
             # tick; past the speech the decoder returns nothing and the sampling goes on to the
             # end of the clip, so the LATENT output is the sampler's.
-            for block, video in decode_alongside(streamer.blocks(on_step), decoder.decode, vae_engine.device):
+            for block, video in decode_alongside(blocks, decoder.decode, run.vae.device):
                 clean.append(block.latents.float().cpu())
                 if not video.shape[1]:
                     view.close()  # the video is complete for the viewer here
                     continue
                 frames = ((video.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
-                view.append(frames, audio)
+                view.append(frames, mux_audio)
                 if return_frames:
                     kept.append(frames)
                 last = frames[-1:]
         finally:
+            blocks.close()  # the stream's cleanup now, also when the decode failed
             view.close()
-            progress.close()
-            streamer.close()
-            host.release_memory()
-        latents = {"samples": normalised_to_raw(torch.cat(clean, dim=1)).unsqueeze(0),
-                   "liveavatar": {"motion_latents": motion_latents.cpu(), "video_frames": speech_frames, "fps": FPS}}
-        return {"ui": {"live_video": [view.file_info()]},
+        latents = run.output(torch.cat(clean, dim=1))
+        return {"ui": {"live_video": [view.file_info()], **run.ui()},
                 "result": (torch.cat(kept) if kept else last, float(FPS), latents)}
 
 
