@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..liveavatar.placement import same_device
+
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 SHARDED_INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -133,32 +135,40 @@ def release_memory():
 
 
 # ---- ComfyUI model management ------------------------------------------------------------
-def offload_device() -> torch.device | None:
-    """Where ComfyUI keeps a diffusion model's weights while they are not loaded (its offload
-    device, normally the CPU): our DiT is built there and ComfyUI's model management loads it;
-    None outside ComfyUI (nothing is managed: weights go straight where they run)."""
+def initial_device(nbytes: int, device) -> torch.device | None:
+    """Where to build a diffusion model of `nbytes` that runs on `device`, as ComfyUI decides
+    for its own (comfy.model_management.unet_inital_load_device): straight on the GPU when it
+    has more free memory than the CPU and the model fits, else on its offload device (the
+    CPU), from where its model management loads it. None outside ComfyUI: nothing is managed,
+    weights go straight where they run."""
     mm = _comfy("comfy.model_management")
-    return None if mm is None or _comfy("comfy.model_patcher") is None else mm.unet_offload_device()
+    if mm is None or _comfy("comfy.model_patcher") is None:
+        return None
+    if not same_device(device, mm.get_torch_device()):
+        return mm.unet_offload_device()
+    return torch.device(mm.unet_inital_load_device(nbytes, torch.uint8))  # nbytes one-byte "parameters"
 
 
 class ResidentWeights(torch.nn.Module):
     """The modules ComfyUI manages, gathered under one module (the DiT keeps owning them:
-    moving these moves the DiT's own parameters)."""
+    moving these moves the DiT's own parameters). `device`: where they are, which ComfyUI
+    reads and updates as it loads and offloads them (as its own models carry it)."""
 
-    def __init__(self, modules):
+    def __init__(self, modules, device):
         super().__init__()
         self.parts = torch.nn.ModuleList(modules)
+        self.device = torch.device(device)
 
 
-def manage(modules, device, on_unload=None):
-    """A ComfyUI ModelPatcher for modules built on its offload device, that `device` runs
-    (None outside ComfyUI). Nothing is set by hand: load_models() loads them as ComfyUI loads
-    its own models, and ComfyUI offloads them (module by module, or whole) and accounts their
-    memory itself. `on_unload()` runs when ComfyUI unloads them (free memory)."""
+def manage(modules, device, built_on, on_unload=None):
+    """A ComfyUI ModelPatcher for modules built on `built_on` that `device` runs (None outside
+    ComfyUI). Nothing is set by hand: load_models() loads them as ComfyUI loads its own
+    models, and ComfyUI offloads them (module by module, or whole) and accounts their memory
+    itself. `on_unload()` runs when ComfyUI unloads them (free memory)."""
     patcher_module, mm = _comfy("comfy.model_patcher"), _comfy("comfy.model_management")
     if patcher_module is None or mm is None:
         return None
-    patcher = patcher_module.ModelPatcher(ResidentWeights(list(modules)), load_device=torch.device(device),
+    patcher = patcher_module.ModelPatcher(ResidentWeights(list(modules), built_on), load_device=torch.device(device),
                                           offload_device=mm.unet_offload_device())
     extension = _comfy("comfy.patcher_extension")
     if on_unload is not None and extension is not None and hasattr(extension, "CallbacksMP"):

@@ -10,7 +10,7 @@ import torch
 from ..liveavatar import CheckpointError, Offload, OneDevice, Sharded, StepPerGPU, load_dit
 from ..liveavatar.dit import LiveAvatarDiT
 from ..liveavatar.layers import Fusion
-from ..liveavatar.loading import Checkpoint, Lora, set_lora_strength
+from ..liveavatar.loading import STORAGE_DTYPES, Checkpoint, Lora, expected_tensors, set_lora_strength
 from ..liveavatar.placement import same_device
 
 from . import host
@@ -152,17 +152,27 @@ class LiveAvatarModelLoader:
             checkpoint = Checkpoint.open(path)  # opened once: its config decides the placement
             cfg = checkpoint.config()
             where = make_placement(placement, offload_blocks, cfg)
-            # Inside ComfyUI the part on its main device is kept on its offload device and
-            # loaded by its model management (prepare), as its own models are.
+            where.bind(cfg)  # resident_bytes asks it where every weight goes
+            # Inside ComfyUI the part on its main device is built where ComfyUI builds its own
+            # diffusion models (its offload device, or the GPU when that has more room) and
+            # loaded by its model management (prepare).
+            built_on = host.initial_device(resident_bytes(cfg, storage, where), where.device)
             dit = load_dit(checkpoint, lora=lora, lora_strength=lora_strength, storage=storage, placement=where,
-                           config=cfg, offload_device=host.offload_device())
+                           config=cfg, offload_device=built_on)
         except CheckpointError as error:
             raise ValueError(f"LiveAvatar model loader: {error}") from None
         weights = LoadedWeights(dit, checkpoint, lora, lora_strength)
-        weights.managed = host.manage(resident_modules(dit, where), where.device,
+        weights.managed = host.manage(resident_modules(dit, where), where.device, built_on,
                                       on_unload=lambda kept=weights.kept: kept.release_all(
                                           "ComfyUI unloaded the model to free memory"))
         return weights
+
+
+def resident_bytes(cfg, storage: str, where) -> int:
+    """Bytes of the weights `where` puts on its main device (what ComfyUI manages)."""
+    size = STORAGE_DTYPES[storage].itemsize
+    return sum(t.numel() * size for name, t in expected_tensors(cfg).items()
+               if same_device(where.device_for(name), where.device))
 
 
 def resident_modules(module: torch.nn.Module, placement, prefix: str = "") -> list[torch.nn.Module]:

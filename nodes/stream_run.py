@@ -24,7 +24,8 @@ from ..liveavatar.vae import normalised_to_raw, raw_to_normalised
 
 from . import host
 from .conditioning import image_tensor, text_embeddings
-from .continuation import APPROXIMATE, EXACT, INFO, SAMPLES, StreamKey, digest, previous_part, speech_after_video
+from .continuation import (APPROXIMATE, EXACT, INFO, SAMPLES, StreamHandle, StreamKey, digest, previous_part,
+                           speech_after_video)
 from .vae_adapter import encode_portrait, streaming_vae, vae_patcher
 
 log = logging.getLogger("LiveAvatar")
@@ -87,7 +88,7 @@ class StreamRun:
 
     def _continue(self):
         handle = self.previous.get("state")
-        if handle is None:
+        if not isinstance(handle, StreamHandle):  # None, or a LATENT saved by an older version
             streamer, why = None, "the run it continues did not keep its state (keep_state was off)"
         else:
             streamer, why = self.model.weights.kept.take(handle, self.key)

@@ -120,8 +120,7 @@ def check_dit(mm, folder_paths, loader_module, pack, root):
     loader_module.Checkpoint.open = original_open
     fresh = pack_module("liveavatar.loading").load_dit(  # as the loader loads it: same devices
         root / "diffusion_models" / "tiny_dit.safetensors", lora=root / "loras" / "tiny_lora.safetensors",
-        lora_strength=1.0, storage="bf16", placement=loader_module.make_placement("one GPU", 0, None),
-        offload_device=pack_module("nodes.host").offload_device())
+        lora_strength=1.0, storage="bf16", placement=loader_module.make_placement("one GPU", 0, None))
     check(not opened and stronger.dit is model.dit and all(torch.equal(a, b) for a, b in zip(
         bits(stronger.dit).values(), bits(fresh).values())),
         "lora_strength 0.5 -> 1.7 -> 0.05 -> 1.3 -> 1.0: the same DiT, checkpoint not opened again, weights bit "

@@ -207,6 +207,14 @@ def test_resident_modules_follow_the_placement():
     sharded = resident(Sharded(["meta", "cpu"], config.num_layers))  # blocks 0, 1 on the first, 2 on the second
     injector_of_layer_2 = dit.audio_injector.injector[config.audio_inject_layers.index(2)]
     assert dit.blocks[2] not in sharded and injector_of_layer_2 not in sharded and dit.head in sharded
+    # what ComfyUI is told to make room for: those modules' bytes in the storage dtype
+    where = Offload("meta", blocks=1, num_layers=config.num_layers)
+    where.bind(config)
+    total, per_block = (sum(p.numel() for p in m.parameters()) for m in (dit, dit.blocks[2]))
+    assert per_block > 0 and loader_module.resident_bytes(config, "bf16", where) == 2 * (total - per_block)
+    nothing_offloaded = Offload("meta", 0, config.num_layers)
+    nothing_offloaded.bind(config)
+    assert loader_module.resident_bytes(config, "fp32", nothing_offloaded) == 4 * total
 
 
 # ---- the real ComfyUI, when there is one ------------------------------------------------------
