@@ -192,9 +192,12 @@ def with_lead_in(audio: dict | None, lead_in: dict | None, fps: int) -> tuple[di
     """The AUDIO to mux with a continued part: the previous part's last speech (lead_in), then
     this part's speech, at this part's rate and channels. Without the lead-in, silence of the
     same length keeps the speech in sync. Returns (audio, notes for the user)."""
-    if audio is None:
-        return None, []
-    wave, rate = _float(torch.as_tensor(audio["waveform"])[:1]), int(audio["sample_rate"])
+    try:
+        wave, rate = _float(torch.as_tensor(audio["waveform"])[:1]), int(audio["sample_rate"])
+    except (KeyError, TypeError, ValueError, IndexError):  # no AUDIO: the muxer says what it is
+        return audio, []
+    if wave.dim() != 3 or rate <= 0:
+        return audio, []
     notes = []
     if lead_in is None:
         lead = wave.new_zeros(*wave.shape[:2], round(DROPPED_FIRST_FRAMES * rate / fps))

@@ -58,7 +58,7 @@ class StreamRun:
                                        kv_fp8=model.kv_fp8)
         self.key = StreamKey(model.lora_strength, digest(self.text), digest(picture),
                              tuple(self.portrait.shape[:-3:-1]), infer_frames, sample_steps, tuple(self.features.shape[:2]))
-        self.streamer = self.mode = self.vae = self.handle = None
+        self.streamer = self.mode = self.vae = self.handle = self.priming = None
         self.notes: list[str] = []
 
     # ---- set-up ------------------------------------------------------------------------
