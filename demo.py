@@ -101,8 +101,8 @@ def main():
     speech = synthetic_speech(args.seconds)
     features, clips, frames = LiveAvatarAudioEncode().encode(speech, encoder, 48)
     print(f"speech: {args.seconds:.1f} s -> {frames} video frames, {clips} clip(s) of 48")
-    (latents,) = LiveAvatarSampler().sample(model, text_conditioning(), synthetic_portrait(), vae, features,
-                                            "custom", 128, 160, 48, 0, 4, 42)
+    latents = LiveAvatarSampler().sample(model, text_conditioning(), synthetic_portrait(), vae, features,
+                                         "custom", 128, 160, 48, 0, 4, 42)["result"][0]
     result = LiveAvatarDecode().decode(latents, vae, True, True, "liveavatar_demo", audio=speech)
     images, fps = result["result"]
     sheet = contact_sheet(images, out / "liveavatar_demo_contact_sheet.png")

@@ -191,15 +191,15 @@ class Phases:
 
     def __enter__(self):
         phases = self
-        encode = getattr(self.module, "portrait_latents", None)
+        encode = getattr(self.module, "encode_portrait", None)
         streamer = getattr(self.module, "Streamer", None)
         if encode is not None:
             def timed_encode(*args, **kwargs):
                 out = encode(*args, **kwargs)
                 phases.mark("portrait_encoded")
                 return out
-            self.saved["portrait_latents"] = encode
-            self.module.portrait_latents = timed_encode
+            self.saved["encode_portrait"] = encode
+            self.module.encode_portrait = timed_encode
         if streamer is not None:
             class TimedStreamer(streamer):
                 def __init__(self, *args, **kwargs):
@@ -240,7 +240,7 @@ def run_case(pack, case: dict, inputs: dict, model_name: str, phases: bool = Fal
     node_start = time.perf_counter()
     timeline = {}
     if case["graph"] == "live video":
-        with BlockClock(host) as clock, (Phases(nodes.live) if phases else contextlib.nullcontext()) as phase:
+        with BlockClock(host) as clock, (Phases(nodes.stream_run) if phases else contextlib.nullcontext()) as phase:
             call(nodes.live.LiveAvatarLiveVideo, "generate", filename_prefix="bench/live", **common)
         marks = clock.marks
         timeline = phase.relative(node_start) if phases else {}

@@ -22,6 +22,8 @@ Public API:
         path: the Hugging Face folder (config.json + model.safetensors / pytorch_model.bin)
         or one safetensors file (ComfyUI's wav2vec2_large_english_fp16.safetensors)
     Wav2Vec2Encoder.from_state_dict(sd, config=None, device="cpu", dtype=torch.float32)
+    Wav2Vec2Encoder.sharing(named_parameters, config=None)   around another owner's weights (no
+        copy), e.g. ComfyUI's AudioEncoderLoader model; fp16 on a GPU, fp32 on the CPU
     encoder.hidden_states(waveform_16k) -> Tensor[layers + 1, T50, hidden]  (fp32, CPU)
     encode_audio(encoder, waveform_16k, window_s=CHUNK_WINDOW_S, context_s=CHUNK_CONTEXT_S,
                  on_chunk=None) -> AudioFeatures      (window_s=None: one pass at any length)
@@ -48,12 +50,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .shared_weights import bind_parameters, computing_in, placement_of
 from .weights import read_state_dict, safetensors_config
 
 SAMPLE_RATE = 16000
@@ -263,15 +267,13 @@ def apply_normalisation(wave: torch.Tensor, stats: NormStats) -> torch.Tensor:
 
 # ---- wav2vec2 -----------------------------------------------------------------------------
 class Wav2Vec2Encoder:
-    """transformers' Wav2Vec2Model returning every hidden state."""
+    """transformers' Wav2Vec2Model returning every hidden state: on weights it owns (`load`,
+    `from_state_dict`: moved and cast here) or around another owner's (`sharing`: ComfyUI's
+    audio encoder; no copy, computed in half precision on a GPU, float32 on the CPU)."""
 
-    def __init__(self, model, device="cpu", dtype=torch.float32):
-        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.device, self.dtype = torch.device(device), dtype
-
-    @property
-    def num_hidden_states(self) -> int:
-        return self.model.config.num_hidden_layers + 1
+    def __init__(self, model, device="cpu", dtype=torch.float32, owned: bool = True):
+        self.model = (model.to(device=device, dtype=dtype).requires_grad_(False) if owned else model).eval()
+        self.device, self.dtype, self.owned = torch.device(device), dtype, owned
 
     @classmethod
     def load(cls, path, device="cpu", dtype=torch.float32, config: dict | None = None) -> "Wav2Vec2Encoder":
@@ -289,23 +291,23 @@ class Wav2Vec2Encoder:
     def from_state_dict(cls, sd: dict, config: dict | None = None, device="cpu", dtype=torch.float32):
         """Weights in Hugging Face naming, with or without `wav2vec2.`, either weight-norm
         naming; the config is inferred from shapes, then `config` entries override it."""
-        from transformers import Wav2Vec2Config, Wav2Vec2Model
-        sd = hf_state_dict(sd)
-        settings = {**infer_config(sd), **(config or {}), "apply_spec_augment": False, "layerdrop": 0.0}
-        try:
-            with torch.device("meta"):  # no random init: every tensor comes from sd
-                model = Wav2Vec2Model(Wav2Vec2Config(**settings))
-        except Exception as error:
-            raise ValueError(f"invalid wav2vec2 config ({error})") from None
-        expected = model.state_dict()
-        sd = _rename_weight_norm(sd, expected)
-        if "masked_spec_embed" in expected:  # training-time masking only: any value will do
-            sd.setdefault("masked_spec_embed", torch.zeros(expected["masked_spec_embed"].shape))
-        _check_fits(sd, expected)
+        model, sd = _meta_model(hf_state_dict(sd), config)
+        _check_fits(sd, model.state_dict())
         model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
         if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
             raise ValueError("this transformers version builds wav2vec2 tensors that the checkpoint does not hold")
         return cls(model, device, dtype)
+
+    @classmethod
+    def sharing(cls, parameters: dict, config: dict | None = None) -> "Wav2Vec2Encoder":
+        """Our encoder around another owner's wav2vec2 parameters (e.g. ComfyUI's
+        AudioEncoderLoader model, whose names are Hugging Face's), the very tensors. They must
+        be on one device; it computes there in float16 on a GPU, float32 on the CPU, casting
+        one layer's weights at a time when they are stored otherwise."""
+        model, parameters = _meta_model(hf_state_dict(dict(parameters)), config)
+        bind_parameters(model, parameters, "wav2vec2")
+        device, _ = placement_of(model, "audio encoder")
+        return cls(model, device, torch.float16 if device.type == "cuda" else torch.float32, owned=False)
 
     def hidden_states(self, waveform_16k: torch.Tensor) -> torch.Tensor:
         """[T] mono 16 kHz samples (raw; normalised here) -> [layers + 1, T50, hidden] fp32 CPU."""
@@ -313,13 +315,30 @@ class Wav2Vec2Encoder:
 
     def run(self, normalised: torch.Tensor) -> torch.Tensor:
         """[T] normalised samples (T >= 400) -> [layers + 1, feature_count(T), hidden] fp32 CPU."""
-        with torch.no_grad():
+        with torch.no_grad(), (nullcontext() if self.owned else computing_in(self.model, self.dtype)):
             out = self.model(normalised[None].to(self.device, self.dtype), output_hidden_states=True)
         # The last state is taken after the encoder's final layer norm, as transformers 4.x
         # (the original pins <= 4.51.3) and ComfyUI return it; transformers 5 puts the
         # state before that norm in hidden_states[-1], so it comes from last_hidden_state.
         states = (*out.hidden_states[:-1], out.last_hidden_state)
         return torch.cat(states).float().cpu()
+
+
+def _meta_model(sd: dict, config: dict | None):
+    """(Wav2Vec2Model on the meta device for these weights, the weights under its names)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+    settings = {**infer_config(sd), **(config or {}), "apply_spec_augment": False, "layerdrop": 0.0}
+    try:
+        with torch.device("meta"):  # no random init: every tensor comes from sd
+            model = Wav2Vec2Model(Wav2Vec2Config(**settings))
+    except Exception as error:
+        raise ValueError(f"invalid wav2vec2 config ({error})") from None
+    expected = model.state_dict()
+    sd = _rename_weight_norm(sd, expected)
+    if "masked_spec_embed" in expected and "masked_spec_embed" not in sd:  # training-time masking only
+        like = next(iter(sd.values()))
+        sd["masked_spec_embed"] = torch.zeros(expected["masked_spec_embed"].shape, device=like.device, dtype=like.dtype)
+    return model, sd
 
 
 def _hf_folder_files(folder: Path) -> tuple[Path, dict | None]:
@@ -514,10 +533,13 @@ def audio_coverage(num_samples: int, infer_frames: int, fps: int = VIDEO_FPS) ->
 @dataclass
 class AudioFeatures:
     """What flows from the audio encoder to the sampler: all wav2vec2 layers at 30 Hz, laid
-    out per video frame on demand (the padding depends on the clip length)."""
+    out per video frame on demand (the padding depends on the clip length); optionally the
+    speech they were encoded from, as given (not copied), from which a continued video takes
+    the speech at the join."""
 
     features_30hz: torch.Tensor  # [layers + 1, T30, hidden], fp32, CPU
     num_samples: int  # of the 16 kHz waveform
+    speech: dict | None = None  # {"waveform": [batch, channels, samples], "sample_rate"} as given
 
     @classmethod
     def from_hidden_states(cls, hidden_states: torch.Tensor, num_samples: int) -> "AudioFeatures":
@@ -533,10 +555,6 @@ class AudioFeatures:
 
     def num_clips(self, infer_frames: int, fps: int = VIDEO_FPS) -> int:
         return num_clips_for(self.features_30hz.shape[1], infer_frames, fps)
-
-    @property
-    def duration_s(self) -> float:
-        return self.num_samples / SAMPLE_RATE
 
 
 # ---- encoding in bounded memory ---------------------------------------------------------------

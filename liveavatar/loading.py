@@ -11,7 +11,9 @@ Accepted checkpoints (all in the official Wan2.2-S2V parameter naming):
 The LiveAvatar LoRA (`liveavatar.safetensors`) is merged while loading:
 W <- W + strength * (alpha / rank) * B @ A, in float32, one tensor at a time. Nothing is
 ever held as a full-precision copy of the whole model, and any key problem is reported in
-one error before a single tensor is read.
+one error before a single tensor is read. Another strength later (`set_lora_strength`)
+derives the merged weights again from the checkpoint's base tensors with the same function,
+so the result is bit-identical to a fresh load at that strength.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 
 from .dit import WAN_S2V_14B_INJECT_LAYERS, DiTConfig, LiveAvatarDiT
 from .layers import FP8_DTYPES, Linear
+from .placement import same_device
 from .weights import CheckpointError, open_safetensors, read_state_dict, safetensors_config
 
 S2V_MARKER_KEY = "casual_audio_encoder.encoder.final_linear.weight"
@@ -292,56 +295,93 @@ def lora_delta(pair: LoraPair, strength: float, default_alpha: float | None, dev
     return (strength * alpha / rank) * (pair.up.to(device).float() @ pair.down.to(device).float())
 
 
-def remerge_lora(model: LiveAvatarDiT, lora, from_strength: float, to_strength: float,
-                 lora_alpha: float | None = None) -> int:
-    """Change the strength of a LoRA already merged into `model`, in place, without the base
-    checkpoint: W <- W + (to - from) * (alpha / rank) * B @ A for every LoRA target. Each
-    weight is updated where it lives (GPU, pinned CPU memory of an offloaded block, fp8 +
-    scale) and keeps its tensor, so placements and ComfyUI's model management see the same
-    storage. Exact in fp32; with bf16/fp8 storage each change adds one rounding of that dtype
-    (what a fresh merge has once). `lora`: a file path or read_lora's pairs. Returns how many
-    weights changed."""
-    pairs = read_lora(lora)[0] if isinstance(lora, (str, Path)) else lora
-    change = to_strength - from_strength
-    if change == 0:
-        return 0
-    for name, pair in pairs.items():
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        weight = getattr(module, attr)
-        scale = getattr(module, "scale_weight", None) if weight.dtype in FP8_DTYPES else None
-        real = _real_values(weight.data, scale, weight.device) + lora_delta(pair, change, lora_alpha, weight.device)
-        if scale is not None:  # fp8: re-quantize, the new values may need a new per-tensor scale
-            stored, new_scale = quantize_fp8(real, weight.dtype)
-            weight.data.copy_(stored)
-            scale.copy_(new_scale)
-        else:
-            weight.data.copy_(real.to(weight.dtype))
-    return len(pairs)
+@dataclass
+class Lora:
+    """A LoRA file read for merging: {target weight: pair}, full parameter overrides, and the
+    alpha used where the file has none."""
+
+    pairs: dict[str, LoraPair]
+    overrides: dict[str, torch.Tensor]
+    alpha: float | None = None
+    path: Path | None = None
+
+    @classmethod
+    def read(cls, path, alpha: float | None = None) -> "Lora":
+        return cls(*read_lora(path), alpha, Path(path))
 
 
-# ---- building the model ------------------------------------------------------------------
-def load_dit(path, lora=None, lora_strength: float = 1.0, lora_alpha: float | None = None,
-             storage: str = "bf16", placement=None, config: DiTConfig | None = None) -> LiveAvatarDiT:
-    """Build the DiT from a checkpoint (path or opened Checkpoint), merging the LoRA, weights streamed onto the devices
-    `placement` chooses (default: CPU). `storage`: bf16 | fp16 | fp32 | fp8 (e4m3fn linear
-    weights in the transformer blocks, computed in bf16)."""
-    checkpoint = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
-    cfg = config or checkpoint.config()
-    checkpoint.validate(cfg)  # before expected_tensors builds anything from it
-    pairs, overrides = read_lora(lora) if lora else ({}, {})
-    expected = expected_tensors(cfg)
-    _check_keys(checkpoint, expected, pairs, overrides, lora)
+def check_strength(strength) -> float:
+    if not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise ValueError(f"lora_strength must be a finite number, got {strength!r}")
+    return float(strength)
+
+
+def weight_source(checkpoint: "Checkpoint", lora: Lora | None, strength: float):
+    """tensor_for(name, device) -> (tensor, fp8 scale or None): the checkpoint's tensor with the
+    LoRA merged at `strength` (W + strength * (alpha / rank) * B @ A, in float32 on `device`).
+    The one definition of a merged weight: a fresh load and a strength change both use it, so
+    they give the same bits."""
+    pairs, overrides = (lora.pairs, lora.overrides) if lora else ({}, {})
 
     def tensor_for(name, device):
         tensor = overrides[name] if name in overrides else checkpoint.load(name)
         scale = _fp8_scale(checkpoint, name, tensor)
         if name in pairs:
-            merged = _real_values(tensor, scale, device) + lora_delta(pairs[name], lora_strength, lora_alpha, device)
+            merged = _real_values(tensor, scale, device) + lora_delta(pairs[name], strength, lora.alpha, device)
             return merged, None
         return tensor, scale
 
-    return build_dit(cfg, tensor_for, storage, placement)
+    return tensor_for
+
+
+def set_lora_strength(model: LiveAvatarDiT, checkpoint: "Checkpoint", lora: Lora, strength: float) -> int:
+    """Give a DiT that load_dit built from `checkpoint` + `lora` another LoRA strength, in place.
+
+    Every LoRA target is derived again from its base tensor in the checkpoint (read from the
+    file, never from the merged weights) by the function a fresh load uses, on the device a
+    fresh load computes it on, then stored as a fresh load stores it (cast, or fp8 with a new
+    per-tensor scale) into the existing tensors of every model copy. So any sequence of
+    strengths leaves the weights bit-identical to a fresh load at the last one, and placements
+    and ComfyUI's model management keep their storage. Returns how many weights were set."""
+    tensor_for = weight_source(checkpoint, lora, check_strength(strength))
+    copies = model.copies()  # one per GPU with 'one denoising step per GPU'
+    with torch.no_grad():
+        for name in lora.pairs:
+            module_name, _, attr = name.rpartition(".")
+            device = _build_device(model.placement, name)
+            tensor, scale = tensor_for(name, device)
+            value, scale = _stored_form(module_name, model.get_submodule(module_name), attr, tensor, model.storage,
+                                        device, scale)
+            for copy in copies:
+                module = copy.get_submodule(module_name)
+                getattr(module, attr).data.copy_(value)
+                if scale is not None:
+                    module.scale_weight.copy_(scale)
+    return len(lora.pairs)
+
+
+# ---- building the model ------------------------------------------------------------------
+def load_dit(path, lora=None, lora_strength: float = 1.0, lora_alpha: float | None = None,
+             storage: str = "bf16", placement=None, config: DiTConfig | None = None,
+             offload_device=None) -> LiveAvatarDiT:
+    """Build the DiT from a checkpoint (path or opened Checkpoint), merging the LoRA (a path or
+    a read Lora), weights streamed onto the devices `placement` chooses (default: CPU).
+    `storage`: bf16 | fp16 | fp32 | fp8 (e4m3fn linear weights in the transformer blocks,
+    computed in bf16). `offload_device`: where the weights the placement puts on its main
+    device are kept instead (ComfyUI's offload device, from which its model management loads
+    them); they are still computed (merged, cast, quantised) on the main device."""
+    checkpoint = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
+    lora_strength = check_strength(lora_strength)
+    cfg = config or checkpoint.config()
+    checkpoint.validate(cfg)  # before expected_tensors builds anything from it
+    if lora is not None and not isinstance(lora, Lora):
+        lora = Lora.read(lora, lora_alpha)
+    expected = expected_tensors(cfg)
+    if lora is not None:
+        _check_keys(checkpoint, expected, lora.pairs, lora.overrides, lora.path)
+    else:
+        _check_keys(checkpoint, expected, {}, {}, None)
+    return build_dit(cfg, weight_source(checkpoint, lora, lora_strength), storage, placement, offload_device)
 
 
 def expected_tensors(cfg: DiTConfig) -> dict:
@@ -350,9 +390,10 @@ def expected_tensors(cfg: DiTConfig) -> dict:
         return dict(LiveAvatarDiT(cfg).state_dict())
 
 
-def build_dit(cfg: DiTConfig, tensor_for, storage: str = "bf16", placement=None) -> LiveAvatarDiT:
+def build_dit(cfg: DiTConfig, tensor_for, storage: str = "bf16", placement=None, offload_device=None) -> LiveAvatarDiT:
     """Materialise the DiT one parameter at a time: `tensor_for(name, device)` returns the
-    tensor (any dtype, any device) and its fp8 scale or None."""
+    tensor (any dtype, any device) and its fp8 scale or None; it is stored on that device (see
+    load_dit for `offload_device`)."""
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"weight storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
     with torch.device("meta"):
@@ -360,13 +401,20 @@ def build_dit(cfg: DiTConfig, tensor_for, storage: str = "bf16", placement=None)
     if placement:
         placement.bind(cfg)
     for name in model.state_dict():
-        device = placement.device_for(name) if placement else torch.device("cpu")
+        device = _build_device(placement, name)
+        home = offload_device if offload_device is not None and placement and same_device(device, placement.device) \
+            else device
         tensor, scale = tensor_for(name, device)
-        _set_tensor(model, name, tensor, storage, device, scale)
+        _set_tensor(model, name, tensor, storage, device, scale, home)
     model.storage = storage
     if placement:
         placement.attach(model)
     return model.eval().requires_grad_(False)
+
+
+def _build_device(placement, name: str) -> torch.device:
+    """Where a fresh load computes (and, without an offload device, keeps) parameter `name`."""
+    return placement.device_for(name) if placement else torch.device("cpu")
 
 
 def replicate(model: LiveAvatarDiT, placement) -> LiveAvatarDiT:
@@ -422,20 +470,28 @@ def _problem_list(missing, unexpected, wrong_shape, limit=20) -> str:
     return "\n".join(lines)
 
 
-def _set_tensor(model, name, tensor, storage, device, scale=None):
-    """Put one parameter in place: cast to the storage dtype, or keep/make fp8 + scale."""
+def _set_tensor(model, name, tensor, storage, device, scale=None, home=None):
+    """Put one parameter in place: cast to the storage dtype, or keep/make fp8 + scale, on
+    `device`; kept on `home` (default: there)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    value, scale = _stored_form(module_name, module, attr, tensor, storage, device, scale)
+    home = device if home is None else home
+    if scale is not None:
+        module.register_buffer("scale_weight", scale.to(home))
+    module._parameters[attr] = torch.nn.Parameter(value.to(home), requires_grad=False)
+
+
+def _stored_form(module_name, module, attr, tensor, storage, device, scale=None):
+    """(value, fp8 scale or None) of one parameter as stored, computed on `device`."""
     dtype = STORAGE_DTYPES[storage]
     fp8 = dtype in FP8_DTYPES and _fp8_eligible(module_name, module, attr)
     if scale is not None and not fp8:  # an fp8 checkpoint tensor where fp8 is not kept
         tensor, scale = _real_values(tensor, scale, device), None
     if fp8:
         value, scale = (tensor.to(device), scale.to(device)) if scale is not None else quantize_fp8(tensor.to(device), dtype)
-        module.register_buffer("scale_weight", scale.reshape(()))
-    else:
-        value = tensor.to(device=device, dtype=dtype if dtype not in FP8_DTYPES else torch.bfloat16)
-    module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        return value, scale.reshape(())
+    return tensor.to(device=device, dtype=dtype if dtype not in FP8_DTYPES else torch.bfloat16), None
 
 
 def _fp8_eligible(module_name, module, attr) -> bool:

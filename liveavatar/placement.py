@@ -28,6 +28,12 @@ _BLOCK = re.compile(r"blocks\.(\d+)\.")
 _INJECTOR = re.compile(r"audio_injector\.(?:injector|injector_adain_layers)\.(\d+)\.")
 
 
+def same_device(a, b) -> bool:
+    """'cuda' (the current GPU) and 'cuda:0' are the same device here."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
 class Placement:
     micro_batches = False  # run a tick's block-steps one by one (see Sharded)
 

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from .dit import FRAMES_PER_BLOCK, REFERENCE_TIME, BlockStep, LiveAvatarDiT, StepCaches
+from .vae import LATENT_CHANNELS
 
 NUM_TRAIN_TIMESTEPS = 1000
 SHIFT = 3.0
@@ -238,7 +239,8 @@ class Streamer:
     def clip_noise(self, clip: int) -> torch.Tensor:
         if self.settings.noise is not None:
             return self.settings.noise[clip].to(self.model.device, torch.float32)
-        return clip_noise(self.settings.seed, clip, (16, self.latent_frames, *self.latent_size), self.model.device)
+        shape = (LATENT_CHANNELS, self.latent_frames, *self.latent_size)
+        return clip_noise(self.settings.seed, clip, shape, self.model.device)
 
     def block_audio(self, clip: int, block: int, model: LiveAvatarDiT | None = None):
         start = clip * self.settings.infer_frames + block * VIDEO_FRAMES_PER_BLOCK

@@ -15,6 +15,8 @@ Latents are normalised per channel, (mu - mean) / std, with Wan2.1's fixed const
 Public API:
     WanVAE.load(path, device="cpu", dtype=torch.float32)        .pth or .safetensors
     WanVAE.from_state_dict(sd, device="cpu", dtype=torch.float32, config=None, mean=..., std=...)
+    WanVAE.sharing(named_parameters, config=None)   around another owner's parameters (no copy),
+        e.g. ComfyUI's VAE network, on their device and in their dtype
     vae.encode(video [3, 1 + 4k, H, W] in [-1, 1]) -> latents [16, 1 + k, H/8, W/8] (fp32)
     vae.decode(latents [16, t, h, w], clamp=True) -> video [3, 1 + 4(t - 1), 8h, 8w] (fp32)
     vae.stream_decoder() -> StreamDecoder: .decode(latents_chunk, clamp=True, on_step=None) -> frames, .reset()
@@ -28,12 +30,14 @@ Public API:
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .shared_weights import bind_parameters, computing_in, placement_of
 from .weights import read_state_dict
 
 # Wan2.1 VAE latent statistics (per channel), used to normalise latents for the DiT.
@@ -41,6 +45,7 @@ LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.55
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+LATENT_CHANNELS = len(LATENT_MEAN)  # 16
 CACHE_FRAMES = 2  # a 3-tap causal time kernel needs the last two input frames
 MOTION_FRAMES = 73  # video frames of FramePack motion history -> 19 latents
 ENCODE_CHUNK = 4
@@ -375,7 +380,8 @@ class StreamDecoder:
         device), T = 4t, or 4t - 3 on the stream's first call. `on_step()` after each latent."""
         self.vae.check_latents(latents)
         with torch.no_grad():
-            frames = self.vae.net.decode_frames(self.vae.denormalise(latents), self.cache, on_step)[0].float()
+            with self.vae._computing():
+                frames = self.vae.net.decode_frames(self.vae.denormalise(latents), self.cache, on_step)[0].float()
         return frames.clamp(-1, 1) if clamp else frames
 
     def reset(self):
@@ -388,13 +394,18 @@ class StreamDecoder:
 
 
 class WanVAE:
-    """Wan2.1 VAE on one device, in fp32 or bf16; latents normalised as the DiT expects."""
+    """Wan2.1 VAE on one device, in fp32 or bf16; latents normalised as the DiT expects.
 
-    def __init__(self, net: VideoVAE, device="cpu", dtype=torch.float32, mean=LATENT_MEAN, std=LATENT_STD):
+    Built from weights it owns (`load`, `from_state_dict`: moved and cast here), or around
+    another owner's parameters (`sharing`: ComfyUI's VAE; no copy, they stay where and as
+    their owner keeps them)."""
+
+    def __init__(self, net: VideoVAE, device="cpu", dtype=torch.float32, mean=LATENT_MEAN, std=LATENT_STD,
+                 owned: bool = True):
         if len(mean) != net.z_dim or len(std) != net.z_dim:
             raise ValueError(f"latent mean/std need {net.z_dim} values (one per latent channel), got {len(mean)}/{len(std)}")
-        self.net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.device, self.dtype = torch.device(device), dtype
+        self.net = (net.to(device=device, dtype=dtype).requires_grad_(False) if owned else net).eval()
+        self.device, self.dtype, self.owned = torch.device(device), dtype, owned
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
 
@@ -403,12 +414,7 @@ class WanVAE:
                         **kwargs) -> "WanVAE":
         """Original / ComfyUI naming (optionally prefixed first_stage_model. or vae.); the
         network shape from `config` (original spelling accepted) or else from tensor shapes."""
-        sd = _strip_vae_prefix(sd)
-        if "decoder.upsamples.0.upsamples.0.residual.2.weight" in sd:
-            raise ValueError("this is the Wan2.2 (4x16x16) VAE; LiveAvatar uses the Wan2.1 VAE (wan_2.1_vae.safetensors)")
-        if "encoder.conv1.weight" not in sd or "conv2.weight" not in sd or "decoder.head.2.weight" not in sd:
-            raise ValueError("not a Wan2.1 VAE checkpoint (no encoder.conv1 / conv2 / decoder.head weights); "
-                             "use wan_2.1_vae.safetensors or Wan2.1_VAE.pth")
+        sd = _checked_wan21(_strip_vae_prefix(sd))
         with torch.device("meta"):
             net = VideoVAE(**network_config(config or config_from_state_dict(sd)))
         try:
@@ -416,6 +422,21 @@ class WanVAE:
         except RuntimeError as error:
             raise ValueError(f"the VAE weights do not fit a Wan2.1 VAE of that config: {str(error)[:600]}") from None
         return cls(net, device, dtype, **kwargs)
+
+    @classmethod
+    def sharing(cls, parameters: dict, config: dict | None = None, **kwargs) -> "WanVAE":
+        """Our streaming VAE around another owner's Wan2.1 VAE parameters (e.g. ComfyUI's
+        VAELoader network, same names), the very tensors: it runs on their device in their
+        dtype. The owner must have them all on one device (ComfyUI: loaded fully)."""
+        parameters = _checked_wan21(_strip_vae_prefix(dict(parameters)))
+        with torch.device("meta"):
+            net = VideoVAE(**network_config(config or config_from_state_dict(parameters)))
+        bind_parameters(net, parameters, "VAE")
+        device, dtype = placement_of(net, "VAE")
+        return cls(net, device, dtype, owned=False, **kwargs)
+
+    def _computing(self):
+        return nullcontext() if self.owned else computing_in(self.net, self.dtype)
 
     @classmethod
     def load(cls, path, device="cpu", dtype=torch.float32) -> "WanVAE":
@@ -453,7 +474,8 @@ class WanVAE:
         `on_step()` runs after each of the 1 + k chunks."""
         self.check_video(video)
         with torch.no_grad():
-            mu = self.net.encode_chunks(video.unsqueeze(0).to(self.device, self.dtype), TimeCache(), on_step)
+            with self._computing():
+                mu = self.net.encode_chunks(video.unsqueeze(0).to(self.device, self.dtype), TimeCache(), on_step)
         return self.normalise(mu[0])
 
     def decode(self, latents: torch.Tensor, clamp: bool = True, on_step=None) -> torch.Tensor:
@@ -474,6 +496,15 @@ class WanVAE:
         ref = self.encode(image, on_step)
         motion = self.encode(image.expand(-1, MOTION_FRAMES, -1, -1), on_step)
         return ref, motion
+
+
+def _checked_wan21(sd: dict) -> dict:
+    if "decoder.upsamples.0.upsamples.0.residual.2.weight" in sd:
+        raise ValueError("this is the Wan2.2 (4x16x16) VAE; LiveAvatar uses the Wan2.1 VAE (wan_2.1_vae.safetensors)")
+    if "encoder.conv1.weight" not in sd or "conv2.weight" not in sd or "decoder.head.2.weight" not in sd:
+        raise ValueError("not a Wan2.1 VAE checkpoint (no encoder.conv1 / conv2 / decoder.head weights); "
+                         "use wan_2.1_vae.safetensors or Wan2.1_VAE.pth")
+    return sd
 
 
 def _strip_vae_prefix(sd: dict) -> dict:

@@ -1,9 +1,12 @@
 """LiveAvatar audio encode node: ComfyUI AUDIO -> wav2vec2 features per video frame."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..liveavatar.audio import encode_audio, load_audio
 
 from . import host
+from .stream_run import INFER_FRAMES
 from .vae_adapter import audio_encoder as engine_audio_encoder
 
 
@@ -21,7 +24,7 @@ class LiveAvatarAudioEncode:
             "audio": ("AUDIO", {"tooltip": "Speech, e.g. from LoadAudio. Any sample rate; stereo is mixed to mono."}),
             "audio_encoder": ("AUDIO_ENCODER", {"tooltip": "AudioEncoderLoader with "
                                                            "wav2vec2_large_english_fp16.safetensors."}),
-            "infer_frames": ("INT", {"default": 48, "min": 12, "max": 240, "step": 12,
+            "infer_frames": ("INT", {**INFER_FRAMES,
                                      "tooltip": "Frames per clip, as set on the sampler (only used for the clip "
                                                 "count output)."}),
         }}
@@ -30,7 +33,8 @@ class LiveAvatarAudioEncode:
         notes = []
         wave = load_audio(audio, notes)  # input checks before the encoder is loaded
         host.NodeNotes().add(*notes)
-        encoder = engine_audio_encoder(audio_encoder, host.torch_device())
-        features = encode_audio(encoder, wave)
+        encoder = engine_audio_encoder(audio_encoder)
+        # the speech itself goes along (not copied): a continued video takes the speech at the join from it
+        features = replace(encode_audio(encoder, wave), speech=audio)
         _, frames = features.per_frame(infer_frames)
         return features, features.num_clips(infer_frames), frames

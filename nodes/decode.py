@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from ..liveavatar.audio import VIDEO_FPS
 from ..liveavatar.decoding import DROPPED_FIRST_FRAMES, LATENTS_PER_BLOCK, VideoDecoder
-from ..liveavatar.vae import raw_to_normalised
+from ..liveavatar.vae import LATENT_CHANNELS, raw_to_normalised
 
 from . import host
-from .vae_adapter import streaming_vae
+from .continuation import with_lead_in
+from .vae_adapter import loaded_vae
 from .video_writer import Mp4Writer, prepare_audio
 
 PREVIEW_FPS = 1.0  # return_frames off: one frame per second comes out, with this fps
@@ -48,22 +50,27 @@ class LiveAvatarDecode:
     def decode(self, latents, vae, save_mp4, return_frames, filename_prefix, audio=None):
         samples = checked_latents(latents)
         info = latents.get("liveavatar", {})
-        fps = float(info.get("fps", 25))
+        fps = float(info.get("fps", VIDEO_FPS))
+        continues = info.get("continues", False)
         # Everything that can fail without decoding fails now: the settings, the path, the
         # folder, the audio.
         if not save_mp4 and not return_frames:
             raise ValueError("save_mp4 and return_frames are both off: the decoded video would go nowhere. Turn on "
                              "save_mp4 (long videos: the mp4 holds every frame) or return_frames")
         path = host.save_path(filename_prefix, "mp4") if save_mp4 else None
-        mux_audio, notes = prepare_audio(audio) if save_mp4 else (None, [])
+        notes = []
+        if save_mp4 and continues:  # the speech at the join: see continuation.with_lead_in
+            audio, notes = with_lead_in(audio, info.get("lead_in_audio"), int(fps))
+        mux_audio, audio_notes = prepare_audio(audio) if save_mp4 else (None, [])
+        notes += audio_notes
         if audio is not None and not save_mp4:
             notes.append("the audio input goes only into the mp4, and save_mp4 is off: it is not used")
-        engine = streaming_vae(vae, host.torch_device())
+        engine = loaded_vae(vae)
         frames_out = FrameCollector(return_frames, fps)
         writer = None
         try:
             for frames in stream_frames(engine, raw_to_normalised(samples[0]), info.get("motion_latents"),
-                                        info.get("video_frames"), continues=info.get("continues", False)):
+                                        info.get("video_frames"), continues=continues):
                 if path is not None and writer is None:
                     writer = Mp4Writer(path, int(fps), frames.shape[2], frames.shape[1], mux_audio)
                 if writer is not None:
@@ -89,10 +96,10 @@ class LiveAvatarDecode:
 def checked_latents(latents) -> torch.Tensor:
     """The LATENT's samples [1, 16, frames >= 1, h, w], or a ValueError saying what came instead."""
     samples = latents.get("samples") if isinstance(latents, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.dim() != 5 or samples.shape[1] != 16:
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 5 or samples.shape[1] != LATENT_CHANNELS:
         shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
-        raise ValueError(f"the latents input must be Wan video latents [1, 16, frames, h, w] from LiveAvatar "
-                         f"Sampler, got {shape}")
+        raise ValueError(f"the latents input must be Wan video latents [1, {LATENT_CHANNELS}, frames, h, w] from "
+                         f"LiveAvatar Sampler, got {shape}")
     if samples.shape[2] == 0 or samples.shape[3] == 0 or samples.shape[4] == 0:
         raise ValueError(f"the latents input is empty ({tuple(samples.shape)}): nothing to decode; check the "
                          "sampler's inputs (num_clip, audio)")

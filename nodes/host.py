@@ -16,6 +16,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
+from ..liveavatar.placement import same_device
+
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 SHARDED_INDEX_SUFFIX = ".safetensors.index.json"
 NAME_MAX = 255  # bytes in a file name on every common file system
@@ -28,10 +30,6 @@ def _comfy(module: str):
         return __import__(module, fromlist=["_"])
     except ImportError:
         return None
-
-
-def in_comfyui() -> bool:
-    return _comfy("folder_paths") is not None
 
 
 # ---- model folders ------------------------------------------------------------------------
@@ -201,52 +199,55 @@ def release_memory():
 
 
 # ---- ComfyUI model management ------------------------------------------------------------
-def make_room(bytes_needed: int, device):
-    """Before we place weights on `device`: ask ComfyUI to unload or partially offload its own
-    models until that much (plus its inference reserve) is free, instead of unloading all."""
+def initial_device(nbytes: int, device) -> torch.device | None:
+    """Where to build a diffusion model of `nbytes` that runs on `device`, as ComfyUI decides
+    for its own (comfy.model_management.unet_inital_load_device): straight on the GPU when it
+    has more free memory than the CPU and the model fits, else on its offload device (the
+    CPU), from where its model management loads it. None outside ComfyUI: nothing is managed,
+    weights go straight where they run."""
     mm = _comfy("comfy.model_management")
-    device = torch.device(device)
-    if mm is not None and device.type != "cpu":
-        mm.free_memory(bytes_needed + mm.minimum_inference_memory(), device)
+    if mm is None or _comfy("comfy.model_patcher") is None:
+        return None
+    if not same_device(device, mm.get_torch_device()):
+        return mm.unet_offload_device()
+    return torch.device(mm.unet_inital_load_device(nbytes, torch.uint8))  # nbytes one-byte "parameters"
 
 
-class _ResidentWeights(torch.nn.Module):
-    """The modules ComfyUI manages, gathered under one module (the DiT keeps owning them: moving
-    these moves the DiT's own parameters)."""
+class ResidentWeights(torch.nn.Module):
+    """The modules ComfyUI manages, gathered under one module (the DiT keeps owning them:
+    moving these moves the DiT's own parameters). `device`: where they are, which ComfyUI
+    reads and updates as it loads and offloads them (as its own models carry it)."""
 
     def __init__(self, modules, device):
         super().__init__()
         self.parts = torch.nn.ModuleList(modules)
-        self.device = device
+        self.device = torch.device(device)
 
 
-def manage_resident(modules, device):
-    """Register modules already placed on `device` with ComfyUI's model management; returns the
-    handle for use_managed (None outside ComfyUI, where nothing is managed).
-
-    They are registered as loaded where they are (no copy) and marked as ComfyUI marks what it
-    loaded itself, so it can later offload them whole or module by module when another model
-    needs the memory."""
+def manage(modules, device, built_on, on_unload=None):
+    """A ComfyUI ModelPatcher for modules built on `built_on` that `device` runs (None outside
+    ComfyUI). Nothing is set by hand: load_models() loads them as ComfyUI loads its own
+    models, and ComfyUI offloads them (module by module, or whole) and accounts their memory
+    itself. `on_unload()` runs when ComfyUI unloads them (free memory)."""
     patcher_module, mm = _comfy("comfy.model_patcher"), _comfy("comfy.model_management")
     if patcher_module is None or mm is None:
         return None
-    device = torch.device(device)
-    resident = _ResidentWeights(list(modules), device)
-    patcher = patcher_module.ModelPatcher(resident, load_device=device, offload_device=mm.unet_offload_device())
-    resident.model_loaded_weight_memory = patcher.model_size()
-    for module in resident.modules():
-        if any(True for _ in module.parameters(recurse=False)):
-            module.comfy_patched_weights = True
-    mm.load_models_gpu([patcher], force_full_load=True)
+    patcher = patcher_module.ModelPatcher(ResidentWeights(list(modules), built_on), load_device=torch.device(device),
+                                          offload_device=mm.unet_offload_device())
+    extension = _comfy("comfy.patcher_extension")
+    if on_unload is not None and extension is not None and hasattr(extension, "CallbacksMP"):
+        patcher.add_callback(extension.CallbacksMP.ON_DETACH, lambda *_: on_unload())
     return patcher
 
 
-def use_managed(patcher):
-    """Before running: our managed weights fully on their device again (ComfyUI frees other
-    models for them if needed); the DiT cannot run partly offloaded by ComfyUI."""
+def load_models(patchers):
+    """Before running: these ComfyUI-managed models fully on their devices, in one request (so
+    that making room for one never offloads another); ComfyUI frees other models for them.
+    Our networks run only fully loaded (they have no per-layer weight casting)."""
     mm = _comfy("comfy.model_management")
-    if patcher is not None and mm is not None:
-        mm.load_models_gpu([patcher], force_full_load=True)
+    patchers = [p for p in patchers if p is not None]
+    if patchers and mm is not None:
+        mm.load_models_gpu(patchers, force_full_load=True)
 
 
 # ---- messages to the browser -----------------------------------------------------------------
@@ -274,10 +275,12 @@ class NodeNotes:
             log.warning("LiveAvatar: %s", line)
         self.lines += lines
         if lines:
-            _show_on_node("\n".join(self.lines))
+            show_text("\n".join(self.lines))
 
 
-def _show_on_node(text: str):
+def show_text(text: str):
+    """Text under the node ComfyUI is running (its progress-text message); nothing outside
+    ComfyUI or where the server lacks it."""
     server = sys.modules.get("server")
     instance = getattr(getattr(server, "PromptServer", None), "instance", None)
     node_id = executing_node_id()

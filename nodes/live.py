@@ -9,17 +9,16 @@ from contextlib import contextmanager
 
 import torch
 
-from ..liveavatar import StreamInputs, StreamSettings, Streamer
-from ..liveavatar.decoding import DROPPED_FIRST_FRAMES, VideoDecoder
+from ..liveavatar.decoding import VideoDecoder
 from ..liveavatar.overlap import decode_alongside
 from ..liveavatar.sampler import VIDEO_FRAMES_PER_LATENT
-from ..liveavatar.vae import normalised_to_raw
 
 from . import host
-from .conditioning import text_embeddings
+from .continuation import with_lead_in
 from .decode import FrameCollector
 from .live_mp4 import MIME_TYPE, MIME_TYPE_NO_AUDIO, FragmentedMp4Writer
-from .sampler import FPS, LiveAvatarSampler, portrait_latents
+from .sampler import CONTINUE_INPUTS, LiveAvatarSampler
+from .stream_run import FPS, StreamRun
 from .video_writer import prepare_audio
 
 LIVE_EVENT = "liveavatar.live"  # websocket message the extension in web/js/live_view.js listens to
@@ -47,40 +46,33 @@ class LiveAvatarLiveVideo:
                                           "tooltip": "Output all frames as IMAGE. Turn off for long videos (the mp4 "
                                                      "has them all): frames is then a preview, one frame per second, "
                                                      "and fps is 1.0, as with LiveAvatar Decode."}),
-        }}
+        }, "optional": CONTINUE_INPUTS}
 
     def generate(self, model, positive, image, vae, audio_features, size, width, height, infer_frames, num_clip,
-                 sample_steps, seed, audio, filename_prefix, return_frames=True):
-        # Input checks before the long work: the prompt, the file to write, the speech to mux.
-        text = text_embeddings(positive, model.dit.cfg.text_len)
-        features, speech_frames = audio_features.per_frame(infer_frames)
+                 sample_steps, seed, audio, filename_prefix, return_frames=True, continue_from=None, keep_state=False):
+        # Input checks before the long work: the run's inputs, the file to write, the speech to mux.
+        run = StreamRun("LiveAvatar Live Video", model, positive, image, vae, audio_features, size, width, height,
+                        infer_frames, num_clip, sample_steps, seed, continue_from, keep_state)
         path = host.save_path(filename_prefix, "mp4")
+        join_notes = []
+        if run.previous is not None:  # the speech at the join: see continuation.with_lead_in
+            audio, join_notes = with_lead_in(audio, run.lead_in, FPS)
         speech, adjusted = prepare_audio(audio)
-        notes = host.NodeNotes()
-        notes.add(*adjusted)
+        run.notes.add(*join_notes, *adjusted)
         view = LiveView(host.executing_node_id(), path, speech)  # tells the browser a run started
         with view.reporting():
-            model.prepare()  # our DiT on the GPU via ComfyUI's model management, at this LoRA strength
-            vae_engine, ref_latent, motion_latents = portrait_latents(vae, image, size, width, height, notes)
-            inputs = StreamInputs(text, ref_latent, motion_latents, features)
-            settings = StreamSettings(infer_frames=infer_frames, num_clip=num_clip, steps=sample_steps, seed=seed,
-                                      kv_fp8=model.kv_fp8)
-            streamer = Streamer(model.dit, inputs, settings)
-            latent_frames = streamer.num_clips * streamer.latent_frames
-            view.total_frames = min(speech_frames, latent_frames * VIDEO_FRAMES_PER_LATENT - DROPPED_FIRST_FRAMES)
-            decoder = VideoDecoder(vae_engine, motion_latents, speech_frames, on_step=host.check_interrupted)
-            progress = host.Progress(streamer.total_block_steps, "LiveAvatar live video")
+            run.start(decode=True)
+            view.total_frames = min(run.video_frames,
+                                    run.latent_frames_to_make * VIDEO_FRAMES_PER_LATENT - run.drop_first)
+            decoder = VideoDecoder(run.vae, run.priming, run.video_frames, on_step=host.check_interrupted,
+                                   drop_first=run.drop_first)
             frames_out, clean = FrameCollector(return_frames, FPS), []
-
-            def on_step():
-                host.check_interrupted()
-                progress.step()
-
+            blocks = run.blocks()
             try:
                 # Each block's decode runs on its own CUDA stream while the DiT works on the next
                 # tick; past the speech the decoder returns nothing and the sampling goes on to the
                 # end of the clip, so the LATENT output is the sampler's.
-                for block, video in decode_alongside(streamer.blocks(on_step), decoder.decode, vae_engine.device):
+                for block, video in decode_alongside(blocks, decoder.decode, run.vae.device):
                     clean.append(block.latents.float().cpu())
                     if not video.shape[1]:
                         view.close_file()  # the video is complete for the viewer here
@@ -89,15 +81,11 @@ class LiveAvatarLiveVideo:
                     view.append(frames)
                     frames_out.add(frames)
             finally:
-                progress.close()
-                streamer.close()
-                host.release_memory()
+                blocks.close()  # the stream's cleanup now, also when the decode failed
         if not return_frames:
-            notes.add(frames_out.preview_note(path))
-        latents = {"samples": normalised_to_raw(torch.cat(clean, dim=1)).unsqueeze(0),
-                   "liveavatar": {"motion_latents": motion_latents.cpu(), "video_frames": speech_frames, "fps": FPS}}
-        return {"ui": {"live_video": [view.file_info()], "text": notes.lines},
-                "result": (*frames_out.result(), latents)}
+            run.notes.add(frames_out.preview_note(path))
+        latents = run.output(torch.cat(clean, dim=1))
+        return {"ui": {"live_video": [view.file_info()], **run.ui()}, "result": (*frames_out.result(), latents)}
 
 
 class LiveView:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -10,33 +10,42 @@ import torch
 from ..liveavatar import CheckpointError, Offload, OneDevice, Sharded, StepPerGPU, load_dit
 from ..liveavatar.dit import LiveAvatarDiT
 from ..liveavatar.layers import Fusion
-from ..liveavatar.loading import STORAGE_DTYPES, Checkpoint, expected_tensors, remerge_lora
+from ..liveavatar.loading import STORAGE_DTYPES, Checkpoint, Lora, expected_tensors, set_lora_strength
+from ..liveavatar.placement import same_device
 
 from . import host
+from .continuation import KeptStreams
 
 NO_LORA = "None"
 PLACEMENTS = ["one GPU", "sharded over GPUs", "offload blocks to CPU", "one denoising step per GPU"]
 WEIGHT_DTYPES = ["bf16", "fp8_e4m3fn", "fp16", "fp32"]
 KV_CACHE_DTYPES = ["auto", "bf16", "fp8"]
+LORA_STRENGTH = {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05}
 
 
 @dataclass(eq=False)
 class LoadedWeights:
     """One DiT in memory, shared by every loader output that differs only in LoRA strength.
 
-    `managed` is ComfyUI's handle on the part of it that lives on ComfyUI's main device (None
-    outside ComfyUI); `strength` is the LoRA strength merged into the weights right now."""
+    `checkpoint` and `lora` are what its merged weights derive from (a strength change derives
+    them again); `strength` is the LoRA strength they hold now (None while being changed);
+    `managed` is ComfyUI's ModelPatcher of the part on ComfyUI's main device (None outside
+    ComfyUI); `kept` holds the streaming states kept for exact continuations: they go with this
+    model, and when ComfyUI unloads it."""
 
     dit: LiveAvatarDiT
-    lora: Path | None
-    strength: float
+    checkpoint: Checkpoint | None = None
+    lora: Path | None = None
+    strength: float | None = None
     managed: object = None
+    kept: KeptStreams = field(default_factory=KeptStreams)
 
     def set_lora_strength(self, strength: float):
-        if self.lora is not None and strength != self.strength:
-            for copy in self.dit.copies():  # one per GPU with 'one denoising step per GPU'
-                remerge_lora(copy, self.lora, self.strength, strength)
-            self.strength = strength
+        if self.lora is None or strength == self.strength:
+            return
+        self.strength = None  # unknown until every weight is set: an error midway makes the next call redo all
+        set_lora_strength(self.dit, self.checkpoint, Lora.read(self.lora), strength)
+        self.strength = strength
 
 
 @dataclass
@@ -46,16 +55,19 @@ class LiveAvatarModel:
     dit: LiveAvatarDiT
     kv_fp8: bool | None  # None: decided per run from free GPU memory
     description: str
-    weights: LoadedWeights | None = None
+    weights: LoadedWeights | None = None  # None: a DiT of its own (standalone use, tests)
     lora_strength: float | None = None  # what this output asks for; the weights are shared
 
-    def prepare(self):
-        """Before sampling: weights back on the GPU through ComfyUI (which frees other models for
-        them) and at this output's LoRA strength. An older output of the loader, still in
-        ComfyUI's cache, gets its own strength back here."""
+    def __post_init__(self):
         if self.weights is None:
-            return
-        host.use_managed(self.weights.managed)
+            self.weights = LoadedWeights(self.dit)
+
+    def prepare(self, also=()):
+        """Before sampling: the weights on the GPU through ComfyUI (which frees other models for
+        them), together with the ComfyUI models in `also` (e.g. the VAE), and at this output's
+        LoRA strength. An older output of the loader, still in ComfyUI's cache, gets its own
+        strength back here."""
+        host.load_models([self.weights.managed, *also])
         if self.lora_strength is not None:
             self.weights.set_lora_strength(self.lora_strength)
 
@@ -66,6 +78,15 @@ class LiveAvatarModel:
 # Weights in memory by everything but the LoRA strength. Weak: when ComfyUI drops the loader's
 # output (another model picked, cache cleared) the DiT is freed, we keep nothing alive.
 _loaded_weights: "weakref.WeakValueDictionary[tuple, LoadedWeights]" = weakref.WeakValueDictionary()
+
+
+def check_lora_strength(strength) -> float:
+    """The loader's lora_strength, refused before any work unless a number in the declared range."""
+    low, high = LORA_STRENGTH["min"], LORA_STRENGTH["max"]
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not low <= strength <= high:
+        raise ValueError(f"lora_strength must be a number from {low} to {high} (1.0 is the trained model), "
+                         f"got {strength!r}")
+    return float(strength)
 
 
 class LiveAvatarModelLoader:
@@ -86,8 +107,9 @@ class LiveAvatarModelLoader:
             "lora_name": ([NO_LORA] + host.list_models("loras"), {
                 "tooltip": "liveavatar.safetensors from models/loras. Without it the model is plain Wan2.2-S2V, "
                            "which needs ~40 steps, not LiveAvatar's 4."}),
-            "lora_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
-                                        "tooltip": "Scale of the LoRA merge; 1.0 is the trained model."}),
+            "lora_strength": ("FLOAT", {**LORA_STRENGTH,
+                                        "tooltip": "Scale of the LoRA merge; 1.0 is the trained model. Changing it "
+                                                   "sets the merged weights again from the base weights (no reload)."}),
             "weight_dtype": (WEIGHT_DTYPES, {"default": "bf16",
                                              "tooltip": "bf16: 33 GB of weights. fp8_e4m3fn: about half, computed in "
                                                         "bf16, slightly lower fidelity."}),
@@ -111,10 +133,11 @@ class LiveAvatarModelLoader:
 
     def load(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks, kv_cache,
              compile=False):
+        lora_strength = check_lora_strength(lora_strength)  # NaN fails the range test too
         Fusion.compile(compile)
         key = (model_name, lora_name, weight_dtype, placement, offload_blocks)
         weights = _loaded_weights.get(key)
-        if weights is None:  # a strength change alone re-merges the LoRA in the sampler, no reload
+        if weights is None:  # a strength change alone sets the LoRA again in the sampler, no reload
             weights = self._load_weights(model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks)
             _loaded_weights[key] = weights
         kv_fp8 = {"fp8": True, "bf16": False}.get(kv_cache)  # None: auto, fp8 only where bf16 would not fit
@@ -130,35 +153,37 @@ class LiveAvatarModelLoader:
             cfg = checkpoint.config()
             where = make_placement(placement, offload_blocks, cfg)
             where.bind(cfg)  # resident_bytes asks it where every weight goes
-            host.make_room(resident_bytes(cfg, storage, where), where.device)
-            dit = load_dit(checkpoint, lora=lora, lora_strength=lora_strength, storage=storage,
-                           placement=where, config=cfg)
+            # Inside ComfyUI the part on its main device is built where ComfyUI builds its own
+            # diffusion models (its offload device, or the GPU when that has more room) and
+            # loaded by its model management (prepare).
+            built_on = host.initial_device(resident_bytes(cfg, storage, where), where.device)
+            dit = load_dit(checkpoint, lora=lora, lora_strength=lora_strength, storage=storage, placement=where,
+                           config=cfg, offload_device=built_on)
         except CheckpointError as error:
             raise ValueError(f"LiveAvatar model loader: {error}") from None
-        managed = host.manage_resident(resident_modules(dit, where.device), where.device)
-        return LoadedWeights(dit, lora, lora_strength, managed)
+        weights = LoadedWeights(dit, checkpoint, lora, lora_strength)
+        weights.managed = host.manage(resident_modules(dit, where), where.device, built_on,
+                                      on_unload=lambda kept=weights.kept: kept.release_all(
+                                          "ComfyUI unloaded the model to free memory"))
+        return weights
 
 
 def resident_bytes(cfg, storage: str, where) -> int:
-    """Bytes of the weights `where` puts on its main device (what ComfyUI must make room for)."""
+    """Bytes of the weights `where` puts on its main device (what ComfyUI manages)."""
     size = STORAGE_DTYPES[storage].itemsize
-    return sum(t.numel() * size for name, t in expected_tensors(cfg).items() if same_device(where.device_for(name), where.device))
+    return sum(t.numel() * size for name, t in expected_tensors(cfg).items()
+               if same_device(where.device_for(name), where.device))
 
 
-def resident_modules(module: torch.nn.Module, device) -> list[torch.nn.Module]:
-    """The largest sub-modules whose tensors all live on `device`: what ComfyUI may move.
-    One GPU: the whole DiT. Offload: all but the CPU-resident blocks. Sharded: the blocks of
-    the first GPU plus the embeddings and head."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    if tensors and all(same_device(t.device, device) for t in tensors):
+def resident_modules(module: torch.nn.Module, placement, prefix: str = "") -> list[torch.nn.Module]:
+    """The largest sub-modules whose tensors the placement all puts on its main device: what
+    ComfyUI manages. One GPU: the whole DiT. Offload: all but the CPU-resident blocks. Sharded:
+    the blocks of the first GPU plus the embeddings and head. One step per GPU: the first copy."""
+    names = [prefix + n for n, _ in (*module.named_parameters(), *module.named_buffers())]
+    if names and all(same_device(placement.device_for(n), placement.device) for n in names):
         return [module]
-    return [part for child in module.children() for part in resident_modules(child, device)]
-
-
-def same_device(a, b) -> bool:
-    """'cuda' (the current GPU) and 'cuda:0' are the same device here."""
-    a, b = torch.device(a), torch.device(b)
-    return a.type == b.type and (a.index or 0) == (b.index or 0)
+    return [part for name, child in module.named_children()
+            for part in resident_modules(child, placement, f"{prefix}{name}.")]
 
 
 def make_placement(placement: str, offload_blocks: int, cfg):

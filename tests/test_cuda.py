@@ -123,3 +123,66 @@ def test_decode_alongside_gives_the_inline_frames():
     assert [b.index for b, _ in got] == [0, 1, 2]
     for (_, frames), want in zip(got, expected):
         assert torch.equal(frames, want)
+
+
+# ---- issue 19: LoRA strength and shared weights on a GPU ---------------------------------------
+def strength_model(checkpoint, storage, placement, strength, lora):
+    """Built as the loader builds it inside ComfyUI: computed on the GPU, kept on the CPU (its
+    offload device), then moved in (what ComfyUI's load_models_gpu does)."""
+    from nodes.loader import resident_modules
+    model = load_dit(checkpoint, lora=lora, lora_strength=strength, storage=storage, placement=placement,
+                     config=fixture_config(SET), offload_device="cpu")
+    for module in resident_modules(model, placement):
+        module.to(placement.device)
+    return model
+
+
+@pytest.mark.parametrize("storage", ["bf16", "fp8"])
+@pytest.mark.parametrize("where", ["one GPU", "offload", "per GPU"])
+def test_strength_changes_bit_for_bit_on_gpu(checkpoint, storage, where):
+    import random
+    from conftest import load_manifest
+    from liveavatar.loading import Checkpoint, Lora, set_lora_strength
+    if where == "per GPU" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    lora_set = fixture_sets("lora_merge")[0].values[0]
+    lora = Lora.read(lora_set / "lora.safetensors", alpha=load_manifest(lora_set, "lora_merge")["alpha"])
+    layers = fixture_config(SET).num_layers
+    place = {"one GPU": lambda: OneDevice("cuda"), "offload": lambda: Offload("cuda", blocks=1, num_layers=layers),
+             "per GPU": lambda: StepPerGPU(["cuda:0", "cuda:1"])}[where]
+    opened = Checkpoint.open(checkpoint)
+    model = strength_model(opened, storage, place(), 1.0, lora)
+    rng = random.Random(0)
+    strengths = [rng.uniform(0.0, 2.0) for _ in range(41)]
+    for strength in strengths:
+        set_lora_strength(model, opened, lora, strength)
+    fresh = strength_model(opened, storage, place(), strengths[-1], lora)
+    for copy, same in zip(model.copies(), fresh.copies()):
+        mine, theirs = copy.state_dict(), same.state_dict()
+        differ = [n for n in theirs if not torch.equal(mine[n].cpu().reshape(-1).view(torch.uint8),
+                                                        theirs[n].cpu().reshape(-1).view(torch.uint8))]
+        assert differ == []
+
+
+def test_shared_vae_and_wav2vec2_on_gpu(tmp_path):
+    """Around a GPU owner's weights: the VAE in its bf16, wav2vec2 computing in fp16 from fp16
+    weights (its positional convolution fp32, as ComfyUI keeps it), close to our fp32 copy."""
+    from liveavatar.audio import Wav2Vec2Encoder, _meta_model, hf_state_dict
+    from liveavatar.testing import write_tiny_vae, write_tiny_wav2vec2
+    from liveavatar.vae import WanVAE
+    from liveavatar.weights import read_state_dict, safetensors_config
+    owner = WanVAE.load(write_tiny_vae(tmp_path / "vae.safetensors"), device="cuda", dtype=torch.bfloat16)
+    shared = WanVAE.sharing(dict(owner.net.named_parameters()))
+    latents = torch.randn(16, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert (shared.device.type, shared.dtype) == ("cuda", torch.bfloat16)
+    assert torch.equal(shared.decode(latents), owner.decode(latents))
+    path = write_tiny_wav2vec2(tmp_path / "w2v.safetensors")
+    model, sd = _meta_model(hf_state_dict(read_state_dict(path)), safetensors_config(path))
+    model.load_state_dict(sd, assign=True)
+    model = model.cuda()
+    model.encoder.pos_conv_embed.float()
+    encoder = Wav2Vec2Encoder.sharing(dict(model.named_parameters()), {"num_attention_heads": 2})
+    t = torch.arange(8000) / 16000
+    wave = 0.3 * torch.sin(2 * torch.pi * 220 * t)
+    assert encoder.dtype == torch.float16
+    assert relative_l2(encoder.hidden_states(wave), Wav2Vec2Encoder.load(path).hidden_states(wave)) < 5e-3

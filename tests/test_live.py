@@ -101,7 +101,7 @@ def test_live_node_equals_sampler_then_decode(tiny_graph):
     mp.setattr(host, "send_to_browser", lambda event, data: messages.append((event, data)))
     live = LiveAvatarLiveVideo().generate(**inputs, audio=audio, filename_prefix="live", return_frames=True)
     frames, fps, latents = live["result"]
-    latents_ref = LiveAvatarSampler().sample(**inputs)[0]
+    latents_ref = LiveAvatarSampler().sample(**inputs)["result"][0]
     frames_ref = LiveAvatarDecode().decode(latents_ref, inputs["vae"], False, True, "x")["result"][0]
     assert torch.equal(latents["samples"], latents_ref["samples"])
     # the decode node gets the latents through LATENT's raw <-> normalised round trip

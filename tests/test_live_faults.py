@@ -80,9 +80,9 @@ def sine(rate: int, amplitude=0.5, dtype=torch.float32, seconds=1.0) -> dict:
 # ---- checked before the long work -------------------------------------------------------
 @pytest.fixture
 def long_work(monkeypatch):
-    """Records whether the run got as far as the portrait encode."""
+    """Records whether the run got as far as loading the models and encoding the portrait."""
     started = []
-    monkeypatch.setattr(live, "portrait_latents", lambda *a, **k: started.append(1) or pytest.fail("long work"))
+    monkeypatch.setattr(live.StreamRun, "start", lambda *a, **k: started.append(1) or pytest.fail("long work"))
     return started
 
 

@@ -1,63 +1,129 @@
-"""Memory management: changing the LoRA strength in place (engine), the loader reusing loaded
-weights, and, when ComfyUI is importable, our DiT in ComfyUI's model management."""
+"""Memory management: LoRA strength changes that give the weights of a fresh load bit for bit
+(engine and loader node), the loader reusing loaded weights, and, when ComfyUI is importable,
+our DiT in ComfyUI's model management."""
+import math
+import random
 
 import pytest
 import torch
 
 from conftest import fixture_sets, load_manifest, load_tensors, relative_l2
 from dit_fixture import fixture_config, fixture_weights, write_checkpoint
-from liveavatar.loading import load_dit, quantize_fp8, read_lora, remerge_lora
-from liveavatar.placement import Offload
+from liveavatar.loading import Checkpoint, Lora, load_dit, quantize_fp8, set_lora_strength
+from liveavatar.placement import Offload, StepPerGPU
 
 SETS = fixture_sets("lora_merge")
+STORAGES = ["bf16", "fp16", "fp32", "fp8"]
 
 
-def merged_model(set_dir, tmp_path, strength, storage="fp32", placement=None):
+def bits(model) -> dict:
+    """Every tensor of a model as its raw bytes (bit-for-bit comparison, any dtype, NaN too)."""
+    return {name: t.detach().reshape(-1).contiguous().view(torch.uint8).clone() for name, t in model.state_dict().items()}
+
+
+def same_bits(a: dict, b: dict) -> list:
+    """Names whose bytes differ (or that only one side has)."""
+    return sorted(n for n in set(a) | set(b) if n not in a or n not in b or not torch.equal(a[n], b[n]))
+
+
+def sources(set_dir, tmp_path, fp8_scaled=False):
+    """The fixture DiT as a checkpoint file (optionally in ComfyUI's fp8_scaled layout: the
+    LoRA targets stored as fp8 + scale_weight) and its LoRA with the fixture's alpha."""
     manifest = load_manifest(set_dir, "lora_merge")
-    checkpoint = tmp_path / "dit.safetensors"
-    if not checkpoint.exists():
-        write_checkpoint(fixture_weights(set_dir), checkpoint)
-    return load_dit(checkpoint, lora=set_dir / "lora.safetensors", lora_strength=strength, lora_alpha=manifest["alpha"],
-                    storage=storage, config=fixture_config(set_dir), placement=placement)
+    path = tmp_path / ("dit_fp8_scaled.safetensors" if fp8_scaled else "dit.safetensors")
+    if not path.exists():
+        weights = fixture_weights(set_dir)
+        if fp8_scaled:
+            lora_targets = set(load_tensors(set_dir, "lora_merged", prefix="merged."))
+            for name in lora_targets:
+                weights[name], scale = quantize_fp8(weights[name])
+                weights[name[:-len(".weight")] + ".scale_weight"] = scale
+        write_checkpoint(weights, path)
+    return Checkpoint.open(path), Lora.read(set_dir / "lora.safetensors", alpha=manifest["alpha"])
 
 
+def fresh(set_dir, checkpoint, lora, strength, storage, placement=None):
+    return load_dit(checkpoint, lora=lora, lora_strength=strength, storage=storage, config=fixture_config(set_dir),
+                    placement=placement)
+
+
+def offload(set_dir):
+    """Some blocks in CPU memory, the rest on the main device (a CPU stand-in): each weight is
+    derived where a fresh load derives it."""
+    return Offload("cpu", blocks=1, num_layers=fixture_config(set_dir).num_layers)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("set_dir", SETS)
-def test_remerge_equals_fresh_merge_and_reference(set_dir, tmp_path):
-    """Merge at 0.3, re-merge at 1.0 == fresh merge at 1.0 == peft's merge (the fixture);
-    then back to 0.3 == fresh merge at 0.3; the weights keep their tensors."""
-    manifest = load_manifest(set_dir, "lora_merge")
-    model = merged_model(set_dir, tmp_path, 0.3)
+def test_strength_changes_give_a_fresh_load_bit_for_bit(set_dir, storage, tmp_path):
+    """41 random strength changes, then the weights (and fp8 scales) equal a fresh load at the
+    last strength bit for bit; the parameters keep their tensors."""
+    checkpoint, lora = sources(set_dir, tmp_path)
+    rng = random.Random(storage)
+    model = fresh(set_dir, checkpoint, lora, 1.0, storage, offload(set_dir))
     pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
-    changed = remerge_lora(model, set_dir / "lora.safetensors", 0.3, 1.0, lora_alpha=manifest["alpha"])
-    assert changed == manifest["num_changed_weights"]
-    state = model.state_dict()
-    fresh = merged_model(set_dir, tmp_path, 1.0).state_dict()
-    peft = load_tensors(set_dir, "lora_merged", prefix="merged.")
-    for name, expected in peft.items():
-        assert relative_l2(state[name], expected) < manifest["tolerance"]["relative_l2"], name
-    for name, value in fresh.items():
-        assert relative_l2(state[name], value) < 1e-6, name
-    remerge_lora(model, read_lora(set_dir / "lora.safetensors")[0], 1.0, 0.3, lora_alpha=manifest["alpha"])
-    fresh = merged_model(set_dir, tmp_path, 0.3).state_dict()
-    for name, value in model.state_dict().items():
-        assert relative_l2(value, fresh[name]) < 1e-6, name
+    strengths = [round(rng.uniform(0.0, 2.0), 3) for _ in range(41)]
+    for strength in strengths:
+        assert set_lora_strength(model, checkpoint, lora, strength) == len(lora.pairs)
+    assert same_bits(bits(model), bits(fresh(set_dir, checkpoint, lora, strengths[-1], storage))) == []
     assert pointers == {n: p.data_ptr() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("set_dir", SETS)
-def test_remerge_in_bf16_and_fp8_within_one_rounding(set_dir, tmp_path):
-    """Stored in bf16 (offloaded blocks) or fp8: the re-merged weights are within about one
-    rounding of the storage dtype of a fresh merge."""
+def test_fp8_scaled_checkpoint_strength_changes_bit_for_bit(set_dir, tmp_path):
+    """ComfyUI's fp8_scaled layout (LoRA targets stored as fp8 + per-tensor scale): every
+    change derives from the stored fp8 values and their scale, as a fresh load does."""
+    checkpoint, lora = sources(set_dir, tmp_path, fp8_scaled=True)
+    model = fresh(set_dir, checkpoint, lora, 0.0, "fp8")
+    for strength in (2.0, 0.7, 1.3, 0.25):
+        set_lora_strength(model, checkpoint, lora, strength)
+    assert same_bits(bits(model), bits(fresh(set_dir, checkpoint, lora, 0.25, "fp8"))) == []
+
+
+@pytest.mark.parametrize("set_dir", SETS)
+def test_strength_changes_reach_every_gpu_copy_bit_for_bit(set_dir, tmp_path):
+    """'one denoising step per GPU' keeps a copy per GPU (CPU stand-ins here): after 40
+    changes every copy equals the same copy of a fresh load, bit for bit."""
+    checkpoint, lora = sources(set_dir, tmp_path)
+    model = fresh(set_dir, checkpoint, lora, 0.3, "bf16", StepPerGPU(["cpu", "cpu", "cpu"]))
+    rng = random.Random(1)
+    for _ in range(40):
+        set_lora_strength(model, checkpoint, lora, rng.uniform(0.0, 2.0))
+    set_lora_strength(model, checkpoint, lora, 1.0)
+    reference = fresh(set_dir, checkpoint, lora, 1.0, "bf16", StepPerGPU(["cpu", "cpu", "cpu"]))
+    assert len(model.copies()) == 3
+    for copy, same in zip(model.copies(), reference.copies()):
+        assert same_bits(bits(copy), bits(same)) == []
+
+
+@pytest.mark.parametrize("set_dir", SETS)
+def test_a_changed_strength_still_equals_peft(set_dir, tmp_path):
+    """The merge at 1.0 after other strengths is still peft's merge (the reference fixture);
+    the weights the LoRA does not touch are the checkpoint's."""
     manifest = load_manifest(set_dir, "lora_merge")
-    for storage, tolerance in (("bf16", 1e-2), ("fp8", 8e-2)):
-        layers = fixture_config(set_dir).num_layers
-        model = merged_model(set_dir, tmp_path, 0.0, storage, Offload("cpu", blocks=1, num_layers=layers))
-        remerge_lora(model, set_dir / "lora.safetensors", 0.0, 1.0, lora_alpha=manifest["alpha"])
-        fresh = merged_model(set_dir, tmp_path, 1.0, storage)
-        for name in load_tensors(set_dir, "lora_merged", prefix="merged."):
-            module = name.rsplit(".", 1)[0]
-            actual, expected = (m.get_submodule(module).weight_as(torch.float32) for m in (model, fresh))
-            assert relative_l2(actual, expected) < tolerance, (storage, name)
+    checkpoint, lora = sources(set_dir, tmp_path)
+    model = fresh(set_dir, checkpoint, lora, 0.3, "fp32")
+    set_lora_strength(model, checkpoint, lora, 1.7)
+    set_lora_strength(model, checkpoint, lora, 1.0)
+    state, merged = model.state_dict(), load_tensors(set_dir, "lora_merged", prefix="merged.")
+    assert len(merged) == manifest["num_changed_weights"] == len(lora.pairs)
+    for name, expected in merged.items():
+        assert relative_l2(state[name], expected) < manifest["tolerance"]["relative_l2"], name
+    base = fixture_weights(set_dir)
+    assert all(torch.equal(state[n], base[n]) for n in base if n not in merged)
+
+
+@pytest.mark.parametrize("strength", [math.nan, math.inf, -math.inf])
+def test_engine_refuses_a_strength_that_is_not_finite(strength, tmp_path):
+    set_dir = SETS[0].values[0]
+    checkpoint, lora = sources(set_dir, tmp_path)
+    model = fresh(set_dir, checkpoint, lora, 1.0, "fp32")
+    before = bits(model)
+    with pytest.raises(ValueError, match="lora_strength must be a finite number"):
+        set_lora_strength(model, checkpoint, lora, strength)
+    with pytest.raises(ValueError, match="lora_strength must be a finite number"):
+        fresh(set_dir, checkpoint, lora, strength, "fp32")
+    assert same_bits(bits(model), before) == []
 
 
 def test_quantize_fp8_round_trip_scale():
@@ -81,7 +147,7 @@ def tiny_model_folders(tmp_path, monkeypatch):
 
 def test_loader_changes_strength_without_reloading(tiny_model_folders, monkeypatch):
     import nodes.loader as loader_module
-    settings = dict(model_name="dit.safetensors", lora_name="lora.safetensors", weight_dtype="fp32",
+    settings = dict(model_name="dit.safetensors", lora_name="lora.safetensors", weight_dtype="bf16",
                     placement="one GPU", offload_blocks=0, kv_cache="auto")
     loader = loader_module.LiveAvatarModelLoader()
     weak = loader.load(lora_strength=0.25, **settings)[0]
@@ -89,49 +155,66 @@ def test_loader_changes_strength_without_reloading(tiny_model_folders, monkeypat
     monkeypatch.setattr(loader_module.Checkpoint, "open",
                         classmethod(lambda cls, path, real=loader_module.Checkpoint.open: opened.append(path) or real(path)))
     strong = loader.load(lora_strength=1.0, **settings)[0]
+    for strength in (0.6, 1.9, 0.05, 1.0):  # outputs of the loader at other strengths, run in turn
+        loader.load(lora_strength=strength, **settings)[0].prepare()
     strong.prepare()
     assert not opened and strong.dit is weak.dit and strong.weights is weak.weights
-    fresh = load_dit(tiny_model_folders / "diffusion_models" / "dit.safetensors",
-                     lora=tiny_model_folders / "loras" / "lora.safetensors", lora_strength=1.0, storage="fp32")
-    changed = 0
-    for name, value in fresh.state_dict().items():
-        assert relative_l2(strong.dit.state_dict()[name], value) < 1e-6, name
-        changed += "blocks.0.self_attn.q" in name
-    assert changed
-    weak.prepare()  # an older cached output: its own strength again
-    assert weak.weights.strength == 0.25
-    assert loader.load(lora_strength=1.0, **{**settings, "weight_dtype": "bf16"})[0].dit is not weak.dit
-    assert repr(strong) == "LiveAvatarModel(dit.safetensors + lora.safetensors @ 1.0 (fp32, one GPU))"
+    folder = tiny_model_folders
+    for output, strength in ((strong, 1.0), (weak, 0.25)):
+        output.prepare()  # an older cached output gets its own strength again
+        reference = load_dit(folder / "diffusion_models" / "dit.safetensors", lora=folder / "loras" / "lora.safetensors",
+                             lora_strength=strength, storage="bf16", placement=loader_module.make_placement("one GPU", 0, None))
+        assert output.weights.strength == strength and same_bits(bits(output.dit), bits(reference)) == []
+    assert loader.load(lora_strength=1.0, **{**settings, "weight_dtype": "fp32"})[0].dit is not weak.dit
+    assert repr(strong) == "LiveAvatarModel(dit.safetensors + lora.safetensors @ 1.0 (bf16, one GPU))"
 
 
-def test_resident_modules_follow_the_placement(tiny_model_folders):
-    """Outside ComfyUI nothing is managed; the part ComfyUI would manage is the DiT for one
-    device and everything but the offloaded blocks with 'offload blocks to CPU'."""
+@pytest.mark.parametrize("strength", [math.nan, math.inf, -0.05, 2.05, "1.0", True])
+def test_loader_refuses_a_strength_before_any_work(strength, tiny_model_folders, monkeypatch):
+    """Not a number in the declared range (0 to 2): a clear error before the checkpoint is
+    even opened (a NaN strength would otherwise make every later run NaN)."""
     import nodes.loader as loader_module
-    from liveavatar.testing import tiny_dit_config
+    opened = []
+    monkeypatch.setattr(loader_module.Checkpoint, "open", classmethod(lambda cls, path: opened.append(path)))
+    spec = loader_module.LiveAvatarModelLoader.INPUT_TYPES()["required"]["lora_strength"][1]
+    with pytest.raises(ValueError, match="lora_strength must be a number from 0.0 to 2.0") as error:
+        loader_module.LiveAvatarModelLoader().load("dit.safetensors", "lora.safetensors", strength, "fp32",
+                                                   "one GPU", 0, "auto")
+    assert repr(strength) in str(error.value) and not opened and (spec["min"], spec["max"]) == (0.0, 2.0)
+
+
+def test_resident_modules_follow_the_placement():
+    """What ComfyUI manages is what the placement puts on its main device ('meta' stands in
+    for the GPU): the whole DiT on one device or per step copy, all but the CPU-resident
+    blocks with 'offload blocks to CPU', the first GPU's blocks (and what goes with them)
+    when sharded."""
+    import nodes.loader as loader_module
     from liveavatar.dit import LiveAvatarDiT
-    dit = LiveAvatarDiT(tiny_dit_config())
-    assert loader_module.resident_modules(dit, "cpu") == [dit]
-    dit.blocks[2].to("meta")  # "elsewhere", as an offloaded block in CPU memory is for a GPU
-    parts = loader_module.resident_modules(dit, "cpu")
+    from liveavatar.placement import OneDevice, Sharded
+    from liveavatar.testing import tiny_dit_config
+    config = tiny_dit_config()
+    dit = LiveAvatarDiT(config)
+
+    def resident(placement):
+        placement.bind(config)
+        return loader_module.resident_modules(dit, placement)
+
+    assert resident(OneDevice("meta")) == [dit] and resident(StepPerGPU(["meta", "cpu"])) == [dit]
+    parts = resident(Offload("meta", blocks=1, num_layers=config.num_layers))
     assert dit.blocks[2] not in parts and dit.blocks[0] in parts and dit.blocks[1] in parts and dit not in parts
     assert sum(p.numel() for m in parts for p in m.parameters()) == \
         sum(p.numel() for p in dit.parameters()) - sum(p.numel() for p in dit.blocks[2].parameters())
-    config = tiny_dit_config()
-    where = Offload("meta", blocks=1, num_layers=config.num_layers)  # main device 'meta', offloaded to CPU
+    sharded = resident(Sharded(["meta", "cpu"], config.num_layers))  # blocks 0, 1 on the first, 2 on the second
+    injector_of_layer_2 = dit.audio_injector.injector[config.audio_inject_layers.index(2)]
+    assert dit.blocks[2] not in sharded and injector_of_layer_2 not in sharded and dit.head in sharded
+    # what ComfyUI is told to make room for: those modules' bytes in the storage dtype
+    where = Offload("meta", blocks=1, num_layers=config.num_layers)
     where.bind(config)
-    per_block = sum(t.numel() for n, t in loading_expected(config).items() if n.startswith("blocks.2."))
-    total = sum(t.numel() for t in loading_expected(config).values())
-    assert per_block > 0
-    assert loader_module.resident_bytes(config, "bf16", where) == 2 * (total - per_block)
+    total, per_block = (sum(p.numel() for p in m.parameters()) for m in (dit, dit.blocks[2]))
+    assert per_block > 0 and loader_module.resident_bytes(config, "bf16", where) == 2 * (total - per_block)
     nothing_offloaded = Offload("meta", 0, config.num_layers)
     nothing_offloaded.bind(config)
     assert loader_module.resident_bytes(config, "fp32", nothing_offloaded) == 4 * total
-
-
-def loading_expected(config):
-    from liveavatar.loading import expected_tensors
-    return expected_tensors(config)
 
 
 # ---- the real ComfyUI, when there is one ------------------------------------------------------
@@ -156,28 +239,6 @@ def test_in_comfyui_model_management():
     if result.returncode == 77:
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0 and "ALL OK" in result.stdout, result.stdout + result.stderr[-3000:]
-
-
-@pytest.mark.parametrize("set_dir", SETS)
-def test_strength_change_reaches_every_gpu_copy(set_dir, tmp_path):
-    """'one denoising step per GPU' keeps a copy per GPU: a LoRA strength change re-merges
-    each copy (CPU 'devices' here), and they all equal a fresh merge."""
-    from liveavatar.placement import StepPerGPU
-    from nodes.loader import LoadedWeights
-    manifest = load_manifest(set_dir, "lora_merge")
-    model = merged_model(set_dir, tmp_path, 0.3, placement=StepPerGPU(["cpu", "cpu", "cpu"]))
-    weights = LoadedWeights(model, set_dir / "lora.safetensors", 0.3)
-    import liveavatar.loading as loading
-    original = loading.remerge_lora
-    with pytest.MonkeyPatch.context() as patch:  # the manifest's alpha, as the fixture was merged with it
-        patch.setattr("nodes.loader.remerge_lora",
-                      lambda m, lora, old, new: original(m, lora, old, new, lora_alpha=manifest["alpha"]))
-        weights.set_lora_strength(1.0)
-    fresh = merged_model(set_dir, tmp_path, 1.0).state_dict()
-    assert len(model.copies()) == 3
-    for copy in model.copies():
-        for name, value in copy.state_dict().items():
-            assert relative_l2(value, fresh[name]) < 1e-6, name
 
 
 @pytest.mark.parametrize("close", [True, False])

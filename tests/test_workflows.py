@@ -387,6 +387,14 @@ def expected_frames(seconds: float, infer_frames: int = 48) -> int:
     return min(covered, clips * infer_frames - 3)
 
 
+def expected_continued_frames(seconds: float, infer_frames: int = 48) -> int:
+    """A continued part drops no frame and starts 3 frames (the previous part's last 0.12 s of
+    speech) before its own speech: the covered frames plus those 3, within its whole clips."""
+    t30 = int(((int(seconds * 16000) - 400) // 320 + 1) / 50 * 30)
+    covered = sum(1 for i in range(10 ** 4) if round(1.2 * i) < t30)
+    return min(covered + 3, (int(t30 / (infer_frames * 1.2)) + 1) * infer_frames)
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs_end_to_end_on_tiny_weights(path, tiny_models):
     workflow = load(path)
@@ -401,13 +409,15 @@ def test_workflow_runs_end_to_end_on_tiny_weights(path, tiny_models):
         assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1 and images.std() > 0
     elif "LiveAvatarDecode" in by_type:  # the continue workflow: each part's decode wrote its mp4
         output = Path(os.environ["LIVEAVATAR_OUTPUT"])
-        for part in ("LiveAvatar_part1", "LiveAvatar_part2"):
+        for part, frames in (("LiveAvatar_part1", expected_frames(SPEECH_SECONDS)),
+                             ("LiveAvatar_part2", expected_continued_frames(SPEECH_SECONDS))):
             with av.open(str(sorted(output.glob(f"{part}_*.mp4"))[-1])) as mp4:
-                assert sum(1 for p in mp4.demux(video=0) if p.size) == expected_frames(SPEECH_SECONDS), part
+                assert sum(1 for p in mp4.demux(video=0) if p.size) == frames, part
                 assert (mp4.streams.video[0].height, mp4.streams.video[0].width) == \
                     target_size(*PORTRAIT_HW, parse_area(size))
         first, second = (results[n["id"]][0] for n in workflow["nodes"] if n["type"] == "LiveAvatarSampler")
         assert second["liveavatar"]["continues"] and "state" not in second["liveavatar"]
+        assert second["liveavatar"]["continuation"] == "exact"  # part 1 kept its state
         return
     else:  # the live workflow: the node wrote the mp4 itself; frames is the one-per-second preview
         images, fps, _ = results[generator["id"]]
