@@ -479,7 +479,7 @@ def test_short_video_with_return_frames_off_says_what_frames_holds(tiny_vae, out
 def test_audio_without_save_mp4_is_said_to_be_unused(tiny_vae, output_dir, monkeypatch):
     from nodes import host
     shown = []
-    monkeypatch.setattr(host, "_show_on_node", shown.append)
+    monkeypatch.setattr(host, "show_text", shown.append)
     (frames, _), ui = decode_node(tiny_vae, latent_input(3, 9), save_mp4=False, audio=sine_audio(48000))
     assert len(frames) == 9 and ui == {} and files_under(output_dir) == []
     assert shown == ["the audio input goes only into the mp4, and save_mp4 is off: it is not used"]
