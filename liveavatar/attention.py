@@ -19,6 +19,7 @@ Either way a call's extra memory is one buffer of the segments it copies, freed 
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -26,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, layers
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 
@@ -83,6 +84,24 @@ def attend_sdpa(q: torch.Tensor, segments: list[KV]) -> torch.Tensor:
         rest = [s for s in segments if s is not ring]
         return merge([sdpa_lse(q, *gather(rest, batch, q.dtype)), sdpa_lse(q, ring.k, ring.v)])
     return _sdpa(q, *gather(segments, batch, q.dtype))
+
+
+def attend_repeated_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int) -> torch.Tensor:
+    """Softmax attention of q [N, H, D] to k/v [L, H, D] whose last row stands for `count`
+    identical rows (count 0: no such row; the prompt's padding): that key's weight is
+    count * exp(score), i.e. its log-sum-exp is score + log(count), merged exactly with the
+    attention over the other rows."""
+    if count == 0:
+        return layers.attend(q, k, v)
+    queries = q.unsqueeze(0)
+    scores = torch.einsum("bnhd,hd->bhn", queries.float(), k[-1].float()) / q.shape[-1] ** 0.5 + math.log(count)
+    repeated = v[-1].to(q.dtype).expand(queries.shape)
+    if k.shape[0] == 1:  # only padding: every weight on the one value
+        return repeated[0]
+    if not _has_lse(queries):
+        expanded = [torch.cat([t[:-1], t[-1:].expand(count, *t.shape[1:])]) for t in (k, v)]
+        return layers.attend(q, *expanded)
+    return merge([sdpa_lse(queries, k[None, :-1], v[None, :-1]), (repeated, scores)])[0]
 
 
 def gather(segments: list[KV], batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from . import kernels, rope
+from .attention import attend_repeated_last
 from .kvcache import BlockStepKV, SinkStore, TickKV
 from .layers import Fusion, Linear, RMSNorm, attend, conv_fp32
 
@@ -150,11 +151,11 @@ class DiTBlock(nn.Module):
         attn, cross, up = self.self_attn, self.cross_attn, self.ffn[0]
         dtype = attn.q.compute_dtype
         h = Fusion.modulated_norm(x, shift1, scale1, self.eps, dtype, fp8=attn.q.takes_fp8_rows).flatten(0, 1)
-        y = attn.out(self_attention(attn, h))
         # each residual update and the norm after it in one pass: norm3 (affine) before the
-        # cross-attention, the second modulated norm before the FFN
-        x, h = Fusion.add_norm(x, y, gate1, self.norm3.bias, self.norm3.weight, self.eps, dtype,
-                               fp8=cross.q.takes_fp8_rows, affine=True)
+        # cross-attention, the second modulated norm before the FFN (updates passed inline: no
+        # name holds them past their use)
+        x, h = Fusion.add_norm(x, attn.out(self_attention(attn, h)), gate1, self.norm3.bias, self.norm3.weight,
+                               self.eps, dtype, fp8=cross.q.takes_fp8_rows, affine=True)
         x, h = Fusion.add_norm(x, self.cross_attention(h, *text_kv), None, shift2, scale2, self.eps, dtype,
                                fp8=up.takes_fp8_rows)
         return Fusion.gated_add(x, self.feed_forward_chunked(h, ffn_rows), gate2)
@@ -182,10 +183,11 @@ class DiTBlock(nn.Module):
             return down(Fusion.gelu(up(h), fp8=True))
         return down(up.forward_gelu(h))
 
-    def cross_attention(self, normed, text_k, text_v):
-        """Attention of the norm3-normed tokens [G, n, dim] (or their fp8 rows) to the prompt -> [G*n, dim]."""
+    def cross_attention(self, normed, text_k, text_v, padding: int = 0):
+        """Attention of the norm3-normed tokens [G, n, dim] (or their fp8 rows) to the prompt
+        (its last row counted `padding` times, see text_context) -> [G*n, dim]."""
         attn = self.cross_attn
-        return attn.out(attend(attn.query(normed.flatten(0, 1)), text_k, text_v))
+        return attn.out(attend_repeated_last(attn.query(normed.flatten(0, 1)), text_k, text_v, padding))
 
     def text_key_value(self, text: torch.Tensor):
         return self.cross_attn.key_value(text)
@@ -399,21 +401,24 @@ class LiveAvatarDiT(nn.Module):
 
     # ---- conditioning computed once per run / per step / per block --------------------
     def text_context(self, context: torch.Tensor) -> list:
-        """Real-token text embeddings [L, text_dim] -> per-layer cross-attention (k, v);
-        zero-padded to text_len first, as the original does (padding is attended, unmasked)."""
+        """Real-token text embeddings [L, text_dim] -> per-layer cross-attention (k, v, n).
+        The original zero-pads to text_len and attends to the padding unmasked; the padding
+        rows are all the same (the embedding MLP and the k/v projections work row by row), so
+        one padding row is kept, counted n = text_len - L times (attention.attend_repeated_last)."""
         length, dim = context.shape
         if dim != self.cfg.text_dim:
             raise ValueError(f"text embedding has width {dim}, this model expects {self.cfg.text_dim} (umt5-xxl)")
         if length > self.cfg.text_len:
             raise ValueError(f"prompt is {length} tokens long, the model takes at most {self.cfg.text_len}")
         embed = self.text_embedding[0]
-        padded = torch.zeros(self.cfg.text_len, dim, device=self.device, dtype=embed.compute_dtype)
+        padding = self.cfg.text_len - length
+        padded = torch.zeros(length + min(padding, 1), dim, device=self.device, dtype=embed.compute_dtype)
         padded[:length] = context.to(padded)
         text = self.text_embedding(padded)
         text_kv = []
         for i, block in enumerate(self.blocks):
             with self._on_layer(i) as device:
-                text_kv.append(block.text_key_value(text.to(device)))
+                text_kv.append((*block.text_key_value(text.to(device)), padding))
         return text_kv
 
     def time_modulation(self, timesteps: torch.Tensor):

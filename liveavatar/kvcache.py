@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import attention, rope
+from . import attention, kernels, rope
 from .attention import KV
 from .layers import Fusion
 
@@ -48,22 +48,23 @@ def _nbytes(*tensors) -> int:
 
 class SinkStore:
     """The prefilled sink of one model copy, read by all its steps (see the module docstring).
-    `fp8`: motion keys and values stored as fp8 with per-token scales; the reference keys stay
-    in the compute dtype (they are re-roped for every block-step)."""
+    `fp8`: all of it stored as fp8 with per-token scales (the reference keys un-roped: they are
+    dequantised and roped for every block-step)."""
 
     def __init__(self, fp8: bool = False):
         self.fp8 = fp8
-        self.ref_len = self.length = None
-        self.ref_keys, self.motion_keys, self.motion_key_scales, self.values, self.value_scales = [], [], [], [], []
+        self.ref_len = self.length = self.dtype = None
+        self.ref_keys, self.ref_key_scales = [], []
+        self.motion_keys, self.motion_key_scales, self.values, self.value_scales = [], [], [], []
 
     def keep(self, layer: int, ref_len: int, keys: torch.Tensor, roped_keys: torch.Tensor, values: torch.Tensor):
         """Prefill of `layer` (in layer order): keys [S, H, D] normed, un-roped; roped_keys the same
         roped at the sink positions; values [S, H, D]; the first ref_len tokens are the reference."""
         if layer != len(self.ref_keys):
             raise RuntimeError(f"sink layers must be kept in order: got layer {layer}, expected {len(self.ref_keys)}")
-        self.ref_len, self.length = ref_len, keys.shape[0]
-        self.ref_keys.append(keys[:ref_len].clone())
-        for data, scales, x in ((self.motion_keys, self.motion_key_scales, roped_keys[ref_len:]),
+        self.ref_len, self.length, self.dtype = ref_len, keys.shape[0], keys.dtype
+        for data, scales, x in ((self.ref_keys, self.ref_key_scales, keys[:ref_len]),
+                                (self.motion_keys, self.motion_key_scales, roped_keys[ref_len:]),
                                 (self.values, self.value_scales, values)):
             stored, token_scales = _stored(x, self.fp8)
             data.append(stored)
@@ -81,14 +82,19 @@ class SinkStore:
     def roped_reference_keys(self, layer: int, tables: list) -> torch.Tensor:
         """The layer's reference keys roped at each block-step's position: tables [(cos, sin)] per
         block-step -> [B, ref_len, H, D] in the compute dtype (one pass each, straight into place)."""
-        source = self.ref_keys[layer]
-        out = torch.empty((len(tables), *source.shape), dtype=source.dtype, device=source.device)
+        source, scales = self.ref_keys[layer], self.ref_key_scales[layer]
+        if scales is not None:
+            stored = source
+            source = torch.empty(stored.shape, dtype=self.dtype, device=stored.device)
+            kernels.dequantize_tokens(stored[None], scales[None], source[None])
+        out = torch.empty((len(tables), *source.shape), dtype=self.dtype, device=source.device)
         for j, (cos, sin) in enumerate(tables):
             Fusion.rope(source, cos, sin, out=out[j])
         return out
 
     def nbytes(self) -> int:
-        return _nbytes(*self.ref_keys, *self.motion_keys, *self.motion_key_scales, *self.values, *self.value_scales)
+        return _nbytes(*self.ref_keys, *self.ref_key_scales, *self.motion_keys, *self.motion_key_scales, *self.values,
+                       *self.value_scales)
 
 
 class StepRings:

@@ -19,6 +19,7 @@ import torch
 
 from .dit import FRAMES_PER_BLOCK, REFERENCE_TIME, BlockStep, LiveAvatarDiT
 from .kvcache import BlockStepKV, SinkStore, StepRings
+from .memory import GIB, MemoryPlan, RunShape, plan_memory
 
 NUM_TRAIN_TIMESTEPS = 1000
 SHIFT = 3.0
@@ -114,6 +115,9 @@ class StreamSettings:
     noise: torch.Tensor | None = None  # [clips, 16, F, h, w] to replace the seeded noise (parity)
     kv_fp8: bool | None = None  # KV caches in fp8 (half the memory); None = fp8 for 16-bit models (bf16/fp8 weights)
     pipelined: bool = True  # diagonal schedule (see Streamer); False = one block's steps after another
+    memory_cap_gib: float | None = None  # GPU memory the run may use, per GPU (None/0: the free memory)
+    reserve_gib: float = 0.0  # the caller's working memory on the main GPU meanwhile (VAE decode, audio encoder)
+    adapt_offload: bool = True  # an Offload placement may move blocks between host and GPU to fit (memory.py)
 
 
 @dataclass
@@ -184,12 +188,22 @@ class Streamer:
         _, _, h, w = inputs.ref_latent.shape
         self.latent_size = (h, w)
         self._noise = {}
+        self.plan = self._plan_memory(model, settings, h, w)  # before any long work: a clear error if it cannot fit
         with torch.no_grad():
             self._prepare(model, inputs, settings, h * w // 4)
 
+    def _plan_memory(self, model, settings, h: int, w: int) -> MemoryPlan:
+        shape = RunShape(h, w, settings.infer_frames, len(self.timesteps), settings.pipelined, refresh=self.num_clips > 1,
+                         text_tokens=min(self.inputs.text.shape[0] + 1, model.cfg.text_len))
+        kv_fp8 = settings.kv_fp8 if settings.kv_fp8 is not None else _sixteen_bit(model)
+        plan = plan_memory(model, shape, kv_fp8, settings.memory_cap_gib, int(settings.reserve_gib * GIB),
+                           settings.adapt_offload)
+        plan.apply(model)
+        return plan
+
     def _prepare(self, model, inputs, settings, frame_tokens: int):
         self.frame_tokens = frame_tokens
-        self.kv_fp8 = settings.kv_fp8 if settings.kv_fp8 is not None else _sixteen_bit(model)
+        self.kv_fp8 = self.plan.kv_fp8
         self._build_replicas(model, inputs)
         self._build_caches(model.cfg, ring=self.latent_frames * frame_tokens)
 
@@ -209,7 +223,7 @@ class Streamer:
     def _build_caches(self, cfg, ring: int):
         """A ring per step, in one StepRings per model copy (on its layer devices)."""
         layer_devices = [[r.model.layer_device(i) for i in range(len(r.model.blocks))] for r in self.step_replica]
-        dtype = self.replicas[0].sinks[0].ref_keys[0].dtype  # the compute dtype
+        dtype = self.replicas[0].sinks[0].dtype  # the compute dtype
         self.caches = [None] * len(self.step_replica)
         for replica in self.replicas:
             steps = self._steps_of(replica)
@@ -252,7 +266,8 @@ class Streamer:
         audio = self.block_audio(clip, block, replica.model) if audio is None else audio
         job = _Job(clip * self.blocks_per_clip + block, step, x, audio)
         with torch.no_grad():
-            return replica.model.denoise([self._block_step(job)], replica.text_kv)[0]
+            return replica.model.denoise([self._block_step(job)], replica.text_kv, self.plan.ffn_rows,
+                                         self.plan.attention_items)[0]
 
     # ---- the loop ---------------------------------------------------------------------------
     def blocks(self, on_step: Callable[[], None] | None = None) -> Iterator[Block]:
@@ -321,7 +336,8 @@ class Streamer:
             # Layers sharded over GPUs: one item at a time, so that while the last GPU runs
             # item j the first already runs item j+1 (the tick's block-steps pipeline through).
             batches = [[item] for item in items] if placement and placement.micro_batches else [items]
-            flows = [flow for batch in batches for flow in replica.model.denoise(batch, replica.text_kv)]
+            flows = [flow for batch in batches
+                     for flow in replica.model.denoise(batch, replica.text_kv, self.plan.ffn_rows, self.plan.attention_items)]
             for job, item, flow in zip(jobs, items, flows):
                 job.x = item.latents + self.step_sizes[job.step] * flow
                 job.step += 1
@@ -331,9 +347,11 @@ class Streamer:
         if job.index == 0:
             self.first_clean_frame = job.x[:, :1]
         clip0_done = self.next_block >= self.blocks_per_clip and not any(j.index < self.blocks_per_clip for j in in_flight)
-        # The pipelined schedule refreshes as soon as block 0 is clean (clip 1 waits for it),
-        # the sequential one after clip 0, as the original does.
-        if self.num_clips > 1 and 1 not in self.replicas[0].sinks and (self.settings.pipelined or clip0_done):
+        # The pipelined schedule refreshes as soon as block 0 is clean (clip 1 waits for it) when
+        # the memory plan lets both sinks be held while clip 0 finishes; the sequential one (or a
+        # tight plan: the pipeline drains once) after clip 0, as the original does.
+        early = self.settings.pipelined and self.plan.sink_overlap
+        if self.num_clips > 1 and 1 not in self.replicas[0].sinks and (early or clip0_done):
             self._refresh_sink(drop_portrait_first=clip0_done)
         elif clip0_done:
             self._drop_portrait_sink()

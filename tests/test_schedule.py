@@ -49,8 +49,8 @@ def test_a_tick_is_one_batched_forward(model, monkeypatch):
     """12 blocks x 4 steps in 12 + 3 forwards of up to 4 block-steps (sequential: 48 of 1)."""
     batches = []
     denoise = type(model).denoise
-    monkeypatch.setattr(type(model), "denoise", lambda self, items, text_kv: (batches.append(len(items)),
-                                                                           denoise(self, items, text_kv))[1])
+    monkeypatch.setattr(type(model), "denoise", lambda self, items, *args: (batches.append(len(items)),
+                                                                         denoise(self, items, *args))[1])
     run(model, StreamSettings(infer_frames=48, steps=4, seed=3))
     assert sum(batches) == CLIPS * 4 * 4
     assert len(batches) == CLIPS * 4 + 3 and max(batches) == 4
