@@ -94,14 +94,15 @@ def attend_repeated_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coun
     if count == 0:
         return layers.attend(q, k, v)
     queries = q.unsqueeze(0)
-    scores = torch.einsum("bnhd,hd->bhn", queries.float(), k[-1].float()) / q.shape[-1] ** 0.5 + math.log(count)
     repeated = v[-1].to(q.dtype).expand(queries.shape)
     if k.shape[0] == 1:  # only padding: every weight on the one value
         return repeated[0]
     if not _has_lse(queries):
         expanded = [torch.cat([t[:-1], t[-1:].expand(count, *t.shape[1:])]) for t in (k, v)]
         return layers.attend(q, *expanded)
-    return merge([sdpa_lse(queries, k[None, :-1], v[None, :-1]), (repeated, scores)])[0]
+    # the padding key's score in fp32, as the attention kernel computes it (its log-sum-exp over one key)
+    _, score = sdpa_lse(queries, k[None, -1:], v[None, -1:])
+    return merge([sdpa_lse(queries, k[None, :-1], v[None, :-1]), (repeated, score + math.log(count))])[0]
 
 
 def gather(segments: list[KV], batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:

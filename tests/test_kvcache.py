@@ -209,3 +209,19 @@ def test_dequantize_and_merge_kernels_match_their_references(monkeypatch):
     got = kernels.merge_attention(outs[0], lses[0], outs[1].transpose(0, 0), lses[1])
     want = kernels.merge_attention_reference(list(zip(outs, lses)))
     assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2 ** -7
+
+
+@pytest.mark.parametrize("real, count", [(5, 19), (5, 1), (0, 24), (24, 0)])
+def test_prompt_padding_kept_once_attends_like_every_padding_row(monkeypatch, real, count):
+    """The prompt's keys/values with one padding row standing for `count` identical rows give
+    the attention over all of them (what the original computes on the zero-padded prompt);
+    also through the fallback without a log-sum-exp attention."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(7, 2, 16, generator=g)
+    k, v = torch.randn(real + (count > 0), 2, 16, generator=g), torch.randn(real + (count > 0), 2, 16, generator=g)
+    full_k = torch.cat([k[:real], k[real:].expand(count, -1, -1)])
+    full_v = torch.cat([v[:real], v[real:].expand(count, -1, -1)])
+    want = softmax_attention(q, full_k, full_v)
+    torch.testing.assert_close(attention.attend_repeated_last(q, k, v, count).double(), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(attention, "_has_lse", lambda q: False)
+    torch.testing.assert_close(attention.attend_repeated_last(q, k, v, count).double(), want, rtol=1e-5, atol=1e-5)
