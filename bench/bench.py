@@ -11,6 +11,14 @@ with its public code and run_original.py, never committed).
 
 `--profile --profile-modes bf16,fp8` adds, per profiled mode and size, a torch.profiler trace of
 three steady ticks and its summary (GPU busy/idle, time by kernel kind, copies; trace_summary.py).
+
+Memory caps (issue 17): a mode `fp8@30` runs fp8 weights under memory_cap_gib 30, enforced with
+torch.cuda.set_per_process_memory_fraction; the memory planner (liveavatar/memory.py) picks how many
+blocks to offload and how to trim the activations. Such rows carry the plan, the weight bytes
+crossing the host link per tick and the FPS that allows at 25 and 50 GB/s (modelled: a tick takes
+max(compute, copied / bandwidth), compute from the uncapped row of the same weights and size):
+
+    python bench/bench.py --sizes '704*384,384*256' --modes fp8,fp8@40,fp8@30,fp8@22,fp8@14 --clips 3 --skip-vae
 """
 from __future__ import annotations
 
@@ -60,10 +68,14 @@ def random_tensor_for(cfg: DiTConfig, generator_seed=0):
 
 def build(mode: str, cfg: DiTConfig):
     """Mode names: bf16 | fp8 | offload<N>[-fp8] | sharded[-fp8] | stepgpu[-fp8], each with an
-    optional -seq (today's sequential schedule), -nok (fused kernels off) and -compile."""
-    storage = "fp8" if "fp8" in mode else "bf16"
+    optional -seq (today's sequential schedule), -nok (fused kernels off), -compile, -kvbf16
+    (bf16 KV caches; fp8 is the default) and @CAP (memory_cap_gib; one GPU, blocks offloaded as
+    the memory plan says)."""
+    storage = "fp8" if "fp8" in mode.replace("kvfp8", "") else "bf16"
     gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if mode.startswith("offload"):
+    if "@" in mode:
+        placement = Offload("cuda", blocks=0, num_layers=cfg.num_layers)  # the planner moves blocks to fit
+    elif mode.startswith("offload"):
         blocks = int(mode.removeprefix("offload").split("-")[0] or cfg.num_layers)
         placement = Offload("cuda", blocks=blocks, num_layers=cfg.num_layers)
     elif mode.startswith("sharded"):
@@ -93,7 +105,7 @@ def time_stream(model, inputs, settings, vae=None):
     DiT only, the GPU is synchronised at every block, so the host cannot run ahead of it
     (a small bubble per tick is counted against us). With `vae`, every block is also decoded,
     overlapped on its own stream, and the interval is end to end (frames on the host).
-    Also: seconds to the first block, whether the KV caches were fp8."""
+    Also: seconds to the first block, the memory plan."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     streamer = Streamer(model, inputs, settings)
@@ -114,9 +126,9 @@ def time_stream(model, inputs, settings, vae=None):
     steps, count = settings.steps, len(marks)
     full = range(steps, count - steps + 1) if settings.pipelined else range(1, count)
     intervals = [marks[k] - marks[k - 1] for k in full]
-    kv_fp8 = streamer.kv_fp8
+    plan = streamer.plan
     streamer.close()
-    return statistics.median(intervals) / settings.steps, marks[0] - start, kv_fp8
+    return statistics.median(intervals) / settings.steps, marks[0] - start, plan
 
 
 def peak_gib() -> float:
@@ -143,25 +155,27 @@ def bench_dit(mode, sizes, clips, args, vaes):
     for size in sizes:
         if mode.startswith("offload") and size not in args.offload_sizes.split(","):
             continue
-        capped = mode.startswith("offload") and size in args.cap_sizes.split(",")
-        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * GIB / total if capped else 1.0)
+        cap = float(mode.partition("@")[2]) if "@" in mode else (
+            args.memory_cap_gib if mode.startswith("offload") and size in args.cap_sizes.split(",") else None)
+        torch.cuda.set_per_process_memory_fraction(cap * GIB / total if cap else 1.0)
         torch.cuda.empty_cache()
         reset_peaks()
-        # offload runs under a memory cap that mem_get_info does not see: fp8 caches there, else auto
-        kv = True if mode.startswith("offload") or "kvfp8" in mode else None
-        settings = StreamSettings(infer_frames=48, steps=4, seed=0, kv_fp8=kv, pipelined="-seq" not in mode)
+        settings = StreamSettings(infer_frames=48, steps=4, seed=0, kv_fp8=False if "-kvbf16" in mode else None,
+                                  pipelined="-seq" not in mode, memory_cap_gib=cap,
+                                  adapt_offload="@" in mode)  # offload<N> modes keep their N
         inputs = inputs_for(size, cfg, clips)
-        block_step, first, kv_fp8 = time_stream(model, inputs, settings)
+        block_step, first, plan = time_stream(model, inputs, settings)
         peak = peak_gib()
         e2e = None
-        if vaes is not None and not capped and "-seq" not in mode and "-nok" not in mode:
+        if vaes is not None and not cap and "-seq" not in mode and "-nok" not in mode:
             e2e_block_step, _, _ = time_stream(model, inputs, settings, vae=vaes[gpus - 1])
             e2e = 12 / (4 * e2e_block_step)
-        rows.append(dict(size=size, mode=mode + ("+kvfp8" if kv_fp8 and "kvfp8" not in mode else ""), gpus=gpus,
-                         steps=settings.steps, pipelined=settings.pipelined, block_step_s=block_step,
-                         fps4=12 / (4 * block_step), end_to_end_fps4=e2e, first_block_s=first, load_s=load_s,
-                         peak_gib=peak, memory_cap_gib=args.memory_cap_gib if capped else None,
-                         kernels=Fusion.kernels_status()))
+        rows.append(dict(size=size, mode=mode, gpus=gpus, steps=settings.steps, pipelined=settings.pipelined,
+                         block_step_s=block_step, fps4=12 / (4 * block_step), end_to_end_fps4=e2e, first_block_s=first,
+                         load_s=load_s, peak_gib=peak, memory_cap_gib=cap, kv_cache="fp8" if plan.kv_fp8 else "bf16",
+                         offload_blocks=plan.offload_blocks, plan=plan.summary(),
+                         estimate_gib=max(d.total for d in plan.devices) / GIB,
+                         copied_gb_per_tick=plan.copied_per_tick / 1e9, kernels=Fusion.kernels_status()))
         print(json.dumps(rows[-1]), flush=True)
         if args.profile and mode in args.profile_modes.split(","):
             profile(model, inputs, settings, Path(args.out_dir), f"{mode}_{size.replace('*', 'x')}")
@@ -244,7 +258,7 @@ def bench_peak_vs_clips(size, clip_counts, mode="bf16"):
     for clips in clip_counts:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        settings = StreamSettings(infer_frames=48, steps=4, seed=0, num_clip=clips, kv_fp8=None)
+        settings = StreamSettings(infer_frames=48, steps=4, seed=0, num_clip=clips)
         time_stream(model, inputs_for(size, cfg, clips), settings)
         peaks[clips] = torch.cuda.max_memory_allocated() / GIB
         print(json.dumps({"size": size, "mode": mode, "clips": clips, "peak_gib": peaks[clips]}), flush=True)
@@ -283,6 +297,8 @@ def main():
     torch.cuda.init()  # the memory-stat calls below need an initialised CUDA
     sizes = args.sizes.split(",")
     rows = []
+    if any("@" in m or m.startswith("offload") for m in args.modes.split(",")):
+        print(json.dumps({"host_link_gbps": host_link_gbps()}), flush=True)
     if args.original:  # first, on a GPU nothing else has touched yet
         try:
             rows += [dict(r, mode="original bf16", gpus=1, steps=4, pipelined=False, end_to_end_fps4=None,
@@ -307,7 +323,35 @@ def main():
 def save_rows(rows, vae, path):
     for r in rows:
         r["decode_block_s"] = vae.get(r["size"], {}).get("decode_block_s")
+    modelled_fps(rows)
     Path(path).write_text(json.dumps(rows, indent=1))
+
+
+def modelled_fps(rows):
+    """FPS an offloading row allows at a 25 / 50 GB/s host link: a pipelined tick (one block of 12
+    frames) takes max(compute, copied bytes / bandwidth); compute = the tick of the uncapped row
+    of the same weights and size (else this row's own tick)."""
+    for r in rows:
+        if not r.get("copied_gb_per_tick"):
+            continue
+        weights = r["mode"].split("@")[0].replace("-kvbf16", "")
+        base = next((o for o in rows if o["size"] == r["size"] and o["mode"] == weights), r)
+        compute = 4 * base["block_step_s"]
+        for gbps in (25, 50):
+            r[f"modelled_fps_{gbps}gbps"] = 12 / max(compute, r["copied_gb_per_tick"] / gbps)
+
+
+def host_link_gbps(gib: float = 1.0) -> float:
+    """Pinned host -> GPU copy bandwidth (GB/s), the link offloaded blocks cross."""
+    host = torch.empty(int(gib * GIB), dtype=torch.uint8, pin_memory=True)
+    device = torch.empty_like(host, device="cuda")
+    device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(3):
+        device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return 3 * host.numel() / (time.perf_counter() - start) / 1e9
 
 
 FLOOR_S = {"384*256": 0.046, "704*384": 0.154}  # bf16 arithmetic floor per block-step at ~790 TFLOP/s
@@ -315,6 +359,16 @@ FLOOR_S = {"384*256": 0.046, "704*384": 0.154}  # bf16 arithmetic floor per bloc
 
 def print_table(rows, vae):
     original = {r["size"]: r for r in rows if r["mode"].startswith("original")}
+    capped = [r for r in rows if r.get("memory_cap_gib")]
+    if capped:
+        print("\n| size | mode | memory_cap_gib | peak GiB | estimate GiB | steady FPS @4 | blocks offloaded "
+              "| copied GB / tick | modelled FPS @25 GB/s | modelled FPS @50 GB/s | plan |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in capped:
+            fps = [f"{r[k]:.1f}" if r.get(k) else "-" for k in ("modelled_fps_25gbps", "modelled_fps_50gbps")]
+            print(f"| {r['size']} | {r['mode']} | {r['memory_cap_gib']:g} | {r['peak_gib']:.1f} | "
+                  f"{r.get('estimate_gib', 0):.1f} | {r['fps4']:.1f} | {r.get('offload_blocks')} | "
+                  f"{r.get('copied_gb_per_tick', 0):.2f} | {fps[0]} | {fps[1]} | {r.get('plan', '')} |")
     print("\n| size | mode | GPUs | schedule | s / block-step | FPS @4 | FPS @4 with decode | first block s "
           "| peak GiB | cap GiB | time vs original | floor / time |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from . import rope
+from . import kernels, rope
+from .attention import attend_repeated_last
+from .kvcache import BlockStepKV, SinkStore, TickKV
 from .layers import Fusion, Linear, RMSNorm, attend, conv_fp32
 
 # Wan2.2-S2V constants that are code, not config, in the original.
@@ -137,24 +139,43 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
 
-    def forward(self, x, time_mod, self_attention, text_kv):
+    def forward(self, x, time_mod, self_attention, text_kv, ffn_rows: int = 0):
         """x [G, n, dim] fp32 residual stream (G frames of n tokens, or one group for the sink);
         time_mod [G, 6, dim] fp32; self_attention(attn, h) maps the normed tokens [G*n, dim]
         to attention outputs [G*n, H, D] (projections, roping and caching are the caller's);
-        text_kv the layer's cross-attention keys/values. The element-wise steps go through
-        Fusion (fused kernels on the GPU; fp8 rows straight from the norm for fp8 linears)."""
+        text_kv the layer's cross-attention keys/values; ffn_rows > 0 runs the feed-forward in
+        chunks of that many rows (its widest activation bounded; rows are independent, so the
+        result is the same). The element-wise steps go through Fusion (fused kernels on the GPU;
+        fp8 rows straight from the norm for fp8 linears)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + time_mod).unsqueeze(2).unbind(1)
         attn, cross, up = self.self_attn, self.cross_attn, self.ffn[0]
         dtype = attn.q.compute_dtype
         h = Fusion.modulated_norm(x, shift1, scale1, self.eps, dtype, fp8=attn.q.takes_fp8_rows).flatten(0, 1)
-        y = attn.out(self_attention(attn, h))
         # each residual update and the norm after it in one pass: norm3 (affine) before the
-        # cross-attention, the second modulated norm before the FFN
-        x, h = Fusion.add_norm(x, y, gate1, self.norm3.bias, self.norm3.weight, self.eps, dtype,
-                               fp8=cross.q.takes_fp8_rows, affine=True)
+        # cross-attention, the second modulated norm before the FFN (updates passed inline: no
+        # name holds them past their use)
+        x, h = Fusion.add_norm(x, attn.out(self_attention(attn, h)), gate1, self.norm3.bias, self.norm3.weight,
+                               self.eps, dtype, fp8=cross.q.takes_fp8_rows, affine=True)
         x, h = Fusion.add_norm(x, self.cross_attention(h, *text_kv), None, shift2, scale2, self.eps, dtype,
                                fp8=up.takes_fp8_rows)
-        return Fusion.gated_add(x, self.feed_forward(h), gate2)
+        return Fusion.gated_add(x, self.feed_forward_chunked(h, ffn_rows), gate2)
+
+    def feed_forward_chunked(self, h, rows: int):
+        """feed_forward over row chunks of h ([G, n, dim] or Fp8Rows), into one output [G*n, dim]."""
+        shape = tuple(h.shape)
+        total = math.prod(shape[:-1])
+        if rows <= 0 or rows >= total:
+            return self.feed_forward(h)
+        rows += -rows % kernels.ROW_ALIGN  # fp8 rows stay in whole 16-row tiles
+        flat = h if isinstance(h, kernels.Fp8Rows) else h.reshape(total, -1)
+        out = None
+        for start in range(0, total, rows):
+            part = self.feed_forward(_row_chunk(flat, start, min(start + rows, total)))
+            if out is None:
+                out = torch.empty((total, part.shape[-1]), dtype=part.dtype, device=part.device)
+            out[start:start + rows] = part.reshape(-1, part.shape[-1])
+            del part
+        return out.view(*shape[:-1], -1)
 
     def feed_forward(self, h):
         up, down = self.ffn[0], self.ffn[2]
@@ -162,13 +183,23 @@ class DiTBlock(nn.Module):
             return down(Fusion.gelu(up(h), fp8=True))
         return down(up.forward_gelu(h))
 
-    def cross_attention(self, normed, text_k, text_v):
-        """Attention of the norm3-normed tokens [G, n, dim] (or their fp8 rows) to the prompt -> [G*n, dim]."""
+    def cross_attention(self, normed, text_k, text_v, padding: int = 0):
+        """Attention of the norm3-normed tokens [G, n, dim] (or their fp8 rows) to the prompt
+        (its last row counted `padding` times, see text_context) -> [G*n, dim]."""
         attn = self.cross_attn
-        return attn.out(attend(attn.query(normed.flatten(0, 1)), text_k, text_v))
+        return attn.out(attend_repeated_last(attn.query(normed.flatten(0, 1)), text_k, text_v, padding))
 
     def text_key_value(self, text: torch.Tensor):
         return self.cross_attn.key_value(text)
+
+
+def _row_chunk(h, start: int, stop: int):
+    """Rows [start, stop) of a [rows, dim] tensor or of kernels.Fp8Rows (whose padding past the
+    last row goes with the last chunk)."""
+    if not isinstance(h, kernels.Fp8Rows):
+        return h[start:stop]
+    end = stop if stop < h.rows else h.data.shape[0]
+    return kernels.Fp8Rows(h.data[start:end], h.scales[start:end], (stop - start, h.shape[-1]))
 
 
 class Head(nn.Module):
@@ -319,117 +350,6 @@ class FramePacker(nn.Module):
         return rope.grid_positions(times, rope.spread(0, hp - 1, hg), rope.spread(0, wp - 1, wg))
 
 
-@dataclass
-class Sink:
-    """Prefilled sink, shared by every denoising step: per layer the reference tokens'
-    un-roped keys (re-roped each forward at the rolling position) and, for all sink
-    tokens, the keys roped at fixed positions (motion part used) and the values. Once every
-    step's cache holds them, `release()` drops the keys/values (the caches have copies)."""
-
-    ref_len: int
-    length: int
-    ref_keys: list = field(default_factory=list)
-    keys: list | None = field(default_factory=list)
-    values: list | None = field(default_factory=list)
-
-    def release(self):
-        self.keys = self.values = None
-
-    def park(self):
-        """Keys/values to pinned host memory until every step's cache has loaded them: the
-        refreshed sink waits there while the clip-0 blocks in flight finish (the pipelined
-        schedule would otherwise hold two sinks on the GPU; ~2 GiB at 704*384)."""
-        if self.keys and self.keys[0].is_cuda:
-            self.keys, self.values = ([torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in tensors]
-                                      for tensors in (self.keys, self.values))
-
-
-class StepCaches:
-    """The keys/values of the denoising steps one model copy runs: per layer one buffer
-    [steps, sink + ring, heads, head_dim] on that layer's device, laid out [sink | ring] per
-    step, so that a block attends to one contiguous slice (sink S tokens + the valid part R
-    of the ring) and block-steps of consecutive steps with full rings attend in one call.
-
-    With `fp8=True` keys/values are stored as float8_e4m3fn with one scale per token
-    (half the memory; dequantised to the compute dtype for attention)."""
-
-    def __init__(self, steps: int, sink_len: int, ring_len: int, heads: int, head_dim: int, devices, dtype,
-                 fp8: bool = False):
-        self.sink_len, self.ring_len, self.dtype = sink_len, ring_len, dtype
-        size = (steps, sink_len + ring_len, heads, head_dim)
-        store = torch.float8_e4m3fn if fp8 else dtype
-        self.keys = [torch.zeros(size, dtype=store, device=d) for d in devices]
-        self.values = [torch.zeros(size, dtype=store, device=d) for d in devices]
-        self.scales = [torch.ones(2, *size[:2], 1, 1, device=d) for d in devices] if fp8 else None
-        self.count = steps
-
-    def views(self) -> list["StepCache"]:
-        """One StepCache per step (made on request: a list kept here would be a reference
-        cycle, and the buffers would wait for the garbage collector after a run)."""
-        return [StepCache(self, i) for i in range(self.count)]
-
-    def slices(self, layer: int, index, rows):
-        """(keys, values) buffer views of step(s) `index` and token `rows`, with their per-token
-        scale views ([n] fp32) or None for a bf16 cache."""
-        views = self.keys[layer][index, rows], self.values[layer][index, rows]
-        if self.scales is None:
-            return views, (None, None)
-        return views, tuple(self.scales[layer][i, index, rows] for i in range(2))
-
-    def read(self, layer: int, index, end: int):
-        """Keys and values of step(s) `index` up to token `end`, in the compute dtype."""
-        (k, v), (k_scale, v_scale) = self.slices(layer, index, slice(0, end))
-        if self.scales is None:
-            return k, v
-        return k.to(self.dtype) * k_scale.to(self.dtype), v.to(self.dtype) * v_scale.to(self.dtype)
-
-
-class StepCache:
-    """One denoising step's rows of a StepCaches."""
-
-    def __init__(self, group: StepCaches, index: int):
-        self.group, self.index = group, index
-
-    def _write(self, layer: int, rows: slice, k=None, v=None):
-        views, scales = self.group.slices(layer, self.index, rows)
-        for x, out, out_scales in zip((k, v), views, scales):
-            if x is not None:
-                Fusion.write_tokens(x, out, out_scales)
-
-    def load_sink(self, sink: Sink):
-        for layer, (sink_k, sink_v) in enumerate(zip(sink.keys, sink.values)):
-            device = self.group.keys[layer].device  # a parked sink comes from pinned host memory
-            self._write(layer, slice(sink.ref_len, self.group.sink_len), k=sink_k[sink.ref_len:].to(device, non_blocking=True))
-            self._write(layer, slice(0, self.group.sink_len), v=sink_v.to(device, non_blocking=True))
-
-    def write_block(self, layer, norm_k, k, v, cos, sin, ref_keys, ref_tables, token_start: int) -> int:
-        """Store a block's keys (k [n, dim] straight from the projection: normed and roped into
-        the ring in one pass) and values [n, H, D] at token_start (mod R), and the reference keys
-        re-roped at the rolling position; returns how many tokens the block attends to."""
-        group, n = self.group, k.shape[0]
-        slot = group.sink_len + token_start % group.ring_len
-        (ring_k, ring_v), (k_scales, v_scales) = group.slices(layer, self.index, slice(slot, slot + n))
-        norm_k.forward_rope(k, cos, sin, ring_k.shape[1], out=ring_k, out_scales=k_scales)
-        Fusion.write_tokens(v, ring_v, v_scales)
-        (ref_k, _), (ref_scales, _) = group.slices(layer, self.index, slice(0, ref_keys.shape[0]))
-        Fusion.rope(ref_keys, *ref_tables, out=ref_k, out_scales=ref_scales)
-        valid = group.ring_len if token_start >= group.ring_len else token_start + n
-        return group.sink_len + valid
-
-    def attend(self, layer, q, end: int):
-        return attend(q, *self.group.read(layer, self.index, end))
-
-
-def attend_steps(layer: int, caches: list[StepCache], q: torch.Tensor, ends: list[int]) -> torch.Tensor:
-    """q [B, n, H, D] of B block-steps, each against its cache up to its end -> [B, n, H, D].
-    One attention call when they are consecutive steps of one buffer attending to equally
-    many tokens (full rings: every tick after the first clip), else one per block-step."""
-    group, first = caches[0].group, caches[0].index
-    if all(c.group is group and c.index == first + j for j, c in enumerate(caches)) and len(set(ends)) == 1:
-        return attend(q, *group.read(layer, slice(first, first + len(caches)), ends[0]))
-    return torch.stack([cache.attend(layer, q[j], end) for j, (cache, end) in enumerate(zip(caches, ends))])
-
-
 class LiveAvatarDiT(nn.Module):
     """CausalWanModel_S2V (LiveAvatar) for streaming inference; see module docstring."""
 
@@ -481,21 +401,24 @@ class LiveAvatarDiT(nn.Module):
 
     # ---- conditioning computed once per run / per step / per block --------------------
     def text_context(self, context: torch.Tensor) -> list:
-        """Real-token text embeddings [L, text_dim] -> per-layer cross-attention (k, v);
-        zero-padded to text_len first, as the original does (padding is attended, unmasked)."""
+        """Real-token text embeddings [L, text_dim] -> per-layer cross-attention (k, v, n).
+        The original zero-pads to text_len and attends to the padding unmasked; the padding
+        rows are all the same (the embedding MLP and the k/v projections work row by row), so
+        one padding row is kept, counted n = text_len - L times (attention.attend_repeated_last)."""
         length, dim = context.shape
         if dim != self.cfg.text_dim:
             raise ValueError(f"text embedding has width {dim}, this model expects {self.cfg.text_dim} (umt5-xxl)")
         if length > self.cfg.text_len:
             raise ValueError(f"prompt is {length} tokens long, the model takes at most {self.cfg.text_len}")
         embed = self.text_embedding[0]
-        padded = torch.zeros(self.cfg.text_len, dim, device=self.device, dtype=embed.compute_dtype)
+        padding = self.cfg.text_len - length
+        padded = torch.zeros(length + min(padding, 1), dim, device=self.device, dtype=embed.compute_dtype)
         padded[:length] = context.to(padded)
         text = self.text_embedding(padded)
         text_kv = []
         for i, block in enumerate(self.blocks):
             with self._on_layer(i) as device:
-                text_kv.append(block.text_key_value(text.to(device)))
+                text_kv.append((*block.text_key_value(text.to(device)), padding))
         return text_kv
 
     def time_modulation(self, timesteps: torch.Tensor):
@@ -524,9 +447,10 @@ class LiveAvatarDiT(nn.Module):
         return rearrange(out, "b c f h w -> (b f h w) c").float().contiguous()
 
     # ---- sink prefill ------------------------------------------------------------------
-    def prefill_sink(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor, text_kv: list) -> Sink:
+    def prefill_sink(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor, text_kv: list,
+                     sink: SinkStore) -> SinkStore:
         """Run the reference + motion tokens through all layers (zero-timestep modulation,
-        no audio) and keep every layer's keys/values."""
+        no audio); every layer's keys/values go to `sink` (SinkStore.keep)."""
         ref = self._patchify(ref_latent) + self.trainable_cond_mask.weight[MASK_REFERENCE].float()
         hp, wp = ref_latent.shape[-2] // 2, ref_latent.shape[-1] // 2
         ref_pos = rope.grid_positions([REFERENCE_TIME], range(hp), range(wp))
@@ -535,7 +459,8 @@ class LiveAvatarDiT(nn.Module):
         x = torch.cat([ref, motion]).unsqueeze(0)
         cos, sin = rope.rope_tables(torch.cat([ref_pos, motion_pos]).to(self.device), self.cfg.head_dim)
         _, zero_mod = self.time_modulation(torch.zeros(1))
-        sink = Sink(ref_len=ref.shape[0], length=x.shape[1])
+        ref_len = ref.shape[0]
+        del ref, motion
 
         def layer(i, block, x):
             c, s = cos.to(x.device), sin.to(x.device)
@@ -543,11 +468,9 @@ class LiveAvatarDiT(nn.Module):
             def self_attention(attn, h):
                 q = attn.query(h)
                 k, v = attn.key_value(h)
-                sink.ref_keys.append(k[:sink.ref_len].clone())  # re-roped at the rolling position later
-                k = rope.apply_rope(k, c, s)
-                sink.keys.append(k)
-                sink.values.append(v)
-                return attend(rope.apply_rope(q, c, s), k, v)
+                roped = rope.apply_rope(k, c, s)
+                sink.keep(i, ref_len, k, roped, v)  # reference keys kept un-roped: re-roped per block-step
+                return attend(rope.apply_rope(q, c, s), roped, v)
 
             return block(x, zero_mod.to(x.device), self_attention, text_kv[i])
 
@@ -555,13 +478,15 @@ class LiveAvatarDiT(nn.Module):
         return sink
 
     # ---- denoising steps of blocks, several in one forward -------------------------------
-    def denoise(self, items: list["BlockStep"], text_kv: list) -> torch.Tensor:
+    def denoise(self, items: list["BlockStep"], text_kv: list, ffn_rows: int = 0, attention_items: int = 0) -> torch.Tensor:
         """Flow predictions [B, 16, F, h, w] for B independent block-steps run as one batch.
 
         The items' frames are stacked (B*F frames of ft tokens) through every layer, so each
         layer's weights are read once for all of them (one copy per tick when offloaded);
         each item writes its keys/values into its own step's ring and attends to that ring
-        and sink (all items in one call when attend_steps can)."""
+        and its sink (kvcache.TickKV: all items in one call where it can). `ffn_rows` /
+        `attention_items` bound the activations (rows per feed-forward chunk, block-steps per
+        attention call; 0 = all at once; see memory.plan_memory)."""
         frames, (h, w) = items[0].latents.shape[1], items[0].latents.shape[2:]
         hp, wp = h // 2, w // 2
         ft = hp * wp
@@ -573,34 +498,28 @@ class LiveAvatarDiT(nn.Module):
                 item.rope_cache[self.device] = rope.grid_tables(item.frame_start, frames, hp, wp, self.cfg.head_dim,
                                                                 self.device)
         cos, sin = (torch.cat(t) for t in zip(*(item.rope_cache[self.device] for item in items)))
-        ref_tables = [rope.grid_tables(item.ref_time, 1, hp, wp, self.cfg.head_dim, self.device) for item in items]
+        kv = TickKV([item.kv for item in items], (hp, wp), self.cfg.head_dim, attention_items)
         time_emb = torch.cat([item.time_mod[0] for item in items])
         mod = torch.cat([item.time_mod[1] for item in items])
         tokens, global_ = (torch.cat(parts) for parts in zip(*(item.audio for item in items)))
-        per_item = frames * ft
         on_device = {}  # the per-forward tensors, copied once to each GPU the layers run on
 
         def inputs_on(dev):
             if dev not in on_device:
-                on_device[dev] = [_moved(t, dev) for t in (cos, sin, mod, tokens, global_)], \
-                    [[_moved(t, dev) for t in pair] for pair in ref_tables]
+                on_device[dev] = [_moved(t, dev) for t in (cos, sin, mod, tokens, global_)]
             return on_device[dev]
 
         def layer(i, block, x):
-            (c, s, layer_mod, layer_tokens, layer_global), refs = inputs_on(x.device)
+            c, s, layer_mod, layer_tokens, layer_global = inputs_on(x.device)
 
             def self_attention(attn, h):
                 q = attn.norm_q.forward_rope(attn.q(h), c, s, attn.num_heads)
                 k, v = attn.k(h), attn.heads(attn.v(h))
-                ends = []
-                for j, item in enumerate(items):
-                    rows = slice(j * per_item, (j + 1) * per_item)
-                    ends.append(item.cache.write_block(i, attn.norm_k, k[rows], v[rows], c[rows], s[rows],
-                                                       item.sink.ref_keys[i], refs[j], item.frame_start * ft))
+                kv.write(i, attn.norm_k, k, v, c, s)
                 del k, v  # in the rings now: freed before attention allocates its output
-                return attend_steps(i, [item.cache for item in items], q.unflatten(0, (len(items), -1)), ends).flatten(0, 1)
+                return kv.attend(i, q.unflatten(0, (len(items), -1))).flatten(0, 1)
 
-            x = block(x, layer_mod, self_attention, text_kv[i])
+            x = block(x, layer_mod, self_attention, text_kv[i], ffn_rows)
             if i in self.injector_index:
                 x = Fusion.gated_add(x, self.audio_injector(self.injector_index[i], x, layer_tokens, layer_global))
             return x
@@ -619,8 +538,6 @@ class BlockStep:
     latents: torch.Tensor  # [16, F, h, w] at this step's noise level
     time_mod: tuple  # time_modulation(t) of the F frames
     audio: tuple  # audio_condition(the block's features)
-    sink: Sink  # the sink of the block's clip (refreshed after clip 0)
-    cache: StepCache  # this step's rings
+    kv: BlockStepKV  # its step's ring, its clip's sink, the reference's rolling RoPE time
     frame_start: int  # absolute latent-frame index of the block's first frame
-    ref_time: int  # RoPE time index of the reference tokens now (rolling sink)
     rope_cache: dict = field(default_factory=dict)  # device -> the block's RoPE tables (kept by the sampler)

@@ -141,6 +141,20 @@ def gelu_reference(x, fp8: bool = False):
     return quantize_rows_reference(y) if fp8 else y
 
 
+def dequantize_tokens_reference(x, scales, out):
+    """fp8 tokens x [b, L, H, D] with scales [b, L] -> out [B, L, H, D] (b = B, or 1: broadcast)
+    in out's dtype: x * scale in fp32, rounded once."""
+    return out.copy_(x.float() * scales.float()[..., None, None])
+
+
+def merge_attention_reference(parts):
+    """Attention over disjoint key sets merged: parts [(out_i [B, n, H, D], lse_i [B, H, n] fp32)]
+    -> sum_i out_i * exp(lse_i - lse), lse = logsumexp_i lse_i, in fp32, cast to out_0's dtype."""
+    lse = torch.logsumexp(torch.stack([l for _, l in parts]), dim=0)
+    total = sum(o.float() * (l - lse).exp().transpose(1, 2).unsqueeze(-1) for o, l in parts)
+    return total.to(parts[0][0].dtype)
+
+
 # ---- the switch ----------------------------------------------------------------------------
 _setting: bool | None = None  # None: automatic (CUDA + Triton + self-check)
 _backend = None  # kernels_triton once imported and checked
@@ -392,6 +406,32 @@ def _quantize_rows_triton(x, gelu: bool) -> Fp8Rows:
     return out
 
 
+def dequantize_tokens(x, scales, out):
+    """dequantize_tokens_reference in one pass on the GPU (fp8 cache segments into the
+    compute-dtype buffer attention reads). Token rows (H*D) must be contiguous."""
+    batch, length = out.shape[:2]
+    if (active_for(x) and x.dtype == FP8 and x.dim() == 4 and out.dim() == 4 and x.shape[0] in (1, batch)
+            and _token_rows(x) and _token_rows(out) and scales.dtype == torch.float32):
+        with _on_device_of(x):
+            _backend.dequantize_tokens(x, scales, out)
+        return out
+    return dequantize_tokens_reference(x, scales, out)
+
+
+def _token_rows(t) -> bool:
+    return t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]
+
+
+def merge_attention(out1, lse1, out2, lse2):
+    """merge_attention_reference of two parts in one pass on the GPU."""
+    if active_for(out1) and out1.stride(-1) == 1 and out2.stride(-1) == 1 and out1.shape == out2.shape:
+        out = torch.empty(out1.shape, dtype=out1.dtype, device=out1.device)
+        with _on_device_of(out1):
+            _backend.merge_attention(out1, lse1, out2, lse2, out)
+        return out
+    return merge_attention_reference([(out1, lse1), (out2, lse2)])
+
+
 # ---- fp8 matrix product with per-row activation scales -----------------------------------
 def rowwise_weight_scale(weight_scale: torch.Tensor, out_features: int) -> torch.Tensor:
     """The per-tensor weight scale as the [1, out_features] fp32 row _scaled_mm's row-wise mode takes."""
@@ -490,3 +530,16 @@ def self_check_cases(rand):
     yield "gated_add", out, gated_add_reference(x, y, gate), 1e-5
     h = rand(40, 512, dtype=torch.bfloat16)
     yield "gelu_fp8", _quantize_rows_triton(h, gelu=True).dequantize(torch.float32), gelu_reference(h), 0.1
+    tokens = rand(3, 10, 4, 32)
+    token_scales = tokens.abs().amax(dim=(-2, -1)) / FP8_MAX
+    stored = (tokens / token_scales[..., None, None]).to(FP8)
+    got = torch.empty(3, 10, 4, 32, dtype=torch.bfloat16, device=x.device)
+    with _on_device_of(x):
+        _backend.dequantize_tokens(stored, token_scales, got)
+    yield "dequantize_tokens", got, dequantize_tokens_reference(stored, token_scales, torch.empty_like(got)), 1e-2
+    outs = [rand(2, 10, 4, 32, dtype=torch.bfloat16) for _ in range(2)]
+    lses = [rand(2, 4, 10) * 3 for _ in range(2)]
+    merged = torch.empty_like(outs[0])
+    with _on_device_of(x):
+        _backend.merge_attention(outs[0], lses[0], outs[1], lses[1], merged)
+    yield "merge_attention", merged, merge_attention_reference(list(zip(outs, lses))), 1e-2

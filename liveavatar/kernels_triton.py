@@ -194,3 +194,64 @@ def gated_add(x2, y2, gate2, rows_per_group, out2):
 def quantize_rows(x2, q, q_scale, gelu: bool):
     rows, dim = x2.shape
     _quantize_rows_kernel[(rows,)](x2, q, q_scale, dim, x2.stride(0), GELU=gelu, **_row_launch(dim))
+
+
+@triton.jit
+def _dequantize_tokens_kernel(x_ptr, scale_ptr, out_ptr, dim, x_batch_stride, x_token_stride, scale_batch_stride,
+                              scale_token_stride, out_batch_stride, out_token_stride, BLOCK: tl.constexpr):
+    """One token of one batch row: fp8 values times the token's scale in fp32, rounded once to
+    out's dtype. A zero batch stride broadcasts one segment to every batch row."""
+    token = tl.program_id(0).to(tl.int64)
+    batch = tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < dim
+    x = tl.load(x_ptr + batch * x_batch_stride + token * x_token_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + batch * scale_batch_stride + token * scale_token_stride)
+    tl.store(out_ptr + batch * out_batch_stride + token * out_token_stride + offs,
+             (x * scale).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+
+@triton.jit
+def _merge_attention_kernel(o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, heads, head_dim,
+                            o1_b, o1_t, o1_h, o2_b, o2_t, o2_h, l1_b, l1_h, l1_t, l2_b, l2_h, l2_t,
+                            out_b, out_t, out_h, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One query token, all heads: (o1 exp(l1 - m) + o2 exp(l2 - m)) / (exp(l1 - m) + exp(l2 - m)),
+    m = max(l1, l2), in fp32."""
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    head_mask = h < heads
+    mask = head_mask & (d < head_dim)
+    a = tl.load(l1_ptr + b * l1_b + h * l1_h + t * l1_t, mask=head_mask, other=0.0)
+    c = tl.load(l2_ptr + b * l2_b + h * l2_h + t * l2_t, mask=head_mask, other=0.0)
+    top = tl.maximum(a, c)
+    wa = tl.exp(a - top)
+    wc = tl.exp(c - top)
+    x = tl.load(o1_ptr + b * o1_b + t * o1_t + h * o1_h + d, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(o2_ptr + b * o2_b + t * o2_t + h * o2_h + d, mask=mask, other=0.0).to(tl.float32)
+    merged = (x * wa + y * wc) / (wa + wc)
+    tl.store(out_ptr + b * out_b + t * out_t + h * out_h + d,
+             merged.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+
+def dequantize_tokens(x4, scales, out4):
+    """x4 fp8 [b, L, H, D] (b = 1 broadcasts), scales [b, L] fp32, out4 [B, L, H, D]; token rows
+    contiguous."""
+    batch, length = out4.shape[:2]
+    dim = out4.shape[-2] * out4.shape[-1]
+    shared = x4.shape[0] == 1 and batch > 1
+    _dequantize_tokens_kernel[(length, batch)](x4, scales, out4, dim, 0 if shared else x4.stride(0), x4.stride(1),
+                                               0 if shared else scales.stride(0), scales.stride(1),
+                                               out4.stride(0), out4.stride(1), **_row_launch(dim))
+
+
+def merge_attention(o1, l1, o2, l2, out):
+    """o1/o2/out [B, n, H, D] (D contiguous), l1/l2 [B, H, n] fp32."""
+    batch, n, heads, head_dim = out.shape
+    block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
+    _merge_attention_kernel[(n, batch)](o1, l1, o2, l2, out, heads, head_dim,
+                                        o1.stride(0), o1.stride(1), o1.stride(2), o2.stride(0), o2.stride(1), o2.stride(2),
+                                        l1.stride(0), l1.stride(1), l1.stride(2), l2.stride(0), l2.stride(1), l2.stride(2),
+                                        out.stride(0), out.stride(1), out.stride(2), BLOCK_H=block_h, BLOCK_D=block_d,
+                                        num_warps=max(4, min(16, block_h * block_d // 1024)))

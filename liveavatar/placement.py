@@ -124,14 +124,39 @@ class Offload(Placement):
 
     def attach(self, model):
         super().attach(model)
-        if not self.offloaded:
-            return
         for layer in self.offloaded:
-            for t in self._tensors(layer):
-                if self.cuda:
-                    t.data = t.data.pin_memory()
+            self._to_host(layer)
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
+        self._make_slots()
+
+    def set_blocks(self, blocks: int):
+        """Change how many of the last blocks live in host memory, between runs (a memory plan:
+        liveavatar.memory): blocks leaving the set are copied to the GPU, blocks joining it to
+        pinned host memory (their GPU copies freed); the slots follow."""
+        layers = len(self.model.blocks)
+        if not 0 <= blocks <= layers:
+            raise ValueError(f"can offload 0 to {layers} blocks, not {blocks}")
+        wanted = list(range(layers - blocks, layers))
+        self.slots = []  # freed before blocks come to the GPU and the new slots are made
+        for layer in sorted(set(wanted) - set(self.offloaded)):
+            self._to_host(layer)
+        for layer in sorted(set(self.offloaded) - set(wanted)):
+            for t in self._tensors(layer):
+                t.data = t.data.to(self.device)
+        self.offloaded = wanted
+        self._make_slots()
+
+    def _to_host(self, layer: int):
+        for t in self._tensors(layer):
+            host = t.data.to("cpu")
+            t.data = host.pin_memory() if self.cuda else host
+
+    def _make_slots(self):
+        self.loaded, self.loads, self.ready, self.free = {}, 0, {}, {}
+        if not self.offloaded:
+            self.slots = []
+            return
         template = self._tensors(self.offloaded[0])
         count = min(self.slot_count, len(self.offloaded))
         self.slots = [[torch.empty_like(t, device=self.device) for t in template] for _ in range(count)]

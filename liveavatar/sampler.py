@@ -17,7 +17,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from .dit import FRAMES_PER_BLOCK, REFERENCE_TIME, BlockStep, LiveAvatarDiT, StepCaches
+from .dit import FRAMES_PER_BLOCK, REFERENCE_TIME, BlockStep, LiveAvatarDiT
+from .kvcache import BlockStepKV, SinkStore, StepRings
+from .memory import GIB, MemoryPlan, RunShape, plan_memory
 from .vae import LATENT_CHANNELS
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -112,8 +114,11 @@ class StreamSettings:
     seed: int = 0
     rolling_offset: int | None = None  # fixed d (parity); None = drawn from the seed
     noise: torch.Tensor | None = None  # [clips, 16, F, h, w] to replace the seeded noise (parity)
-    kv_fp8: bool | None = False  # KV caches in fp8 (half the memory); None = only if bf16 would not fit
+    kv_fp8: bool | None = None  # KV caches in fp8 (half the memory); None = fp8 for 16-bit models (bf16/fp8 weights)
     pipelined: bool = True  # diagonal schedule (see Streamer); False = one block's steps after another
+    memory_cap_gib: float | None = None  # GPU memory the run may use, per GPU (None/0: the free memory)
+    reserve_gib: float = 0.0  # the caller's working memory on the main GPU meanwhile (VAE decode, audio encoder)
+    adapt_offload: bool = True  # an Offload placement may move blocks between host and GPU to fit (memory.py)
 
 
 @dataclass
@@ -184,12 +189,24 @@ class Streamer:
         _, _, h, w = inputs.ref_latent.shape
         self.latent_size = (h, w)
         self._noise = {}
+        self.plan = self._plan_memory(model, settings, h, w)  # before any long work: a clear error if it cannot fit
         with torch.no_grad():
             self._prepare(model, inputs, settings, h * w // 4)
 
+    def _plan_memory(self, model, settings, h: int, w: int) -> MemoryPlan:
+        shape = RunShape(h, w, settings.infer_frames, len(self.timesteps), settings.pipelined, refresh=self.num_clips > 1,
+                         text_tokens=min(self.inputs.text.shape[0] + 1, model.cfg.text_len))
+        kv_fp8 = settings.kv_fp8 if settings.kv_fp8 is not None else _sixteen_bit(model)
+        plan = plan_memory(model, shape, kv_fp8, settings.memory_cap_gib, int(settings.reserve_gib * GIB),
+                           settings.adapt_offload)
+        plan.apply(model)
+        return plan
+
     def _prepare(self, model, inputs, settings, frame_tokens: int):
+        self.frame_tokens = frame_tokens
+        self.kv_fp8 = self.plan.kv_fp8
         self._build_replicas(model, inputs)
-        self._build_caches(model.cfg, settings, ring=self.latent_frames * frame_tokens)
+        self._build_caches(model.cfg, ring=self.latent_frames * frame_tokens)
 
     def _build_replicas(self, model, inputs):
         """Per model copy: text K/V, the portrait's sink, the modulation of the steps it runs."""
@@ -198,42 +215,25 @@ class Streamer:
         for step, (m, t) in enumerate(zip(step_models, self.timesteps)):
             if id(m) not in replicas:
                 text_kv = m.text_context(inputs.text)
-                sink = m.prefill_sink(inputs.ref_latent, inputs.motion_latents, text_kv)
+                sink = m.prefill_sink(inputs.ref_latent, inputs.motion_latents, text_kv, SinkStore(self.kv_fp8))
                 replicas[id(m)] = _Replica(m, text_kv, {}, {0: sink})
             replicas[id(m)].step_mods[step] = m.time_modulation(t.repeat(FRAMES_PER_BLOCK))
         self.replicas = list(replicas.values())
         self.step_replica = [replicas[id(m)] for m in step_models]
 
-    def _build_caches(self, cfg, settings, ring: int):
-        """A StepCache per step, in one StepCaches per model copy (on its layer devices),
-        holding the portrait's sink; fp8 where asked, or (auto) where bf16 would not fit."""
-        sink = self.replicas[0].sinks[0]
+    def _build_caches(self, cfg, ring: int):
+        """A ring per step, in one StepRings per model copy (on its layer devices)."""
         layer_devices = [[r.model.layer_device(i) for i in range(len(r.model.blocks))] for r in self.step_replica]
-        dtype = sink.values[0].dtype
-        bytes_per_layer_step = (sink.length + ring) * 2 * cfg.dim * dtype.itemsize
-        fp8 = settings.kv_fp8 if settings.kv_fp8 is not None else not _fits(bytes_per_layer_step, layer_devices)
-        self.kv_fp8 = fp8
+        dtype = self.replicas[0].sinks[0].dtype  # the compute dtype
         self.caches = [None] * len(self.step_replica)
         for replica in self.replicas:
             steps = self._steps_of(replica)
-            group = StepCaches(len(steps), sink.length, ring, cfg.num_heads, cfg.head_dim, layer_devices[steps[0]],
-                               dtype, fp8)
-            for step, cache in zip(steps, group.views()):
-                self.caches[step] = cache
-                cache.load_sink(replica.sinks[0])
-        self.cache_phase = [0] * len(self.caches)
-        self._release_loaded_sinks()
+            group = StepRings(len(steps), ring, cfg.num_heads, cfg.head_dim, layer_devices[steps[0]], dtype, self.kv_fp8)
+            for step, view in zip(steps, group.views()):
+                self.caches[step] = view
 
     def _steps_of(self, replica: _Replica) -> list[int]:
         return [step for step, r in enumerate(self.step_replica) if r is replica]
-
-    def _release_loaded_sinks(self):
-        """A sink's keys/values are copied into every step's cache; once all of a copy's
-        steps hold them, only the reference keys (re-roped every forward) stay."""
-        for replica in self.replicas:
-            for phase, sink in replica.sinks.items():
-                if sink.keys is not None and all(self.cache_phase[s] == phase for s in self._steps_of(replica)):
-                    sink.release()
 
     # ---- per block ------------------------------------------------------------------------
     def clip_noise(self, clip: int) -> torch.Tensor:
@@ -254,18 +254,13 @@ class Streamer:
         """The DiT input of `job`'s next step, on the devices of that step's model copy."""
         step, replica = job.step, self.step_replica[job.step]
         clip, block = divmod(job.index, self.blocks_per_clip)
-        phase = min(clip, 1)
-        if self.cache_phase[step] != phase:  # this step's first block of clip 1: refreshed sink
-            self.caches[step].load_sink(replica.sinks[phase])
-            self.cache_phase[step] = phase
-            self._release_loaded_sinks()
         frame_start = self.frame_start(clip, block)
         ref_time = self.offsets.reference_time(frame_start, self.offsets.at(job.index * len(self.timesteps) + step))
+        kv = BlockStepKV(self.caches[step], replica.sinks[min(clip, 1)], ref_time, frame_start * self.frame_tokens)
         device = replica.model.device
         # non_blocking: the latents/audio come from another GPU's stream, the host must not wait for it
         return BlockStep(job.x.to(device, non_blocking=True), replica.step_mods[step],
-                         tuple(a.to(device, non_blocking=True) for a in job.audio),
-                         replica.sinks[phase], self.caches[step], frame_start, ref_time, job.rope_cache)
+                         tuple(a.to(device, non_blocking=True) for a in job.audio), kv, frame_start, job.rope_cache)
 
     def predict(self, x, step: int, clip: int, block: int, audio=None) -> torch.Tensor:
         """Flow prediction for one block at one step (writes that step's KV ring)."""
@@ -273,7 +268,8 @@ class Streamer:
         audio = self.block_audio(clip, block, replica.model) if audio is None else audio
         job = _Job(clip * self.blocks_per_clip + block, step, x, audio)
         with torch.no_grad():
-            return replica.model.denoise([self._block_step(job)], replica.text_kv)[0]
+            return replica.model.denoise([self._block_step(job)], replica.text_kv, self.plan.ffn_rows,
+                                         self.plan.attention_items)[0]
 
     # ---- the loop ---------------------------------------------------------------------------
     def blocks(self, on_step: Callable[[], None] | None = None) -> Iterator[Block]:
@@ -336,13 +332,14 @@ class Streamer:
         replica = self.step_replica[jobs[0].step]
         device = replica.model.device
         placement = replica.model.placement
-        jobs = sorted(jobs, key=lambda job: job.step)  # consecutive steps: one attention call (attend_steps)
+        jobs = sorted(jobs, key=lambda job: job.step)  # consecutive steps: one attention call (kvcache.TickKV)
         with torch.no_grad(), (torch.cuda.device(device) if device.type == "cuda" else nullcontext()):
             items = [self._block_step(job) for job in jobs]
             # Layers sharded over GPUs: one item at a time, so that while the last GPU runs
             # item j the first already runs item j+1 (the tick's block-steps pipeline through).
             batches = [[item] for item in items] if placement and placement.micro_batches else [items]
-            flows = [flow for batch in batches for flow in replica.model.denoise(batch, replica.text_kv)]
+            flows = [flow for batch in batches
+                     for flow in replica.model.denoise(batch, replica.text_kv, self.plan.ffn_rows, self.plan.attention_items)]
             for job, item, flow in zip(jobs, items, flows):
                 job.x = item.latents + self.step_sizes[job.step] * flow
                 job.step += 1
@@ -352,9 +349,11 @@ class Streamer:
         if job.index == 0:
             self.first_clean_frame = job.x[:, :1]
         clip0_done = self.next_block >= self.blocks_per_clip and not any(j.index < self.blocks_per_clip for j in in_flight)
-        # The pipelined schedule refreshes as soon as block 0 is clean (clip 1 waits for it),
-        # the sequential one after clip 0, as the original does.
-        if self.num_clips > 1 and 1 not in self.replicas[0].sinks and (self.settings.pipelined or clip0_done):
+        # The pipelined schedule refreshes as soon as block 0 is clean (clip 1 waits for it) when
+        # the memory plan lets both sinks be held while clip 0 finishes; the sequential one (or a
+        # tight plan: the pipeline drains once) after clip 0, as the original does.
+        early = self.settings.pipelined and self.plan.sink_overlap
+        if self.num_clips > 1 and 1 not in self.replicas[0].sinks and (early or clip0_done):
             self._refresh_sink(drop_portrait_first=clip0_done)
         elif clip0_done:
             self._drop_portrait_sink()
@@ -363,15 +362,14 @@ class Streamer:
     def _refresh_sink(self, drop_portrait_first: bool):
         """LiveAvatar's sink refresh (TPP loop): the first generated frame becomes the
         reference, so later clips stay anchored to the generated identity. Clip-0 blocks
-        still to run keep the portrait's sink; with none, it is freed first (peak memory
-        stays that of clip 0)."""
+        still to run keep the portrait's sink (both are held until they are done); with none,
+        it is freed first."""
         if drop_portrait_first:
             self._drop_portrait_sink()
         for replica in self.replicas:
             m = replica.model
             replica.sinks[1] = m.prefill_sink(self.first_clean_frame.to(m.device), self.inputs.motion_latents,
-                                              replica.text_kv)
-            replica.sinks[1].park()
+                                              replica.text_kv, SinkStore(self.kv_fp8))
 
     def _drop_portrait_sink(self):
         for replica in self.replicas:
@@ -410,20 +408,10 @@ class Streamer:
         return self.next_block * len(self.step_sizes)
 
 
-def _fits(bytes_per_layer_step: int, step_layer_devices, headroom: float = 0.85) -> bool:
-    """Would the KV caches (one per step; per step, one buffer per layer on that layer's
-    device) fit in the free memory of each GPU? Free = the driver's free memory plus what
-    PyTorch's allocator holds unused (a previous run's caches, freed but kept reserved)."""
-    need = {}
-    for layer_devices in step_layer_devices:
-        for device in layer_devices:
-            need[device] = need.get(device, 0) + bytes_per_layer_step
-    return all(device.type != "cuda" or n <= headroom * _free_bytes(device) for device, n in need.items())
-
-
-def _free_bytes(device: torch.device) -> int:
-    unused_reserve = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return torch.cuda.mem_get_info(device)[0] + unused_reserve
+def _sixteen_bit(model: LiveAvatarDiT) -> bool:
+    """fp8 KV caches by default where the model computes in 16 bits (bf16/fp8 weights): their
+    rounding error is of the size of the computation's own; an fp32 model keeps fp32 caches."""
+    return model.head.head.compute_dtype in (torch.bfloat16, torch.float16)
 
 
 def stream(model: LiveAvatarDiT, inputs: StreamInputs, settings: StreamSettings,

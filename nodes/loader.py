@@ -57,6 +57,7 @@ class LiveAvatarModel:
     description: str
     weights: LoadedWeights | None = None  # None: a DiT of its own (standalone use, tests)
     lora_strength: float | None = None  # what this output asks for; the weights are shared
+    memory_cap_gib: float | None = None  # StreamSettings.memory_cap_gib of its runs (None: the free memory)
 
     def __post_init__(self):
         if self.weights is None:
@@ -73,11 +74,6 @@ class LiveAvatarModel:
 
     def __repr__(self):  # ComfyUI prints inputs in error reports: keep it short
         return f"LiveAvatarModel({self.description})"
-
-
-# Weights in memory by everything but the LoRA strength. Weak: when ComfyUI drops the loader's
-# output (another model picked, cache cleared) the DiT is freed, we keep nothing alive.
-_loaded_weights: "weakref.WeakValueDictionary[tuple, LoadedWeights]" = weakref.WeakValueDictionary()
 
 
 def check_lora_strength(strength) -> float:
@@ -125,24 +121,34 @@ class LiveAvatarModelLoader:
                                                   "blocks stay in CPU memory. More saves GPU memory, costs speed."}),
             "kv_cache": (KV_CACHE_DTYPES, {"default": "auto",
                                            "tooltip": "Attention caches (one clip per denoising step): bf16, or fp8 "
-                                                      "to halve their memory. auto: fp8 only when bf16 would not fit."}),
+                                                      "to halve their memory. auto: fp8 (for bf16 and fp8 weights)."}),
             "compile": ("BOOLEAN", {"default": False,
                                     "tooltip": "torch.compile the element-wise parts of each block (about 10% "
                                                "faster at 704*384 on an H100; the first block takes longer)."}),
+            "memory_cap_gib": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                                         "tooltip": "GPU memory a run may use, per GPU (0: the free memory). Blocks "
+                                                    "are offloaded (with 'offload blocks to CPU') and activations "
+                                                    "trimmed to fit; a clear error names what to change if it "
+                                                    "cannot."}),
         }}
 
     def load(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks, kv_cache,
-             compile=False):
+             compile=False, memory_cap_gib=0.0):
         lora_strength = check_lora_strength(lora_strength)  # NaN fails the range test too
         Fusion.compile(compile)
         key = (model_name, lora_name, weight_dtype, placement, offload_blocks)
-        weights = _loaded_weights.get(key)
+        # The weights this loader node has in memory, by everything but the LoRA strength, held on
+        # the node object (ComfyUI keeps it between runs, as its LoraLoader keeps its file), so
+        # a strength change sets the weights again without reloading. Weak: when ComfyUI drops
+        # the loader's output (another model picked, cache cleared) the DiT is freed.
+        loaded = self.__dict__.setdefault("loaded_weights", weakref.WeakValueDictionary())
+        weights = loaded.get(key)
         if weights is None:  # a strength change alone sets the LoRA again in the sampler, no reload
             weights = self._load_weights(model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks)
-            _loaded_weights[key] = weights
+            loaded[key] = weights
         kv_fp8 = {"fp8": True, "bf16": False}.get(kv_cache)  # None: auto, fp8 only where bf16 would not fit
         description = f"{model_name} + {lora_name} @ {lora_strength} ({weight_dtype}, {placement})"
-        return (LiveAvatarModel(weights.dit, kv_fp8, description, weights, lora_strength),)
+        return (LiveAvatarModel(weights.dit, kv_fp8, description, weights, lora_strength, memory_cap_gib or None),)
 
     def _load_weights(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks):
         path = host.model_path("diffusion_models", model_name, "model_name")

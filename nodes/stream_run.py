@@ -56,7 +56,7 @@ class StreamRun:
         picture = image_tensor(image, self.notes)
         self.portrait = prepare_portrait(picture, width * height if size == "custom" else parse_area(size))
         self.settings = StreamSettings(infer_frames=infer_frames, num_clip=num_clip, steps=sample_steps, seed=seed,
-                                       kv_fp8=model.kv_fp8)
+                                       kv_fp8=model.kv_fp8, memory_cap_gib=model.memory_cap_gib)
         self.key = StreamKey(model.lora_strength, digest(self.text), digest(picture),
                              tuple(self.portrait.shape[:-3:-1]), infer_frames, sample_steps, tuple(self.features.shape[:2]))
         self.streamer = self.mode = self.vae = self.handle = self.priming = None

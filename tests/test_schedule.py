@@ -49,8 +49,8 @@ def test_a_tick_is_one_batched_forward(model, monkeypatch):
     """12 blocks x 4 steps in 12 + 3 forwards of up to 4 block-steps (sequential: 48 of 1)."""
     batches = []
     denoise = type(model).denoise
-    monkeypatch.setattr(type(model), "denoise", lambda self, items, text_kv: (batches.append(len(items)),
-                                                                           denoise(self, items, text_kv))[1])
+    monkeypatch.setattr(type(model), "denoise", lambda self, items, *args: (batches.append(len(items)),
+                                                                         denoise(self, items, *args))[1])
     run(model, StreamSettings(infer_frames=48, steps=4, seed=3))
     assert sum(batches) == CLIPS * 4 * 4
     assert len(batches) == CLIPS * 4 + 3 and max(batches) == 4
@@ -59,36 +59,37 @@ def test_a_tick_is_one_batched_forward(model, monkeypatch):
 def test_full_rings_of_consecutive_steps_attend_in_one_call(model, monkeypatch):
     """Once the rings are full (every tick after the first clip), a tick's block-steps attend
     in one call per layer; the results are pinned by the equivalence tests above."""
-    from liveavatar import dit
-    calls = []
-    attend = dit.attend
-    monkeypatch.setattr(dit, "attend", lambda q, k, v: (calls.append(q.dim()), attend(q, k, v))[1])
+    from liveavatar import attention
+    batches = []
+    attend = attention.attend
+    monkeypatch.setattr(attention, "attend", lambda q, segments: (batches.append(q.shape[0]), attend(q, segments))[1])
     run(model, StreamSettings(infer_frames=24, steps=3, seed=3))
     layers = fixture_config(SET).num_layers
-    batched = calls.count(4)  # q [B, n, H, D]: all of a tick's block-steps at once
-    assert batched >= (CLIPS - 1) * 2 * layers
+    # 3 clips of 2 blocks, 3 steps: after clip 0 the rings are full, and the ticks with all 3
+    # steps in flight attend in one call per layer
+    assert batches.count(3) >= 2 * layers
+    assert sum(batches) == CLIPS * 2 * 3 * layers  # every block-step attended once per layer
 
 
-def test_attend_steps_matches_softmax_attention_per_block_step():
-    """Consecutive steps with equal lengths (one call) and mixed lengths (one call each) give
-    softmax(q k^T / sqrt(d)) v per block-step against its own rows."""
-    from liveavatar.dit import StepCaches, attend_steps
-    g = torch.Generator().manual_seed(0)
-    group = StepCaches(3, sink_len=4, ring_len=6, heads=2, head_dim=8, devices=["cpu"], dtype=torch.float32)
-    group.keys[0].copy_(torch.randn(group.keys[0].shape, generator=g))
-    group.values[0].copy_(torch.randn(group.values[0].shape, generator=g))
-    q = torch.randn(3, 5, 2, 8, generator=g)
+def test_tick_groups_consecutive_steps_with_one_sink_and_equal_rings():
+    """Which block-steps share an attention call (kvcache.TickKV): consecutive steps of one
+    StepRings, one sink, equally many valid ring tokens; at most attention_items per call."""
+    from liveavatar.kvcache import BlockStepKV, SinkStore, StepRings, TickKV
+    rings, other = (StepRings(4, 12, 2, 8, ["cpu"], torch.float32) for _ in range(2))
+    sink, refreshed = SinkStore(), SinkStore()
+    views = rings.views()
 
-    def expected(j, step, end):
-        k, v = group.keys[0][step, :end], group.values[0][step, :end]  # [L, H, D]
-        weights = torch.softmax(torch.einsum("nhd,lhd->hnl", q[j], k) / 8 ** 0.5, dim=-1)
-        return torch.einsum("hnl,lhd->nhd", weights, v)
+    def tick(items, valid, cap=0):
+        kv = TickKV([BlockStepKV(ring, s, 30, 0) for ring, s in items], (2, 2), 8, cap)
+        kv.valid = valid
+        return kv._groups()
 
-    for steps, ends in (([0, 1, 2], [10, 10, 10]), ([1, 2], [10, 10]), ([0, 1, 2], [7, 10, 10]), ([2, 0], [10, 10])):
-        views = group.views()
-        got = attend_steps(0, [views[s] for s in steps], q[:len(steps)], ends)
-        want = torch.stack([expected(j, s, e) for j, (s, e) in enumerate(zip(steps, ends))])
-        assert torch.allclose(got, want, atol=1e-5)
+    assert tick([(v, sink) for v in views], [12] * 4) == [[0, 1, 2, 3]]
+    assert tick([(v, sink) for v in views], [12] * 4, cap=3) == [[0, 1, 2], [3]]
+    assert tick([(v, sink) for v in views], [4, 8, 12, 12]) == [[0], [1], [2, 3]]  # first clip: rings filling
+    assert tick([(views[0], refreshed)] + [(v, sink) for v in views[1:]], [12] * 4) == [[0], [1, 2, 3]]
+    assert tick([(views[0], sink), (views[2], sink)], [12] * 2) == [[0], [1]]  # not consecutive
+    assert tick([(views[0], sink), (other.views()[1], sink)], [12] * 2) == [[0], [1]]  # another copy's rings
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,223 @@
+"""The streaming DiT's keys/values, and the attention's view of them.
+
+Per model copy (one, or one per GPU with one denoising step per GPU):
+- `SinkStore`: the prefilled sink, ONE for all the copy's denoising steps. Per layer: the
+  reference tokens' un-roped keys (re-roped at each block-step's rolling position, so they
+  cannot be shared roped), the motion tokens' keys (roped at fixed positions) and the values of
+  all sink tokens.
+- `StepRings`: per layer one buffer [steps, ring, heads, head_dim] of keys and one of values:
+  each step's ring of the last clip's tokens at that step's noise level, written at
+  `token_start` modulo the ring length.
+Stored in the compute dtype, or as float8_e4m3fn with one fp32 scale per token (half the bytes).
+
+A block-step attends to three segments: [its reference keys at its rolling position, the
+sink's reference values], [motion keys, motion values], [its step's ring up to the tokens
+written] (attention.KV). They are handed to liveavatar.attention as they are (never copied
+into one buffer in the store); a tick's block-steps of consecutive steps, one sink and equally
+full rings go in one call.
+
+The DiT sees only `SinkStore.keep` (prefill) and a `TickKV`'s `write` / `attend` (a forward).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import attention, kernels, rope
+from .attention import KV
+from .layers import Fusion
+
+FP8 = torch.float8_e4m3fn
+
+
+def _stored(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens x [N, H, D] as the store keeps them: a compact copy, or fp8 + per-token scales."""
+    if not fp8:
+        whole = x.is_contiguous() and x.untyped_storage().nbytes() == x.numel() * x.element_size()
+        return (x if whole else x.contiguous().clone()), None  # a view of a larger tensor would keep it all
+    data = torch.empty(x.shape, dtype=FP8, device=x.device)
+    scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    Fusion.write_tokens(x, data, scales)
+    return data, scales
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class SinkStore:
+    """The prefilled sink of one model copy, read by all its steps (see the module docstring).
+    `fp8`: all of it stored as fp8 with per-token scales (the reference keys un-roped: they are
+    dequantised and roped for every block-step)."""
+
+    def __init__(self, fp8: bool = False):
+        self.fp8 = fp8
+        self.ref_len = self.length = self.dtype = None
+        self.ref_keys, self.ref_key_scales = [], []
+        self.motion_keys, self.motion_key_scales, self.values, self.value_scales = [], [], [], []
+
+    def keep(self, layer: int, ref_len: int, keys: torch.Tensor, roped_keys: torch.Tensor, values: torch.Tensor):
+        """Prefill of `layer` (in layer order): keys [S, H, D] normed, un-roped; roped_keys the same
+        roped at the sink positions; values [S, H, D]; the first ref_len tokens are the reference."""
+        if layer != len(self.ref_keys):
+            raise RuntimeError(f"sink layers must be kept in order: got layer {layer}, expected {len(self.ref_keys)}")
+        self.ref_len, self.length, self.dtype = ref_len, keys.shape[0], keys.dtype
+        for data, scales, x in ((self.ref_keys, self.ref_key_scales, keys[:ref_len]),
+                                (self.motion_keys, self.motion_key_scales, roped_keys[ref_len:]),
+                                (self.values, self.value_scales, values)):
+            stored, token_scales = _stored(x, self.fp8)
+            data.append(stored)
+            scales.append(token_scales)
+
+    def segments(self, layer: int, ref_keys: torch.Tensor) -> list[KV]:
+        """The sink's two segments for block-steps whose roped reference keys are ref_keys [B, ref_len, H, D]."""
+        r = self.ref_len
+        v, v_scale = self.values[layer], self.value_scales[layer]
+        one = (lambda t: None if t is None else t.unsqueeze(0))
+        return [KV(ref_keys, v[:r].unsqueeze(0), None, one(v_scale[:r] if v_scale is not None else None)),
+                KV(self.motion_keys[layer].unsqueeze(0), v[r:].unsqueeze(0), one(self.motion_key_scales[layer]),
+                   one(v_scale[r:] if v_scale is not None else None))]
+
+    def roped_reference_keys(self, layer: int, tables: list) -> torch.Tensor:
+        """The layer's reference keys roped at each block-step's position: tables [(cos, sin)] per
+        block-step -> [B, ref_len, H, D] in the compute dtype (one pass each, straight into place)."""
+        source, scales = self.ref_keys[layer], self.ref_key_scales[layer]
+        if scales is not None:
+            stored = source
+            source = torch.empty(stored.shape, dtype=self.dtype, device=stored.device)
+            kernels.dequantize_tokens(stored[None], scales[None], source[None])
+        out = torch.empty((len(tables), *source.shape), dtype=self.dtype, device=source.device)
+        for j, (cos, sin) in enumerate(tables):
+            Fusion.rope(source, cos, sin, out=out[j])
+        return out
+
+    def nbytes(self) -> int:
+        return _nbytes(*self.ref_keys, *self.ref_key_scales, *self.motion_keys, *self.motion_key_scales, *self.values,
+                       *self.value_scales)
+
+
+class StepRings:
+    """The rings of the denoising steps one model copy runs: per layer keys and values
+    [steps, ring_len, heads, head_dim] on that layer's device (+ per-token scales [steps,
+    ring_len] fp32 when fp8), so consecutive steps' rings are one slice of one buffer."""
+
+    def __init__(self, steps: int, ring_len: int, heads: int, head_dim: int, devices, dtype, fp8: bool = False):
+        self.ring_len, self.dtype, self.fp8, self.count = ring_len, dtype, fp8, steps
+        size = (steps, ring_len, heads, head_dim)
+        store = FP8 if fp8 else dtype
+        self.keys = [torch.zeros(size, dtype=store, device=d) for d in devices]
+        self.values = [torch.zeros(size, dtype=store, device=d) for d in devices]
+        self.key_scales = [torch.ones(size[:2], device=d) for d in devices] if fp8 else None
+        self.value_scales = [torch.ones(size[:2], device=d) for d in devices] if fp8 else None
+
+    def views(self) -> list["StepRing"]:
+        """One StepRing per step (made on request: a list kept here would be a reference cycle,
+        and the buffers would wait for the garbage collector after a run)."""
+        return [StepRing(self, i) for i in range(self.count)]
+
+    def _scales(self, layer: int, index, rows):
+        if not self.fp8:
+            return None, None
+        return self.key_scales[layer][index, rows], self.value_scales[layer][index, rows]
+
+    def write(self, layer: int, index: int, token_start: int, norm_k, k, v, cos, sin) -> int:
+        """A block's keys (k [n, dim] straight from the projection: normed and roped into the ring
+        in one pass) and values [n, H, D] at token_start (mod ring_len); returns how many ring
+        tokens are valid now."""
+        n = k.shape[0]
+        slot = token_start % self.ring_len
+        rows = slice(slot, slot + n)
+        k_scales, v_scales = self._scales(layer, index, rows)
+        ring_k = self.keys[layer][index, rows]
+        norm_k.forward_rope(k, cos, sin, ring_k.shape[1], out=ring_k, out_scales=k_scales)
+        Fusion.write_tokens(v, self.values[layer][index, rows], v_scales)
+        return self.ring_len if token_start >= self.ring_len else token_start + n
+
+    def segment(self, layer: int, index, valid: int) -> KV:
+        """Ring tokens [0, valid) of step(s) `index` (an int, or a slice of consecutive steps)."""
+        batch = index if isinstance(index, slice) else slice(index, index + 1)
+        k_scales, v_scales = self._scales(layer, batch, slice(0, valid))
+        return KV(self.keys[layer][batch, :valid], self.values[layer][batch, :valid], k_scales, v_scales)
+
+    def nbytes(self) -> int:
+        return _nbytes(*self.keys, *self.values, *(self.key_scales or ()), *(self.value_scales or ()))
+
+
+@dataclass
+class StepRing:
+    """One denoising step's rows of a StepRings."""
+
+    group: StepRings
+    index: int
+
+
+@dataclass
+class BlockStepKV:
+    """What one block-step reads and writes: its step's ring, the sink of its clip, the RoPE time
+    of the reference tokens now (rolling sink), and where its tokens go (frame_start * frame tokens)."""
+
+    ring: StepRing
+    sink: SinkStore
+    ref_time: int
+    token_start: int
+
+
+class TickKV:
+    """The caches as one forward of B block-steps sees them (the DiT's whole interface to them).
+    `attention_items` caps the block-steps per attention call (0: no cap) to bound the buffer
+    an attention call copies into."""
+
+    def __init__(self, items: list[BlockStepKV], grid: tuple[int, int], head_dim: int, attention_items: int = 0):
+        self.items, self.grid, self.head_dim = items, grid, head_dim
+        self.attention_items = attention_items or len(items)
+        self.valid = [0] * len(items)
+        self._tables = {}  # device -> per item the reference tokens' RoPE tables at its rolling position
+
+    def write(self, layer: int, norm_k, k, v, cos, sin):
+        """k [B*n, dim] (projections), v [B*n, H, D], cos/sin per token: each item's rows into its ring."""
+        n = k.shape[0] // len(self.items)
+        for j, item in enumerate(self.items):
+            rows = slice(j * n, (j + 1) * n)
+            self.valid[j] = item.ring.group.write(layer, item.ring.index, item.token_start, norm_k, k[rows], v[rows],
+                                                  cos[rows], sin[rows])
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q [B, n, H, D] (roped) -> attention over each item's sink and ring, [B, n, H, D]."""
+        tables = self._ref_tables(q.device)
+        groups = self._groups()
+        out = None if len(groups) == 1 else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        for group in groups:
+            first = self.items[group[0]]
+            ref_keys = first.sink.roped_reference_keys(layer, [tables[j] for j in group])
+            index = slice(first.ring.index, first.ring.index + len(group))
+            segments = first.sink.segments(layer, ref_keys) + [first.ring.group.segment(layer, index, self.valid[group[0]])]
+            result = attention.attend(q[group[0]:group[-1] + 1], segments)
+            if out is None:
+                return result
+            out[group[0]:group[-1] + 1] = result
+            del ref_keys, segments, result  # one group's buffers at a time
+        return out
+
+    def _groups(self) -> list[list[int]]:
+        """Runs of items attended in one call: consecutive steps of one StepRings, one sink,
+        equally many valid ring tokens (full rings: every tick after the first clip), at most
+        attention_items long."""
+        groups = []
+        for j, item in enumerate(self.items):
+            if groups:
+                last = self.items[groups[-1][-1]]
+                if (len(groups[-1]) < self.attention_items and item.ring.group is last.ring.group
+                        and item.ring.index == last.ring.index + 1 and item.sink is last.sink
+                        and self.valid[j] == self.valid[groups[-1][-1]]):
+                    groups[-1].append(j)
+                    continue
+            groups.append([j])
+        return groups
+
+    def _ref_tables(self, device) -> list:
+        if device not in self._tables:
+            hp, wp = self.grid
+            self._tables[device] = [rope.grid_tables(item.ref_time, 1, hp, wp, self.head_dim, device)
+                                    for item in self.items]
+        return self._tables[device]
