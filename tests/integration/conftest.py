@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from comfyui_server import REPO, SETUP_HINT, ComfyUI, locate, prepare_base
-from model_files import write_inputs, write_models
+from .comfyui_server import REPO, SETUP_HINT, ComfyUI, locate, prepare_base
+from .model_files import write_inputs, write_models
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,17 +37,22 @@ def require_comfyui():
 
 
 @pytest.fixture(scope="session")
-def comfyui(tmp_path_factory):
+def comfyui():
+    """The running ComfyUI. Its base directory is a folder of its own (not pytest's tmp_path,
+    which other pytest runs of the same user may clean up), removed afterwards."""
     root, python = require_comfyui()
-    base = tmp_path_factory.mktemp("comfyui-base")
-    prepare_base(base)
-    write_models(base / "models", root, python)
-    write_inputs(base / "input")
-    server = ComfyUI(root, python, base).start()
+    base = Path(tempfile.mkdtemp(prefix="liveavatar-comfyui-base-"))
     try:
-        yield server
+        prepare_base(base)
+        write_models(base / "models", root, python)
+        write_inputs(base / "input")
+        server = ComfyUI(root, python, base).start()
+        try:
+            yield server
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from api_prompt import CPU_SIZE, TEST_LOADERS, to_api
-from comfyui_server import PACK_FOLDER
-from media import FPS, video_frames
-from model_files import SPEECH_SECONDS
+from .api_prompt import CPU_SIZE, TEST_LOADERS, to_api
+from .comfyui_server import PACK_FOLDER
+from .media import FPS, video_frames
+from .model_files import SPEECH_SECONDS
 
 CHROMIUM = os.environ.get("LIVEAVATAR_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -104,8 +104,16 @@ def test_every_shipped_workflow_opens_in_the_frontend(comfyui, page, shipped):
         assert page.js("() => window.app.graph.nodes.length") == len(workflow["nodes"]), name
         assert page.js("() => window.app.graph.nodes.filter(n => n.has_errors).length") == 0, name
         output = page.js("async () => (await window.app.graphToPrompt()).output")
-        frontend = {i: {"class_type": n["class_type"], "inputs": n["inputs"]} for i, n in output.items()}
-        assert frontend == to_api(workflow, comfyui.object_info()), name
+        assert {i: {"class_type": n["class_type"], "inputs": declared(n, comfyui.object_info())}
+                for i, n in output.items()} == to_api(workflow, comfyui.object_info()), name
+
+
+def declared(node: dict, object_info: dict) -> dict:
+    """A node's inputs that ComfyUI reads (the frontend also sends values of display-only
+    widgets, e.g. LoadAudio's 'audioUI': '', which ComfyUI ignores)."""
+    spec = object_info[node["class_type"]]["input"]
+    names = set(spec.get("required", {})) | set(spec.get("optional", {}))
+    return {k: v for k, v in node["inputs"].items() if k in names}
 
 
 def test_live_view_plays_while_the_video_is_generated(comfyui, page, shipped):

@@ -107,13 +107,22 @@ class LiveAvatarTestWanVAELoader:
         return (vae,)
 
 
+def pack_module(name: str):
+    """The pack's nodes.<name> module: ComfyUI imports a custom node package under its folder's
+    path (dots replaced), so its modules end in 'ComfyUI-LiveAvatar.nodes.<name>'."""
+    for module_name, module in list(sys.modules.items()):
+        if module_name.endswith(f"{PACK_MODULE}.nodes.{name}"):
+            return module
+    return None
+
+
 def memory_report() -> dict:
     gc.collect()
     mm = comfy.model_management
     loaded = [{"class": type(m.model.model).__name__, "loaded_bytes": int(m.model_loaded_memory()),
                "bytes": int(m.model_memory())} for m in mm.current_loaded_models if m.model is not None]
     report = {"current_loaded_models": loaded}
-    loader, adapter, sampler = (sys.modules.get(f"{PACK_MODULE}.nodes.{name}") for name in ("loader", "vae_adapter", "sampler"))
+    loader, adapter, sampler = (pack_module(name) for name in ("loader", "vae_adapter", "sampler"))
     report["pack_loaded_dits"] = len(loader._loaded_weights) if loader is not None else None
     report["pack_engine_copies"] = len(adapter._built) if adapter is not None else None
     report["pack_kept_states"] = len(sampler._kept) if sampler is not None else None
