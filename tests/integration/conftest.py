@@ -52,7 +52,8 @@ def comfyui():
         finally:
             server.stop()
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        if not os.environ.get("LIVEAVATAR_KEEP_COMFYUI_BASE"):  # set it to look at comfyui.log and the outputs
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
