@@ -150,7 +150,7 @@ class ComfyUI:
             raise AssertionError(f"/prompt refused the prompt: {error.read().decode()[:3000]}") from None
         return answer["prompt_id"]
 
-    def run(self, prompt: dict, timeout: float = 900, on_message=None) -> Run:
+    def run(self, prompt: dict, timeout: float = 1800, on_message=None) -> Run:
         """Queue `prompt`, collect its websocket messages until it ends (success, error or
         interrupt); on_message(run, type, data) may act while it runs (e.g. POST /interrupt)."""
         ws = self.websocket()

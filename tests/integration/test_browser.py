@@ -142,7 +142,7 @@ def test_live_view_plays_while_the_video_is_generated(comfyui, page, shipped):
     assert page.js("() => !!document.querySelector('video.liveavatar-live-video')")
     page.js("async () => { await window.app.queuePrompt(0, 1); }")
     started = time.time()
-    while time.time() - started < 600 and page.js("() => window.__live.end") is None:
+    while time.time() - started < 1800 and page.js("() => window.__live.end") is None:
         page.page.wait_for_timeout(250)
     state = page.js("() => window.__live")
     assert state["end"] is not None and state["error"] is None, state
