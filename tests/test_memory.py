@@ -217,7 +217,7 @@ def test_resident_modules_follow_the_placement():
     assert loader_module.resident_bytes(config, "fp32", nothing_offloaded) == 4 * total
 
 
-# ---- the real ComfyUI, when there is one ------------------------------------------------------
+# ---- the real ComfyUI (marked integration: run by .ci/run, see docs/testing.md) ------------------
 def comfyui_root():
     import os
     from pathlib import Path
@@ -225,19 +225,23 @@ def comfyui_root():
     return Path(path) if path and (Path(path) / "comfy" / "model_management.py").exists() else None
 
 
-@pytest.mark.skipif(comfyui_root() is None, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to a ComfyUI checkout")
+@pytest.mark.integration
 def test_in_comfyui_model_management():
     """tests/comfyui_memory_check.py in the real ComfyUI (CPU): our DiT and a core VAE accounted,
-    partially and fully offloaded by free_memory, loaded back by the sampler, strength re-merged."""
+    offloaded and freed by ComfyUI's model management, kept states dropped on unload, LoRA
+    strength changes bit for bit, VAE and wav2vec2 on the core objects' own parameters."""
     import os
     import subprocess
     import sys
     from pathlib import Path
+    if comfyui_root() is None:
+        reason = "set COMFYUI_PATH and COMFYUI_PYTHON to a ComfyUI checkout (tests/integration/setup_comfyui.sh)"
+        if os.environ.get("LIVEAVATAR_INTEGRATION") == "required":
+            pytest.fail(reason)
+        pytest.skip(reason)
     script = Path(__file__).with_name("comfyui_memory_check.py")
     result = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), str(script)], cwd=comfyui_root(),
-                            capture_output=True, text=True, timeout=300)
-    if result.returncode == 77:
-        pytest.skip(result.stdout.strip())
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ALL OK" in result.stdout, result.stdout + result.stderr[-3000:]
 
 

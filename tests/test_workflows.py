@@ -268,22 +268,37 @@ def test_frontend_rules_catch_what_the_frontend_rejects():
 
 
 def frontend_bundle() -> str | None:
+    """The frontend's main script, from comfyui_frontend_package in this Python or else in
+    ComfyUI's ($COMFYUI_PYTHON)."""
     try:
         import comfyui_frontend_package
+        package = Path(comfyui_frontend_package.__file__).parent
     except ImportError:
-        return None
-    assets = Path(comfyui_frontend_package.__file__).parent / "static" / "assets"
-    for script in sorted(assets.glob("index-*.js")):
+        python = os.environ.get("COMFYUI_PYTHON")
+        if not python:
+            return None
+        import subprocess
+        found = subprocess.run([python, "-c", "import comfyui_frontend_package as p, os; print(os.path.dirname(p.__file__))"],
+                               capture_output=True, text=True)
+        if found.returncode != 0:
+            return None
+        package = Path(found.stdout.strip())
+    for script in sorted((package / "static" / "assets").glob("index-*.js")):
         text = script.read_text(encoding="utf-8", errors="replace")
         if "const zComfyWorkflow = " in text:
             return text
     return None
 
 
-@pytest.mark.skipif(frontend_bundle() is None, reason="comfyui_frontend_package not installed")
+@pytest.mark.integration
 def test_rules_match_the_installed_frontend():
-    """When the frontend package is installed: its schema still says what frontend_problems checks."""
+    """The installed frontend package's schema still says what frontend_problems checks."""
     text = frontend_bundle()
+    if text is None:
+        reason = "comfyui_frontend_package not installed here nor in $COMFYUI_PYTHON (tests/integration/setup_comfyui.sh)"
+        if os.environ.get("LIVEAVATAR_INTEGRATION") == "required":
+            pytest.fail(reason)
+        pytest.skip(reason)
     schema = text[text.index("const zComfyWorkflow = "):text.index("const zComfyWorkflow1 = ")]
     for rule in ("id: z.string().uuid().optional()", "last_link_id: z.number()", "links: z.array(zComfyLink)",
                  "version: z.number()", "nodes: z.array(zComfyNode)"):
