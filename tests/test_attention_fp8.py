@@ -1,4 +1,4 @@
-"""fp8 attention (liveavatar/attention_fp8.py) against independent PyTorch computations.
+"""fp8 attention (bench/fp8_attention/attention_fp8.py) against independent PyTorch computations.
 
 On CPU Triton's interpreter runs the kernels (conftest.py selects it), with exact casts (the
 interpreter's own fp32 -> fp8 rounding is approximate) and bf16 products widened to fp32
@@ -18,12 +18,17 @@ Checks:
 """
 import math
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from liveavatar import attention_fp8 as A
+# The kernel lives with its benchmark, not in the engine: on an H200 it is slower than cuDNN's
+# bf16 attention at the model's shapes (docs/benchmarks.md), so nothing in the pack runs it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "fp8_attention"))
+import attention_fp8 as A  # noqa: E402
 from test_kernels import exact_interpreter_casts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

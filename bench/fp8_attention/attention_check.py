@@ -49,8 +49,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "liveavatar"))
-import attention_fp8 as A  # noqa: E402  (liveavatar/attention_fp8.py, standalone)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attention_fp8 as A  # noqa: E402  (beside this script)
 
 HEADS, HEAD_DIM, FRAMES = 40, 128, 3
 FP8 = torch.float8_e4m3fn
