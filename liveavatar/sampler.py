@@ -116,6 +116,10 @@ class StreamSettings:
     noise: torch.Tensor | None = None  # [clips, 16, F, h, w] to replace the seeded noise (parity)
     kv_fp8: bool | None = None  # KV caches in fp8 (half the memory); None = fp8 for 16-bit models (bf16/fp8 weights)
     pipelined: bool = True  # diagonal schedule (see Streamer); False = one block's steps after another
+    # The first block's steps run alone, the others join once it is clean: its latents come out
+    # after 4 one-block ticks instead of the 1+2+3+4 block-steps of the diagonal ramp, and no
+    # later block is later than in the plain diagonal (block 1 is clean after the same work).
+    first_block_alone: bool = True
     memory_cap_gib: float | None = None  # GPU memory the run may use, per GPU (None/0: the free memory)
     reserve_gib: float = 0.0  # the caller's working memory on the main GPU meanwhile (VAE decode, audio encoder)
     adapt_offload: bool = True  # an Offload placement may move blocks between host and GPU to fit (memory.py)
@@ -294,7 +298,7 @@ class Streamer:
             raise
 
     def _may_start(self, index: int, in_flight: list[_Job]) -> bool:
-        if not self.settings.pipelined:
+        if not self.settings.pipelined or (self.settings.first_block_alone and in_flight and in_flight[0].index == 0):
             return not in_flight
         return index < self.blocks_per_clip or 1 in self.replicas[0].sinks  # clip >= 1 needs the refreshed sink
 

@@ -40,20 +40,47 @@ def model():
 def test_diagonal_schedule_equals_sequential(model, steps, infer_frames):
     settings = dict(infer_frames=infer_frames, steps=steps, seed=3)
     sequential = run(model, StreamSettings(pipelined=False, **settings))
-    pipelined = run(model, StreamSettings(pipelined=True, **settings))
     assert sequential.shape[1] == CLIPS * infer_frames // 4
-    assert relative_l2(pipelined, sequential) <= BOUND
+    for first_alone in (True, False):
+        pipelined = run(model, StreamSettings(pipelined=True, first_block_alone=first_alone, **settings))
+        assert relative_l2(pipelined, sequential) <= BOUND
 
 
-def test_a_tick_is_one_batched_forward(model, monkeypatch):
-    """12 blocks x 4 steps in 12 + 3 forwards of up to 4 block-steps (sequential: 48 of 1)."""
+def count_forwards(model, monkeypatch) -> list[int]:
+    """Block-steps per forward of the model, recorded as they run."""
     batches = []
     denoise = type(model).denoise
     monkeypatch.setattr(type(model), "denoise", lambda self, items, *args: (batches.append(len(items)),
                                                                          denoise(self, items, *args))[1])
-    run(model, StreamSettings(infer_frames=48, steps=4, seed=3))
+    return batches
+
+
+@pytest.mark.parametrize("first_alone", [False, True])
+def test_a_tick_is_one_batched_forward(model, monkeypatch, first_alone):
+    """12 blocks x 4 steps in 12 + 3 forwards of up to 4 block-steps (sequential: 48 of 1). With
+    the first block alone: its 4 steps as 4 forwards of one, then 11 blocks in 11 + 3."""
+    batches = count_forwards(model, monkeypatch)
+    run(model, StreamSettings(infer_frames=48, steps=4, seed=3, first_block_alone=first_alone))
     assert sum(batches) == CLIPS * 4 * 4
-    assert len(batches) == CLIPS * 4 + 3 and max(batches) == 4
+    if first_alone:
+        assert batches[:4] == [1, 1, 1, 1] and len(batches) == 4 + (CLIPS * 4 - 1) + 3
+    else:
+        assert len(batches) == CLIPS * 4 + 3
+    assert max(batches) == 4
+
+
+@pytest.mark.parametrize("first_alone, block_steps_before_first", [(False, 1 + 2 + 3 + 4), (True, 4)])
+def test_first_block_is_clean_after_its_own_steps(model, first_alone, block_steps_before_first):
+    """The time to the first frame: block-steps computed before block 0 comes out; block 1 is
+    not later for it. One clip of 4 blocks: in the diagonal, block 1 is clean at the fifth tick,
+    which runs blocks 1-3 (there is no fifth block): 1+2+3+4 + 3 block-steps. With block 0
+    alone: 4, then blocks 1-3 ramp up: 1+2+3+3, the same 13."""
+    done, seen = [], []
+    streamer = Streamer(model, inputs_for(1, 48), StreamSettings(infer_frames=48, steps=4, seed=3,
+                                                                 first_block_alone=first_alone))
+    for _ in streamer.blocks(on_step=lambda: done.append(1)):
+        seen.append(len(done))
+    assert seen[:2] == [block_steps_before_first, 1 + 2 + 3 + 4 + 3]
 
 
 def test_full_rings_of_consecutive_steps_attend_in_one_call(model, monkeypatch):

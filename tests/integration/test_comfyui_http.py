@@ -14,7 +14,6 @@ import urllib.request
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .api_prompt import cpu_sized, nodes_of, to_api, with_test_loaders
@@ -78,8 +77,9 @@ def test_shipped_workflow_makes_the_video(comfyui, shipped, name):
 
 
 def test_live_view_messages_and_file(comfyui, shipped):
-    """The Live Video node's websocket messages: one per block, for this node, bytes and frames
-    growing, the last one 'done' with every frame; the file they name is the node's output,
+    """The Live Video node's websocket messages: 'running' when the run starts (the page drops
+    the last video), one per block with bytes and frames growing, 'done' once the file is
+    complete, and last 'finished' with every frame; the file they name is the node's output,
     complete, and /view serves byte ranges of it (what the browser's player fetches)."""
     prompt = prompt_for(comfyui, shipped, "live")
     live_id = nodes_of(prompt, "LiveAvatarLiveVideo")[0]
@@ -87,11 +87,15 @@ def test_live_view_messages_and_file(comfyui, shipped):
     history = succeeded(comfyui, run)
     events = run.of("liveavatar.live")
     frames = video_frames(SPEECH_SECONDS)
-    assert len(events) >= 3 and all(e["node"] == live_id for e in events)
-    assert [e["done"] for e in events] == [False] * (len(events) - 1) + [True]
-    assert all(b["bytes"] > a["bytes"] and b["frames"] >= a["frames"] for a, b in zip(events, events[1:]))
-    assert all(e["total_frames"] == frames and e["video_fps"] == FPS for e in events)
-    assert 0 < events[0]["frames"] < events[1]["frames"] < frames == events[-1]["frames"]
+    assert len(events) >= 4 and all(e["node"] == live_id for e in events)
+    assert [e["status"] for e in events] == ["running"] * (len(events) - 1) + ["finished"]
+    assert (events[0]["frames"], events[0]["bytes"], events[0]["done"]) == (0, 0, False)
+    done = [e["done"] for e in events]
+    assert done == sorted(done) and done[-1]  # once complete, it stays complete
+    assert all(b["bytes"] >= a["bytes"] and b["frames"] >= a["frames"] for a, b in zip(events, events[1:]))
+    blocks = [e for e in events if e["frames"]]
+    assert len(blocks) >= 2 and 0 < blocks[0]["frames"] < blocks[1]["frames"] and events[-1]["frames"] == frames
+    assert all(e["total_frames"] == frames and e["video_fps"] == FPS for e in blocks)
     assert events[0]["mime"].startswith("video/mp4")
     file = history["outputs"][live_id]["live_video"][0]
     assert {k: events[-1][k] for k in ("filename", "subfolder", "type")} == file
@@ -100,7 +104,7 @@ def test_live_view_messages_and_file(comfyui, shipped):
     assert len(data) == events[-1]["bytes"]
     check_mp4(path, SPEECH_SECONDS, frames)
     query = f"/view?filename={file['filename']}&subfolder={file['subfolder']}&type=output"
-    for start, end in ((0, 99), (events[0]["bytes"], len(data) - 1)):
+    for start, end in ((0, 99), (blocks[0]["bytes"], len(data) - 1)):
         with comfyui.request(query, headers={"Range": f"bytes={start}-{end}"}) as response:
             assert response.status == 206
             assert response.headers["Content-Range"] == f"bytes {start}-{end}/{len(data)}"
@@ -136,29 +140,15 @@ def test_interrupt_stops_the_run_and_the_next_run_works(comfyui, shipped):
     check_mp4(comfyui.output_file(saved), SPEECH_SECONDS, video_frames(SPEECH_SECONDS))
 
 
-def wav2vec2_bytes(comfyui) -> int:
-    """Bytes of the wav2vec2 weights in fp32 (the engine's copy), counted from the file."""
-    path = comfyui.base / "models" / "audio_encoders" / "wav2vec2_large_english_fp16.safetensors"
-    total = 0
-    with safe_open(str(path), "pt") as f:
-        for key in f.keys():
-            count = 1
-            for side in f.get_slice(key).get_shape():
-                count *= side
-            total += count
-    return total * 4
-
-
 def test_free_releases_our_model(comfyui, shipped):
-    """After a run our DiT is in ComfyUI's current_loaded_models and the pack holds it and its
-    engine copies of the VAE and wav2vec2; POST /free (unload_models, free_memory) leaves none
-    of them, and the process's memory shrinks by at least our fp32 wav2vec2 copy; then a run
-    works again."""
+    """After a run our DiT is in ComfyUI's current_loaded_models and the pack holds it, and no
+    copy of the VAE or wav2vec2 (ours run on the core loaders' parameters, built per use);
+    POST /free (unload_models, free_memory) leaves nothing of ours; then a run works again."""
     prompt = prompt_for(comfyui, shipped, "fast")
     succeeded(comfyui, comfyui.run(prompt))  # (may come from ComfyUI's cache: the models stay loaded then too)
     before = comfyui.memory()
-    assert "_ResidentWeights" in [m["class"] for m in before["current_loaded_models"]], before
-    assert before["pack_loaded_dits"] == 1 and before["pack_engine_copies"] == 2, before
+    assert "ResidentWeights" in [m["class"] for m in before["current_loaded_models"]], before
+    assert before["pack_loaded_dits"] == 1 and before["pack_engine_copies"] == 0, before
     comfyui.post("/free", {"unload_models": True, "free_memory": True})
     deadline, after = time.time() + 60, None
     while time.time() < deadline:
@@ -168,7 +158,6 @@ def test_free_releases_our_model(comfyui, shipped):
         time.sleep(1)
     assert after["current_loaded_models"] == [] and after["pack_loaded_dits"] == 0, after
     assert after["pack_engine_copies"] == 0 and after["pack_kept_states"] == 0, after
-    assert before["rss_bytes"] - after["rss_bytes"] >= wav2vec2_bytes(comfyui), (before["rss_bytes"], after["rss_bytes"])
     run = comfyui.run(prompt)
     succeeded(comfyui, run)
     assert {d["node"] for d in run.of("executing") if d["node"]} >= set(prompt)  # every node ran again
@@ -237,7 +226,8 @@ def test_continue_workflow_equals_one_run_over_the_whole_speech(comfyui, shipped
 def test_real_size_vae_through_the_core_vae_loader(comfyui):
     """The core VAELoader takes a Wan2.1 VAE in the real layout at its real size (width 96) and
     LiveAvatar Decode decodes with it: a small latent video (EmptyHunyuanLatentVideo, 16 channels,
-    3 latents of 8x8 = 9 frames of 64x64) gives 9 - 3 dropped = 6 images of 64x64."""
+    3 latents of 8x8) gives the 1 + 4 * 2 = 9 frames of 64x64 the causal VAE makes of 3 latents
+    (a LATENT from elsewhere: no LiveAvatar priming, so no frame dropped)."""
     from liveavatar.testing import write_tiny_vae
     write_tiny_vae(comfyui.base / "models" / "vae" / "wan_2.1_vae_real_size.safetensors", dim=96)
     prompt = {
@@ -250,7 +240,7 @@ def test_real_size_vae_through_the_core_vae_loader(comfyui):
     history = succeeded(comfyui, comfyui.run(prompt))
     saved = history["outputs"]["4"]["images"]
     from PIL import Image
-    assert len(saved) == 6
+    assert len(saved) == 9
     for file in saved:
         with Image.open(comfyui.output_file(file)) as image:
             assert image.size == (64, 64)

@@ -14,8 +14,8 @@ too big for a 2-core CI machine, and give the tests a read-only view of memory.
   file's base width instead of the fixed 96: at width 96 the 73-frame portrait encode alone
   takes minutes on 2 CPU cores. (The real VAELoader with a real-size file is tested too.)
 - GET /liveavatar_test/memory: what ComfyUI's model management holds (class and bytes of
-  each entry of current_loaded_models), what the pack holds (its weak registries of loaded
-  DiTs and of engine VAE / audio encoder copies, its kept continuation states) and the
+  each entry of current_loaded_models), what the pack holds (its loaded DiTs, engine VAE /
+  audio encoder objects alive, its kept continuation states) and the
   process's resident memory. Read-only.
 """
 from __future__ import annotations
@@ -116,16 +116,23 @@ def pack_module(name: str):
     return None
 
 
+def pack_objects(class_name: str) -> list:
+    """Live objects of one of the pack's classes (the pack keeps no registries of its own: the
+    loaded DiTs are held by the loader node objects ComfyUI caches)."""
+    return [o for o in gc.get_objects()
+            if type(o).__name__ == class_name and type(o).__module__.startswith(PACK_MODULE)]
+
+
 def memory_report() -> dict:
     gc.collect()
     mm = comfy.model_management
     loaded = [{"class": type(m.model.model).__name__, "loaded_bytes": int(m.model_loaded_memory()),
                "bytes": int(m.model_memory())} for m in mm.current_loaded_models if m.model is not None]
     report = {"current_loaded_models": loaded}
-    loader, adapter, sampler = (pack_module(name) for name in ("loader", "vae_adapter", "sampler"))
-    report["pack_loaded_dits"] = len(loader._loaded_weights) if loader is not None else None
-    report["pack_engine_copies"] = len(adapter._built) if adapter is not None else None
-    report["pack_kept_states"] = len(sampler._kept) if sampler is not None else None
+    weights = pack_objects("LoadedWeights")
+    report["pack_loaded_dits"] = len(weights)
+    report["pack_engine_copies"] = len(pack_objects("WanVAE")) + len(pack_objects("Wav2Vec2Encoder"))
+    report["pack_kept_states"] = sum(len(w.kept) for w in weights)
     import psutil
     report["rss_bytes"] = psutil.Process().memory_info().rss
     return report
