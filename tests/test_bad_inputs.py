@@ -733,6 +733,25 @@ def test_a_block_sampled_before_an_error_is_still_decoded():
     stream.close()
 
 
+def test_the_first_block_is_handed_over_at_once():
+    """With first_at_once (decode_alongside on CUDA) block 0 comes out before block 1 is asked
+    for (the time to the first frame); the later ones one behind, as before."""
+    from liveavatar.overlap import one_behind
+    produced = []
+
+    def blocks():
+        for name in ("a", "b", "c"):
+            produced.append(name)
+            yield name
+
+    started = []
+    stream = one_behind(blocks(), lambda item: started.append(item) or item.upper(), lambda item, work: work,
+                        first_at_once=True)
+    assert (next(stream), produced) == ("A", ["a"])
+    assert (next(stream), produced) == ("B", ["a", "b", "c"])  # b handed over once c is started
+    assert list(stream) == ["C"] and started == ["a", "b", "c"]
+
+
 def test_comfyui_interrupt_is_a_cancel(monkeypatch):
     import sys
     import types
