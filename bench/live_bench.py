@@ -15,8 +15,9 @@ written once to --models (bf16 rows load the same file upcast). Per case it repo
     python bench/live_bench.py --models /tmp/la_models --out $OUT/live.json \
         --cases live-fp8-704,live-fp8-384 [--ttff-cold live-fp8-384]
 
-A case name is live[-sd]-<weights>-<size>[-s<steps>][-cap<GiB>][-off<blocks>][-stepgpu]: `-sd` runs
-Sampler -> Decode instead of Live Video. The first Live Video call of a process also pays
+A case name is live[-sd]-<weights>-<size>[-s<steps>][-cap<GiB>][-off<blocks>][-stepgpu][-warm]: `-sd`
+runs Sampler -> Decode instead of Live Video; `-warm` sets the loader's warm_up to the case's size
+(otherwise off: the loader time then holds no warm-up). The first Live Video call of a process also pays
 what a first run after ComfyUI starts pays; --ttff-cold CASE runs CASE again in a fresh
 process (compile caches on disk present) and reports ttff_cold_s.
 """
@@ -110,14 +111,14 @@ def graph_inputs(pack, device, tiny: bool, seconds: float):
 
 # ---- cases ----------------------------------------------------------------------------------
 def parse_case(name: str) -> dict:
-    m = re.fullmatch(r"live(-sd)?-(fp8|bf16)-(384|704)(?:-s(\d))?(?:-cap(\d+(?:\.\d+)?))?(?:-off(\d+))?(-stepgpu)?", name)
+    m = re.fullmatch(r"live(-sd)?-(fp8|bf16)-(384|704)(?:-s(\d))?(?:-cap(\d+(?:\.\d+)?))?(?:-off(\d+))?(-stepgpu)?(-warm)?", name)
     if not m:
         raise SystemExit(f"bad case name {name!r} (see the module docstring)")
-    sd, weights, size, steps, cap, off, stepgpu = m.groups()
+    sd, weights, size, steps, cap, off, stepgpu, warm = m.groups()
     placement = "one denoising step per GPU" if stepgpu else ("offload blocks to CPU" if off else "one GPU")
     return dict(mode=name, graph="sampler+decode" if sd else "live video", weight_dtype="fp8_e4m3fn" if weights == "fp8" else "bf16",
                 size=SIZES[size], steps=int(steps or 4), memory_cap_gib=float(cap) if cap else 0.0,
-                offload_blocks=int(off or 0), placement=placement)
+                offload_blocks=int(off or 0), placement=placement, warm_up=SIZES[size] if warm else "off")
 
 
 def call(node, function: str, **values):
@@ -229,7 +230,8 @@ def run_case(pack, case: dict, inputs: dict, model_name: str, phases: bool = Fal
     start = time.perf_counter()
     (model,) = call(nodes.loader.LiveAvatarModelLoader, "load", model_name=model_name, lora_name="None",
                     lora_strength=1.0, weight_dtype=case["weight_dtype"], placement=case["placement"],
-                    offload_blocks=case["offload_blocks"], kv_cache="auto", memory_cap_gib=cap, compile=False)
+                    offload_blocks=case["offload_blocks"], kv_cache="auto", memory_cap_gib=cap, compile=False,
+                    warm_up=case["warm_up"])
     load_s = time.perf_counter() - start
     features, _, frames = call(nodes.audio.LiveAvatarAudioEncode, "encode", audio=inputs["audio"],
                                audio_encoder=inputs["wav2vec"], infer_frames=INFER_FRAMES)

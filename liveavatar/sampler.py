@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .dit import FRAMES_PER_BLOCK, REFERENCE_TIME, BlockStep, LiveAvatarDiT
+from .dit import FRAMES_PER_BLOCK, MOTION_BUCKETS, REFERENCE_TIME, BlockStep, LiveAvatarDiT
 from .kvcache import BlockStepKV, SinkStore, StepRings
 from .memory import GIB, MemoryPlan, RunShape, plan_memory
 from .vae import LATENT_CHANNELS
@@ -422,3 +422,25 @@ def stream(model: LiveAvatarDiT, inputs: StreamInputs, settings: StreamSettings,
            on_step: Callable[[], None] | None = None) -> Iterator[Block]:
     """Convenience: `Streamer(model, inputs, settings).blocks(on_step)`."""
     return Streamer(model, inputs, settings).blocks(on_step)
+
+
+def warm_up(model: LiveAvatarDiT, height: int, width: int, settings: StreamSettings | None = None,
+            clips: int = 2, on_step: Callable[[], None] | None = None) -> int:
+    """A throw-away run at a video size (pixels), so that the first real run there finds every
+    kernel compiled (Triton), every library handle made (cuBLAS) and every attention plan built
+    (cuDNN, one per sequence length: the rings grow through the first clip, then stay full):
+    what a first run after start would otherwise pay before its first frame. Synthetic inputs
+    (zero prompt, audio and latents); the model is left as it was. Returns the block-steps run."""
+    cfg, settings = model.cfg, replace(settings or StreamSettings(), num_clip=clips, seed=0)
+    frames = clips * settings.infer_frames
+    h, w = height // 8, width // 8  # the VAE's spatial stride
+    inputs = StreamInputs(text=torch.zeros(8, cfg.text_dim), ref_latent=torch.zeros(LATENT_CHANNELS, 1, h, w),
+                          motion_latents=torch.zeros(LATENT_CHANNELS, sum(MOTION_BUCKETS), h, w),
+                          audio=torch.zeros(cfg.audio_layers, cfg.audio_dim, frames))
+    streamer = Streamer(model, inputs, settings)
+    try:
+        for _ in streamer.blocks(on_step):
+            pass
+        return streamer.total_block_steps
+    finally:
+        streamer.close()

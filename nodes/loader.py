@@ -12,6 +12,7 @@ from ..liveavatar.dit import LiveAvatarDiT
 from ..liveavatar.layers import Fusion
 from ..liveavatar.loading import STORAGE_DTYPES, Checkpoint, Lora, expected_tensors, set_lora_strength
 from ..liveavatar.placement import same_device
+from ..liveavatar.sampler import VIDEO_FRAMES_PER_BLOCK, StreamSettings, warm_up
 
 from . import host
 from .continuation import KeptStreams
@@ -21,6 +22,9 @@ PLACEMENTS = ["one GPU", "sharded over GPUs", "offload blocks to CPU", "one deno
 WEIGHT_DTYPES = ["bf16", "fp8_e4m3fn", "fp16", "fp32"]
 KV_CACHE_DTYPES = ["auto", "bf16", "fp8"]
 LORA_STRENGTH = {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05}
+WARM_UP = ["auto", "off", "384*256", "688*368", "704*384", "720*400"]
+AUTO_WARM_UP = "704*384"  # the sampler's default size
+WARM_UP_CLIPS = 2  # the rings fill in the first clip; the second runs full rings and the refreshed sink
 
 
 @dataclass(eq=False)
@@ -39,6 +43,7 @@ class LoadedWeights:
     strength: float | None = None
     managed: object = None
     kept: KeptStreams = field(default_factory=KeptStreams)
+    warmed: set = field(default_factory=set)  # (height, width) sizes warm_up ran at for these weights
 
     def set_lora_strength(self, strength: float):
         if self.lora is None or strength == self.strength:
@@ -72,8 +77,44 @@ class LiveAvatarModel:
         if self.lora_strength is not None:
             self.weights.set_lora_strength(self.lora_strength)
 
+    def warm_up(self, height: int, width: int):
+        """The engine's warm_up (a throw-away run at this size) on the GPU, with progress and
+        cancel; its caches are freed at once."""
+        self.prepare()
+        settings = StreamSettings(kv_fp8=self.kv_fp8, memory_cap_gib=self.memory_cap_gib)
+        progress = host.Progress(WARM_UP_CLIPS * settings.infer_frames // VIDEO_FRAMES_PER_BLOCK * settings.steps,
+                                 "LiveAvatar warm-up")
+
+        def on_step():
+            host.check_interrupted()
+            progress.step()
+
+        try:
+            warm_up(self.dit, height, width, settings, clips=WARM_UP_CLIPS, on_step=on_step)
+        finally:
+            progress.close()
+            host.release_memory()
+
     def __repr__(self):  # ComfyUI prints inputs in error reports: keep it short
         return f"LiveAvatarModel({self.description})"
+
+
+def check_memory_cap(cap) -> float:
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 <= cap < float("inf"):
+        raise ValueError(f"memory_cap_gib must be a number of GiB, 0 or more (0: the free GPU memory), got {cap!r}")
+    return float(cap)
+
+
+def warm_up_size(choice: str, device) -> tuple[int, int] | None:
+    """(height, width) in pixels for the loader's warm_up input, None for no warm-up."""
+    if choice == "auto":
+        choice = AUTO_WARM_UP if torch.device(device).type == "cuda" else "off"
+    if choice == "off":
+        return None
+    if choice not in WARM_UP:
+        raise ValueError(f"warm_up must be one of {', '.join(WARM_UP)}, got {choice!r}")
+    width, height = (int(side) for side in choice.split("*"))
+    return height, width
 
 
 def check_lora_strength(strength) -> float:
@@ -130,11 +171,19 @@ class LiveAvatarModelLoader:
                                                     "are offloaded (with 'offload blocks to CPU') and activations "
                                                     "trimmed to fit; a clear error names what to change if it "
                                                     "cannot."}),
+        }, "optional": {
+            "warm_up": (WARM_UP, {"default": "auto",
+                                  "tooltip": "A short throw-away run right after loading, so that the first run "
+                                             "finds the GPU kernels compiled and the attention plans built (its first "
+                                             "frame comes seconds sooner). Pick the size you will generate at; auto: "
+                                             "704*384 on a GPU, nothing on the CPU (nothing to prepare there)."}),
         }}
 
     def load(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks, kv_cache,
-             compile=False, memory_cap_gib=0.0):
+             compile=False, memory_cap_gib=0.0, warm_up="auto"):
         lora_strength = check_lora_strength(lora_strength)  # NaN fails the range test too
+        memory_cap_gib = check_memory_cap(memory_cap_gib)
+        warm_size = warm_up_size(warm_up, host.torch_device())
         Fusion.compile(compile)
         key = (model_name, lora_name, weight_dtype, placement, offload_blocks)
         # The weights this loader node has in memory, by everything but the LoRA strength, held on
@@ -146,6 +195,10 @@ class LiveAvatarModelLoader:
         if weights is None:  # a strength change alone sets the LoRA again in the sampler, no reload
             weights = self._load_weights(model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks)
             loaded[key] = weights
+        if warm_size is not None and warm_size not in weights.warmed:  # once per size for these weights
+            model = LiveAvatarModel(weights.dit, None, "", weights, lora_strength, memory_cap_gib or None)
+            model.warm_up(*warm_size)
+            weights.warmed.add(warm_size)
         kv_fp8 = {"fp8": True, "bf16": False}.get(kv_cache)  # None: auto, fp8 only where bf16 would not fit
         description = f"{model_name} + {lora_name} @ {lora_strength} ({weight_dtype}, {placement})"
         return (LiveAvatarModel(weights.dit, kv_fp8, description, weights, lora_strength, memory_cap_gib or None),)

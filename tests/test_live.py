@@ -124,3 +124,39 @@ def test_live_node_equals_sampler_then_decode(tiny_graph):
     assert all(a["bytes"] <= b["bytes"] for a, b in zip(updates, updates[1:]))
     assert last["bytes"] == path.stat().st_size and last["seconds_left"] == 0
     assert start["filename"] == path.name and start["type"] == "output" and blocks[0]["fps"] > 0
+
+
+def test_warm_up_on_load_leaves_the_model_as_it_was(tiny_graph, monkeypatch):
+    """The loader's warm_up: a throw-away run at the chosen size (2 clips of 48 frames, 4 steps:
+    2 * 4 blocks * 4 block-steps), once per size for the same weights; afterwards a run gives
+    exactly what the model gave before, and no caches of the warm-up are left."""
+    import gc
+    import weakref
+    from liveavatar import sampler as engine
+    from nodes import loader as loader_module
+    inputs, _, _, _ = tiny_graph
+    before = LiveAvatarSampler().sample(**inputs)["result"][0]["samples"]
+    runs, streamers = [], []
+    real = engine.Streamer
+
+    class Recorded(real):
+        def blocks(self, on_step=None):
+            streamers.append(weakref.ref(self))
+            return super().blocks(on_step)
+
+    monkeypatch.setattr(engine, "Streamer", Recorded)
+    monkeypatch.setattr(loader_module, "warm_up",
+                        lambda *a, **k: runs.append((a[1], a[2], k["clips"])) or engine.warm_up(*a, **k))
+    loader = LiveAvatarModelLoader()
+    for size in ("384*256", "384*256", "off", "auto"):  # auto: nothing on the CPU
+        model = loader.load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto", warm_up=size)[0]
+    assert runs == [(256, 384, 2)]
+    gc.collect()
+    assert len(streamers) == 1 and streamers[0]() is None
+    assert model.weights.warmed == {(256, 384)}
+    after = LiveAvatarSampler().sample(**dict(inputs, model=model))["result"][0]["samples"]
+    assert torch.equal(after, before)
+    with pytest.raises(ValueError, match="warm_up must be one of"):
+        loader.load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto", warm_up="999*1")
+    with pytest.raises(ValueError, match="memory_cap_gib must be"):
+        loader.load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto", memory_cap_gib=float("nan"))
