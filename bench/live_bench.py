@@ -130,7 +130,8 @@ def call(node, function: str, **values):
     for key, spec in declared.get("required", {}).items():
         if key not in kwargs and len(spec) > 1 and "default" in spec[1]:
             kwargs[key] = spec[1]["default"]
-    return getattr(node(), function)(**kwargs)
+    out = getattr(node(), function)(**kwargs)
+    return out["result"] if isinstance(out, dict) else out  # nodes that also show text return {"ui", "result"}
 
 
 class BlockClock:
@@ -139,17 +140,58 @@ class BlockClock:
 
     def __init__(self, host):
         self.host, self.marks, self.original = host, [], host.send_to_browser
+        self.on_mark = lambda count: None
 
     def __enter__(self):
         def record(event, data):
-            if not data.get("done", False) and data.get("status", "running") == "running":
+            # block messages only: the node's first "running" message (no frames yet) is not a frame
+            done = self.marks[-1][1] if self.marks else 0
+            if data.get("status", "running") == "running" and data.get("frames", 0) > done:
                 self.marks.append((time.perf_counter(), data["frames"]))
+                self.on_mark(len(self.marks))
             self.original(event, data)
         self.host.send_to_browser = record
         return self
 
     def __exit__(self, *exc):
         self.host.send_to_browser = self.original
+
+
+class ProfileWindow:
+    """A torch.profiler trace of `blocks` steady blocks of the node (from its `first`-th block
+    message to `blocks` messages later): where the GPU idles and what the host does meanwhile,
+    written as a Chrome trace, its GPU summary (trace_summary.py) and the host's top ops."""
+
+    def __init__(self, clock: "BlockClock", out_dir: Path, name: str, first: int = 5, blocks: int = 3):
+        self.clock, self.out_dir, self.name, self.first, self.blocks = clock, out_dir, name, first, blocks
+        self.prof = None
+        original = clock.on_mark
+        clock.on_mark = lambda count: (original(count), self.at(count))
+
+    def at(self, count: int):
+        from torch.profiler import ProfilerActivity
+        if count == self.first:
+            self.prof = torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.start()
+        elif count == self.first + self.blocks:
+            self.close()
+
+    def close(self):
+        if self.prof is not None:
+            Gpu.sync()
+            self.prof.stop()
+            self.write()
+            self.prof = None
+
+    def write(self):
+        sys.path.insert(0, str(REPO / "bench"))
+        from trace_summary import load, summarize
+        trace = self.out_dir / f"trace_{self.name}.json.gz"
+        self.prof.export_chrome_trace(str(trace))
+        text = summarize(load(str(trace)), label=self.name, per=self.blocks, per_name="block")
+        host_ops = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        (self.out_dir / f"profile_{self.name}.md").write_text(text + "\n```\n" + host_ops + "\n```\n")
+        print(text, host_ops, sep="\n", flush=True)
 
 
 class Gpu:
@@ -223,7 +265,8 @@ class Phases:
         return {f"{k}_s": v - start for k, v in self.marks.items()}
 
 
-def run_case(pack, case: dict, inputs: dict, model_name: str, phases: bool = False) -> dict:
+def run_case(pack, case: dict, inputs: dict, model_name: str, phases: bool = False,
+             profile_dir: Path | None = None) -> dict:
     nodes, host = pack.nodes, pack.nodes.host
     cap = case["memory_cap_gib"]
     Gpu.start(cap)
@@ -243,7 +286,10 @@ def run_case(pack, case: dict, inputs: dict, model_name: str, phases: bool = Fal
     timeline = {}
     if case["graph"] == "live video":
         with BlockClock(host) as clock, (Phases(nodes.stream_run) if phases else contextlib.nullcontext()) as phase:
+            window = ProfileWindow(clock, profile_dir, case["mode"]) if profile_dir is not None else None
             call(nodes.live.LiveAvatarLiveVideo, "generate", filename_prefix="bench/live", **common)
+            if window is not None:
+                window.close()  # a run shorter than the window: what was traced
         marks = clock.marks
         timeline = phase.relative(node_start) if phases else {}
     else:  # Sampler -> Decode: blocks reach the viewer only when the decode node writes them
@@ -277,8 +323,8 @@ def offload_traffic(model, case) -> dict:
 def add_models(rows):
     """FPS the host link allows for offload rows: one block (12 frames) per tick, the tick at
     least as long as its copies and as its compute (the same size without offload, this run)."""
-    compute = {(r["size"], r["weight_dtype"], r["steps"]): r["steady_fps"] for r in rows if "copied_gb_per_tick" not in r
-               and r["placement"] == "one GPU"}
+    compute = {(r["size"], r["weight_dtype"], r["steps"]): r["steady_fps"] for r in rows if "steady_fps" in r
+               and "copied_gb_per_tick" not in r and r["placement"] == "one GPU"}
     for r in rows:
         if "copied_gb_per_tick" in r:
             bound = compute.get((r["size"], r["weight_dtype"], r["steps"]), r["steady_fps"])
@@ -295,6 +341,9 @@ def main():
     parser.add_argument("--command", default=" ".join(sys.argv), help="recorded in every row")
     parser.add_argument("--phases", default="", help="cases to run again with the time to the first frame split "
                         "into phases (synchronised marks; separate rows, mode + '-phases')")
+    parser.add_argument("--profile", default="", help="cases to run again under torch.profiler over 3 steady blocks "
+                        "(separate rows, mode + '-profiled'; trace and summary in --profile-dir)")
+    parser.add_argument("--profile-dir", default=".")
     parser.add_argument("--seconds", type=float, default=SPEECH_S, help="speech length")
     parser.add_argument("--tiny", action="store_true", help="test-size models on the CPU: a smoke run of this script")
     args = parser.parse_args()
@@ -317,13 +366,15 @@ def main():
     inputs = graph_inputs(pack, device, args.tiny, args.seconds)
     rows = []
     runs = [(name, False) for name in filter(None, args.cases.split(","))]
-    runs += [(name, True) for name in filter(None, args.phases.split(","))]
-    for name, phases in runs:
+    runs += [(name, "phases") for name in filter(None, args.phases.split(","))]
+    runs += [(name, "profiled") for name in filter(None, args.profile.split(","))]
+    for name, extra in runs:
         case = parse_case(name)
-        if phases:
-            case["mode"] += "-phases"
+        if extra:
+            case["mode"] += f"-{extra}"
         try:
-            row = run_case(pack, case, inputs, CHECKPOINT, phases=phases)
+            row = run_case(pack, case, inputs, CHECKPOINT, phases=extra == "phases",
+                           profile_dir=Path(args.profile_dir) if extra == "profiled" else None)
         except Exception as error:  # one failing case must not lose the others
             row = dict(case, error=f"{type(error).__name__}: {error}"[:500])
         row["command"] = args.command
