@@ -195,6 +195,7 @@ def test_attention_over_cache_segments_on_gpu(fp8):
     dequantise kernel. Both against softmax attention over the concatenated tokens in fp32."""
     from test_kvcache import expected, random_segments
     from liveavatar import attention
+    from liveavatar.kernels import Kernels
 
     def on_gpu(t):  # fp8 tokens and their fp32 scales as they are; float tokens as bf16
         if t is None:
@@ -204,7 +205,7 @@ def test_attention_over_cache_segments_on_gpu(fp8):
     segments = [attention.KV(*(on_gpu(t) for t in (s.k, s.v, s.k_scale, s.v_scale)))
                 for s in random_segments(3, fp8, head_dim=128, heads=4)]
     q = torch.randn(3, 6, 4, 128, generator=torch.Generator().manual_seed(1)).to("cuda", torch.bfloat16)
-    got = attention.attend(q, segments)
+    got = attention.attend(q, segments, Kernels())
     want = expected(q.float().cpu(), [attention.KV(*(t.cpu() if t is not None else None for t in
                                                       (s.k, s.v, s.k_scale, s.v_scale))) for s in segments])
     assert relative_l2(got.float().cpu(), want) < 1e-2
@@ -212,9 +213,10 @@ def test_attention_over_cache_segments_on_gpu(fp8):
 
 def test_prompt_padding_kept_once_on_gpu():
     from liveavatar import attention
+    from liveavatar.kernels import Kernels
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(n, 40, 128, generator=g).to("cuda", torch.bfloat16) for n in (300, 21, 21))
     full = [torch.cat([t[:-1], t[-1:].expand(492, -1, -1)]) for t in (k, v)]
     want = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(0, 1) for t in (q, *full)))
-    got = attention.attend_repeated_last(q, k, v, 492)
+    got = attention.attend_repeated_last(q, k, v, 492, Kernels())
     assert relative_l2(got.float(), want.transpose(0, 1)) < 1e-2
