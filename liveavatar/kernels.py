@@ -286,7 +286,8 @@ class Kernels:
         problem = self.probed("self-check", device, lambda: self._self_check(device))
         if problem:
             return False
-        self.fp8_rows_supported(device)  # probed now, not in the middle of a forward
+        if self.fp8_compute == "auto":
+            self.fp8_rows_supported(device)  # probed now, not in the middle of a forward
         return True
 
     def _load_backend(self) -> bool:

@@ -9,13 +9,14 @@ from conftest import fixture_sets, relative_l2
 from dit_fixture import fixture_config, fixture_inputs, fixture_settings, fixture_weights, stream_clips, write_checkpoint
 from liveavatar.loading import load_dit
 from liveavatar.placement import Offload, OneDevice, Sharded, StepPerGPU
+from liveavatar.settings import RunOptions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SET = fixture_sets("dit_streaming")[0].values[0] if torch.cuda.is_available() else None
 
 
-def run(checkpoint, storage, placement, kv_fp8=False):
-    model = load_dit(checkpoint, storage=storage, placement=placement, config=fixture_config(SET))
+def run(checkpoint, storage, placement, kv_fp8=False, options=RunOptions()):
+    model = load_dit(checkpoint, storage=storage, placement=placement, config=fixture_config(SET), options=options)
     settings = fixture_settings(SET)
     settings.kv_fp8 = kv_fp8
     torch.cuda.reset_peak_memory_stats()
@@ -71,6 +72,40 @@ def test_offloaded_fp8_computes_as_in_place_fp8(checkpoint, slots):
     in_place = run(checkpoint, "fp8", OneDevice("cuda"))
     offloaded = run(checkpoint, "fp8", Offload("cuda", blocks=layers, num_layers=layers, slots=slots))
     assert torch.equal(offloaded, in_place), f"relative L2 {relative_l2(offloaded, in_place):.2e}"
+
+
+def test_two_models_with_kernels_on_and_off_interleaved_on_gpu(checkpoint, bf16, monkeypatch):
+    """A kernels-auto and a kernels-off model, blocks made alternately: each gives its blocks made
+    alone, bit for bit; the Triton kernels launch for the first model's blocks only."""
+    from test_settings import count_launches
+    from liveavatar.sampler import stream
+    models = {name: load_dit(checkpoint, storage="bf16", placement=OneDevice("cuda"), config=fixture_config(SET),
+                             options=RunOptions(kernels=name)) for name in ("auto", "off")}
+    launches = count_launches(monkeypatch)
+    alone = {name: [b.latents.cpu() for b in stream(m, fixture_inputs(SET), fixture_settings(SET))]
+             for name, m in models.items()}
+    runs = {name: stream(m, fixture_inputs(SET), fixture_settings(SET)) for name, m in models.items()}
+    for i in range(len(alone["auto"])):
+        for name in ("auto", "off"):
+            before = len(launches)
+            assert torch.equal(next(runs[name]).latents.cpu(), alone[name][i]), (name, i)
+            assert (len(launches) > before) == (name == "auto"), (name, i)
+    assert relative_l2(torch.cat(alone["off"], 1).float(), torch.cat(alone["auto"], 1).float()) < 1e-2
+    assert models["auto"].kernels.status().startswith("fused kernels: on")
+
+
+def test_fp8_compute_dequantize_skips_the_fp8_products(checkpoint, bf16, monkeypatch):
+    """fp8 weights, fp8_compute dequantize: no torch._scaled_mm call at all (auto: the fp8
+    products, on a GPU that has them), and as close to the bf16 model as auto."""
+    products = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (products.append(1), real(*a, **k))[1])
+    dequantized = run(checkpoint, "fp8", OneDevice("cuda"), options=RunOptions(fp8_compute="dequantize"))
+    assert products == []
+    fp8 = run(checkpoint, "fp8", OneDevice("cuda"))
+    if torch.cuda.get_device_capability() >= (8, 9):
+        assert products
+    assert relative_l2(dequantized, bf16) < 0.15 and relative_l2(dequantized, fp8) < 0.15
 
 
 def test_ffn_gelu_in_the_matmul_epilogue_is_linear_then_tanh_gelu():
