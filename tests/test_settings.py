@@ -75,7 +75,7 @@ def test_the_environment_only_gives_the_defaults_of_a_model_built_without_option
 
 # ---- two models, one process ----------------------------------------------------------------
 def one_clip(steps: int | None = None):
-    """The fixture's settings for its first clip (two blocks); `steps` fewer denoising steps."""
+    """The fixture's settings for its first clip (two blocks), with `steps` denoising steps if given."""
     settings = fixture_settings(SET)
     settings.num_clip = 1
     settings.steps = steps or settings.steps
@@ -97,8 +97,8 @@ def count_launches(monkeypatch) -> list:
 def test_two_models_with_kernels_on_and_off_interleaved(monkeypatch):
     """Blocks of a kernels-on and a kernels-off model made alternately equal each model's own
     blocks made alone; the kernels launch for the first model's blocks only (CPU: Triton's
-    interpreter, one step per block: about 0.1 s a kernel launch). With the old process-wide
-    switch the last setting won for both."""
+    interpreter, about 0.1 s a launch, so one step per block). With the old process-wide switch
+    the last setting won for both."""
     interpreted_triton()
     on, off = fixture_model(SET).use_options(RunOptions(kernels="on")), fixture_model(SET).use_options(
         RunOptions(kernels="off"))
