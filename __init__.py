@@ -6,8 +6,8 @@ so nothing is added to sys.path.
 """
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-# The browser extension (plain JS, served by ComfyUI under /extensions/<pack folder>/): the live
-# player on the LiveAvatar Live Video node.
+# The browser extensions (plain JS, served by ComfyUI under /extensions/<pack folder>/): the live
+# player on the LiveAvatar Live Video node, and old loader widget values put in their place.
 WEB_DIRECTORY = "./web"
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -41,6 +41,7 @@ from liveavatar.loading import build_dit  # noqa: E402
 from liveavatar.overlap import decode_alongside  # noqa: E402
 from liveavatar.placement import Offload, OneDevice, Sharded, StepPerGPU  # noqa: E402
 from liveavatar.sampler import StreamInputs, StreamSettings, Streamer  # noqa: E402
+from liveavatar.settings import RunOptions  # noqa: E402
 
 CONFIG_14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, text_dim=4096, text_len=512, audio_dim=1024)
 GIB = 2 ** 30
@@ -68,9 +69,9 @@ def random_tensor_for(cfg: DiTConfig, generator_seed=0):
 
 def build(mode: str, cfg: DiTConfig):
     """Mode names: bf16 | fp8 | offload<N>[-fp8] | sharded[-fp8] | stepgpu[-fp8], each with an
-    optional -seq (today's sequential schedule), -nok (fused kernels off), -compile, -kvbf16
-    (bf16 KV caches; fp8 is the default) and @CAP (memory_cap_gib; one GPU, blocks offloaded as
-    the memory plan says)."""
+    optional -seq (today's sequential schedule), -nok / -gather / -deq (the model's RunOptions:
+    fused kernels off, attention gather, fp8 weights dequantised), -kvbf16 (bf16 KV caches; fp8
+    is the default) and @CAP (memory_cap_gib; one GPU, blocks offloaded as the memory plan says)."""
     storage = "fp8" if "fp8" in mode.replace("kvfp8", "") else "bf16"
     gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     if "@" in mode:
@@ -85,7 +86,12 @@ def build(mode: str, cfg: DiTConfig):
     else:
         placement = OneDevice("cuda")
     gpus_used = len(gpus) if mode.startswith(("sharded", "stepgpu")) else 1
-    return build_dit(cfg, random_tensor_for(cfg), storage, placement), gpus_used
+    return build_dit(cfg, random_tensor_for(cfg), storage, placement, options=options_for(mode)), gpus_used
+
+
+def options_for(mode: str) -> RunOptions:
+    return RunOptions(kernels="off" if "-nok" in mode else "auto", attention="gather" if "-gather" in mode else "auto",
+                      fp8_compute="dequantize" if "-deq" in mode else "auto")
 
 
 def inputs_for(size: str, cfg: DiTConfig, clips: int, infer_frames: int = 48):
@@ -144,12 +150,9 @@ def bench_dit(mode, sizes, clips, args, vaes):
     cfg = DiTConfig(**CONFIG_14B)
     torch.cuda.empty_cache()
     reset_peaks()
-    from liveavatar.layers import Fusion
-    Fusion.compile("compile" in mode)
-    Fusion.use_kernels(False if "-nok" in mode else None)  # -nok: plain PyTorch element-wise work
-    compile_start = time.perf_counter()
+    load_start = time.perf_counter()
     model, gpus = build(mode, cfg)
-    load_s = time.perf_counter() - compile_start
+    load_s = time.perf_counter() - load_start
     total = torch.cuda.get_device_properties(0).total_memory
     rows = []
     for size in sizes:
@@ -175,7 +178,7 @@ def bench_dit(mode, sizes, clips, args, vaes):
                          load_s=load_s, peak_gib=peak, memory_cap_gib=cap, kv_cache="fp8" if plan.kv_fp8 else "bf16",
                          offload_blocks=plan.offload_blocks, plan=plan.summary(),
                          estimate_gib=max(d.total for d in plan.devices) / GIB,
-                         copied_gb_per_tick=plan.copied_per_tick / 1e9, kernels=Fusion.kernels_status()))
+                         copied_gb_per_tick=plan.copied_per_tick / 1e9, kernels=model.kernels.status()))
         print(json.dumps(rows[-1]), flush=True)
         if args.profile and mode in args.profile_modes.split(","):
             profile(model, inputs, settings, Path(args.out_dir), f"{mode}_{size.replace('*', 'x')}")

@@ -154,7 +154,7 @@ def per_tensor_fp8_linear(x, weight_fp8, weight_scale, bias):
                             out_dtype=torch.bfloat16)
 
 
-def run_shape(report, label, groups, grid, reps, device):
+def run_shape(fx, report, label, groups, grid, reps, device):
     n = grid[0] * grid[1]
     rows = groups * n
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -172,22 +172,22 @@ def run_shape(report, label, groups, grid, reps, device):
     ring = torch.zeros(rows + 4 * n, HEADS, HEAD_DIM, dtype=torch.bfloat16, device=device)
 
     cases = [  # name, kernel, reference, check
-        ("modulated_norm -> bf16", lambda: kernels.modulated_norm(x, shift, scale, EPS, torch.bfloat16),
+        ("modulated_norm -> bf16", lambda: fx.modulated_norm(x, shift, scale, EPS, torch.bfloat16),
          lambda: kernels.modulated_norm_reference(x, shift, scale, EPS, torch.bfloat16), check_bf16),
-        ("modulated_norm -> fp8 rows", lambda: kernels.modulated_norm(x, shift, scale, EPS, torch.bfloat16, fp8=True),
+        ("modulated_norm -> fp8 rows", lambda: fx.modulated_norm(x, shift, scale, EPS, torch.bfloat16, fp8=True),
          lambda: kernels.modulated_norm_reference(x, shift, scale, EPS, torch.bfloat16, fp8=True), None),
-        ("rms_norm + rope (q/k)", lambda: kernels.rms_norm_rope(proj, norm_weight, EPS, cos, sin, HEADS),
+        ("rms_norm + rope (q/k)", lambda: fx.rms_norm_rope(proj, norm_weight, EPS, cos, sin, HEADS),
          lambda: kernels.rms_norm_rope_reference(proj, norm_weight, EPS, cos, sin, HEADS), check_rotated),
-        ("rms_norm + rope -> ring slice", lambda: kernels.rms_norm_rope(proj, norm_weight, EPS, cos, sin, HEADS, out=ring[n:n + rows]),
+        ("rms_norm + rope -> ring slice", lambda: fx.rms_norm_rope(proj, norm_weight, EPS, cos, sin, HEADS, out=ring[n:n + rows]),
          lambda: ring[n:n + rows].copy_(kernels.rms_norm_rope_reference(proj, norm_weight, EPS, cos, sin, HEADS)), None),
-        ("rope (reference keys)", lambda: kernels.rope(proj.view(rows, HEADS, HEAD_DIM), cos, sin),
+        ("rope (reference keys)", lambda: fx.rope(proj.view(rows, HEADS, HEAD_DIM), cos, sin),
          lambda: kernels.rope_reference(proj.view(rows, HEADS, HEAD_DIM), cos, sin), check_rotated),
-        ("gated_add", lambda: kernels.gated_add(x, y, gate), lambda: kernels.gated_add_reference(x, y, gate), check_fp32),
-        ("add_norm: gated add + mod. norm", lambda: kernels.add_norm(x, y, gate, shift, scale, EPS, torch.bfloat16),
+        ("gated_add", lambda: fx.gated_add(x, y, gate), lambda: kernels.gated_add_reference(x, y, gate), check_fp32),
+        ("add_norm: gated add + mod. norm", lambda: fx.add_norm(x, y, gate, shift, scale, EPS, torch.bfloat16),
          lambda: add_norm_reference(x, y, gate, shift, scale), check_add_norm),
-        ("gelu -> fp8 rows (FFN)", lambda: kernels.gelu(hidden, fp8=True),
+        ("gelu -> fp8 rows (FFN)", lambda: fx.gelu(hidden, fp8=True),
          lambda: kernels.quantize_rows_reference(F.gelu(hidden, approximate="tanh")), None),
-        ("quantize_rows (bf16 -> fp8)", lambda: kernels.quantize_rows(proj), lambda: kernels.quantize_rows_reference(proj), None),
+        ("quantize_rows (bf16 -> fp8)", lambda: fx.quantize_rows(proj), lambda: kernels.quantize_rows_reference(proj), None),
     ]
     print(f"\n{label}: {groups} frames x {n} tokens = {rows} rows")
     for name, kernel, reference, check in cases:
@@ -197,18 +197,18 @@ def run_shape(report, label, groups, grid, reps, device):
             check(report, name, got, want)
         report.rows.append((label, name, time_ms(reference, reps), time_ms(kernel, reps), compile_s))
     ring.zero_()
-    kernels.rms_norm_rope(proj, norm_weight, EPS, cos, sin, HEADS, out=ring[n:n + rows])
+    fx.rms_norm_rope(proj, norm_weight, EPS, cos, sin, HEADS, out=ring[n:n + rows])
     check_rotated(report, "rms_norm + rope -> ring slice", ring[n:n + rows],
                   kernels.rms_norm_rope_reference(proj, norm_weight, EPS, cos, sin, HEADS))
     report.check("ring outside the slice untouched", bool((ring[:n] == 0).all() and (ring[n + rows:] == 0).all()), "")
-    fp8_cache_case(report, label, proj, norm_weight, cos, sin, rows, reps, device)
-    check_fp8(report, "modulated_norm -> fp8 rows", kernels.modulated_norm(x, shift, scale, EPS, torch.bfloat16, fp8=True),
+    fp8_cache_case(fx, report, label, proj, norm_weight, cos, sin, rows, reps, device)
+    check_fp8(report, "modulated_norm -> fp8 rows", fx.modulated_norm(x, shift, scale, EPS, torch.bfloat16, fp8=True),
               kernels.modulated_norm_reference(x, shift, scale, EPS, torch.float32))
-    check_fp8(report, "gelu -> fp8 rows", kernels.gelu(hidden, fp8=True), F.gelu(hidden, approximate="tanh").float())
-    check_fp8(report, "quantize_rows", kernels.quantize_rows(proj), proj.float())
+    check_fp8(report, "gelu -> fp8 rows", fx.gelu(hidden, fp8=True), F.gelu(hidden, approximate="tanh").float())
+    check_fp8(report, "quantize_rows", fx.quantize_rows(proj), proj.float())
     if device.type == "cuda":
-        fp8_linear_case(report, label, rows, rand, reps)
-    layer_chain_case(report, label, groups, grid, rand, reps, device)
+        fp8_linear_case(fx, report, label, rows, rand, reps)
+    layer_chain_case(fx, report, label, groups, grid, rand, reps, device)
 
 
 def per_tensor_fp8(t):
@@ -217,7 +217,7 @@ def per_tensor_fp8(t):
     return (t.float() / scale).to(torch.float8_e4m3fn), scale
 
 
-def layer_chain_case(report, label, groups, grid, rand, reps, device):
+def layer_chain_case(fx, report, label, groups, grid, rand, reps, device):
     """All element-wise work of one DiT layer's self-attention, cross-attention and FFN around
     the matrix products (random stand-ins for their outputs), today's ops vs the fused kernels,
     reported x40 layers = per block-step. Also today's chain on a transposed residual stream
@@ -258,17 +258,17 @@ def layer_chain_case(report, label, groups, grid, rand, reps, device):
         return x + ffn_out.view_as(x).float() * g2, q
 
     def fused(x, fp8=False):
-        h = kernels.modulated_norm(x, s1, sc1, EPS, bf16, fp8=fp8)
-        kernels.rms_norm_rope(kp, wk, EPS, cos, sin, HEADS, out=ring_k[slot])
-        q = kernels.rms_norm_rope(qp, wq, EPS, cos, sin, HEADS)
-        kernels.rope(ref_keys, ref_cos, ref_sin, out=ring_k[:n])
+        h = fx.modulated_norm(x, s1, sc1, EPS, bf16, fp8=fp8)
+        fx.rms_norm_rope(kp, wk, EPS, cos, sin, HEADS, out=ring_k[slot])
+        q = fx.rms_norm_rope(qp, wq, EPS, cos, sin, HEADS)
+        fx.rope(ref_keys, ref_cos, ref_sin, out=ring_k[:n])
         ring_v[slot].copy_(vp.view(rows, HEADS, HEAD_DIM))
-        x, n3 = kernels.add_norm(x, o_out, g1, b3, w3, EPS, bf16, fp8=fp8, affine=True)
-        x, h2 = kernels.add_norm(x, cross_out, None, s2, sc1, EPS, bf16, fp8=fp8)
-        act = kernels.gelu(hidden, fp8=True) if fp8 else F.gelu(hidden, approximate="tanh")
+        x, n3 = fx.add_norm(x, o_out, g1, b3, w3, EPS, bf16, fp8=fp8, affine=True)
+        x, h2 = fx.add_norm(x, cross_out, None, s2, sc1, EPS, bf16, fp8=fp8)
+        act = fx.gelu(hidden, fp8=True) if fp8 else F.gelu(hidden, approximate="tanh")
         if fp8:  # the o and cross-attention o inputs come from attention: quantised in one pass each
-            kernels.quantize_rows(o_out), kernels.quantize_rows(cross_out)
-        return kernels.gated_add(x, ffn_out, g2), q
+            fx.quantize_rows(o_out), fx.quantize_rows(cross_out)
+        return fx.gated_add(x, ffn_out, g2), q
 
     got, want = fused(x), today(x)
     check_fp32(report, "layer chain: residual out", got[0], want[0])
@@ -288,7 +288,7 @@ def fp8_cache_write(tokens, out, scales):
     scales.copy_(scale)
 
 
-def fp8_cache_case(report, label, proj, norm_weight, cos, sin, rows, reps, device):
+def fp8_cache_case(fx, report, label, proj, norm_weight, cos, sin, rows, reps, device):
     """Keys (norm + RoPE) and values written into an fp8 KV ring with per-token scales in one
     pass each, against today's RoPE + quantise-and-copy."""
     ring = torch.zeros(rows, HEADS, HEAD_DIM, dtype=torch.float8_e4m3fn, device=device)
@@ -297,7 +297,7 @@ def fp8_cache_case(report, label, proj, norm_weight, cos, sin, rows, reps, devic
     values = proj.view(rows, HEADS, HEAD_DIM)
 
     def fused_keys():
-        kernels.rms_norm_rope(proj, norm_weight, EPS, cos, sin, HEADS, out=ring, out_scales=scales)
+        fx.rms_norm_rope(proj, norm_weight, EPS, cos, sin, HEADS, out=ring, out_scales=scales)
 
     def today_keys():
         fp8_cache_write(kernels.rms_norm_rope_reference(proj, norm_weight, EPS, cos, sin, HEADS), want_ring, want_scales)
@@ -306,7 +306,7 @@ def fp8_cache_case(report, label, proj, norm_weight, cos, sin, rows, reps, devic
     # order before the bf16 rounding of the normed input), so its scale may differ by 2^-7
     for name, fused, today, scale_tol in (
             ("q/k norm + rope -> fp8 ring", fused_keys, today_keys, BF16_STEP),
-            ("values -> fp8 ring", lambda: kernels.quantize_rows(values, ring, scales),
+            ("values -> fp8 ring", lambda: fx.quantize_rows(values, ring, scales),
              lambda: fp8_cache_write(values, want_ring, want_scales), 1e-6)):
         compile_s = first_call_s(fused)
         today()
@@ -317,7 +317,7 @@ def fp8_cache_case(report, label, proj, norm_weight, cos, sin, rows, reps, devic
         report.rows.append((label, name, time_ms(today, reps), time_ms(fused, reps), compile_s))
 
 
-def fp8_linear_case(report, label, rows, rand, reps):
+def fp8_linear_case(fx, report, label, rows, rand, reps):
     """One 5120x5120 fp8 projection: today's per-tensor quantisation passes + _scaled_mm vs the
     fused per-row quantisation + row-wise _scaled_mm, and both against bf16."""
     x = rand(rows, DIM, dtype=torch.bfloat16, scale=2.0)
@@ -327,14 +327,14 @@ def fp8_linear_case(report, label, rows, rand, reps):
     bias = rand(DIM, dtype=torch.bfloat16, scale=0.1)
     exact = F.linear(x.float(), w_fp8.float() * w_scale, bias.float())
     row_scale = kernels.rowwise_weight_scale(w_scale, DIM)
-    if not kernels.fp8_rows_supported(x.device):
+    if not fx.fp8_rows_supported(x.device):
         report.check("fp8 per-row matmul", False, "torch._scaled_mm rejects row-wise scales on this GPU/torch")
         return
-    fused = lambda: kernels.fp8_linear_rows(kernels.quantize_rows(x), w_fp8, row_scale, bias)  # noqa: E731
+    fused = lambda: fx.fp8_linear_rows(fx.quantize_rows(x), w_fp8, row_scale, bias)  # noqa: E731
     today = lambda: per_tensor_fp8_linear(x, w_fp8, w_scale.float(), bias)  # noqa: E731
     for name, fn in (("fp8 linear, per-row (fused)", fused), ("fp8 linear, per-tensor (today)", today)):
         rel = ((fn().float() - exact).norm() / exact.norm()).item()
-        report.check(name, rel < 0.05, f"rel L2 vs fp32 product {rel:.2e} (bias {'on' if kernels._rowwise_bias_ok else 'added after'})")
+        report.check(name, rel < 0.05, f"rel L2 vs fp32 product {rel:.2e} (bias {'on' if fx.probes.get(('row-wise bias', x.device)) else 'added after'})")
     w_bf16 = (w_fp8.float() * w_scale).to(torch.bfloat16)
     bf16 = lambda: F.linear(x, w_bf16, bias)  # noqa: E731
     report.rows.append((label, "fp8 linear 5120^2: today -> fused", time_ms(today, reps), time_ms(fused, reps), 0.0))
@@ -358,18 +358,18 @@ def main():
         print("kernels_check: needs a CUDA GPU")
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kernels.use_kernels(True)
+    fx = kernels.Kernels("on")
     start = time.perf_counter()
-    backend = kernels._load_backend(device)
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (interpreter)'}; {kernels.status()}; "
+    active = fx.active_for(torch.zeros(1, device=device))
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (interpreter)'}; {fx.status()}; "
           f"load + self-check {time.perf_counter() - start:.1f} s")
-    if backend is None:
+    if not active:
         return 1
     report = Report()
     for size in args.sizes.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             with torch.no_grad():
-                run_shape(report, f"{size} x{batch}", batch * FRAMES, token_grid(size), args.reps, device)
+                run_shape(fx, report, f"{size} x{batch}", batch * FRAMES, token_grid(size), args.reps, device)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(f"\n| shape | kernel | reference ms | fused ms | speedup | first call s (compile) |\n|---|---|---|---|---|---|")

@@ -15,9 +15,10 @@ written once to --models (bf16 rows load the same file upcast). Per case it repo
     python bench/live_bench.py --models /tmp/la_models --out $OUT/live.json \
         --cases live-fp8-704,live-fp8-384 [--ttff-cold live-fp8-384]
 
-A case name is live[-sd]-<weights>-<size>[-s<steps>][-cap<GiB>][-off<blocks>][-stepgpu][-warm]: `-sd`
-runs Sampler -> Decode instead of Live Video; `-warm` sets the loader's warm_up to the case's size
-(otherwise off: the loader time then holds no warm-up). The first Live Video call of a process also pays
+A case name is live[-sd]-<weights>-<size>[-s<steps>][-cap<GiB>][-off<blocks>][-stepgpu][-nok][-gather][-deq][-warm]:
+`-sd` runs Sampler -> Decode instead of Live Video; `-nok`, `-gather`, `-deq` set the loader's kernels off,
+attention gather, fp8_compute dequantize (otherwise auto); `-warm` sets the loader's warm_up to the case's
+size (otherwise off: the loader time then holds no warm-up). The first Live Video call of a process also pays
 what a first run after ComfyUI starts pays; --ttff-cold CASE runs CASE again in a fresh
 process (compile caches on disk present) and reports ttff_cold_s.
 """
@@ -111,14 +112,17 @@ def graph_inputs(pack, device, tiny: bool, seconds: float):
 
 # ---- cases ----------------------------------------------------------------------------------
 def parse_case(name: str) -> dict:
-    m = re.fullmatch(r"live(-sd)?-(fp8|bf16)-(384|704)(?:-s(\d))?(?:-cap(\d+(?:\.\d+)?))?(?:-off(\d+))?(-stepgpu)?(-warm)?", name)
+    m = re.fullmatch(r"live(-sd)?-(fp8|bf16)-(384|704)(?:-s(\d))?(?:-cap(\d+(?:\.\d+)?))?(?:-off(\d+))?(-stepgpu)?"
+                     r"(-nok)?(-gather)?(-deq)?(-warm)?", name)
     if not m:
         raise SystemExit(f"bad case name {name!r} (see the module docstring)")
-    sd, weights, size, steps, cap, off, stepgpu, warm = m.groups()
+    sd, weights, size, steps, cap, off, stepgpu, nok, gather, deq, warm = m.groups()
     placement = "one denoising step per GPU" if stepgpu else ("offload blocks to CPU" if off else "one GPU")
     return dict(mode=name, graph="sampler+decode" if sd else "live video", weight_dtype="fp8_e4m3fn" if weights == "fp8" else "bf16",
                 size=SIZES[size], steps=int(steps or 4), memory_cap_gib=float(cap) if cap else 0.0,
-                offload_blocks=int(off or 0), placement=placement, warm_up=SIZES[size] if warm else "off")
+                offload_blocks=int(off or 0), placement=placement, warm_up=SIZES[size] if warm else "off",
+                kernels="off" if nok else "auto", attention="gather" if gather else "auto",
+                fp8_compute="dequantize" if deq else "auto")
 
 
 def call(node, function: str, **values):
@@ -273,8 +277,9 @@ def run_case(pack, case: dict, inputs: dict, model_name: str, phases: bool = Fal
     start = time.perf_counter()
     (model,) = call(nodes.loader.LiveAvatarModelLoader, "load", model_name=model_name, lora_name="None",
                     lora_strength=1.0, weight_dtype=case["weight_dtype"], placement=case["placement"],
-                    offload_blocks=case["offload_blocks"], kv_cache="auto", memory_cap_gib=cap, compile=False,
-                    warm_up=case["warm_up"])
+                    offload_blocks=case["offload_blocks"], kv_cache="auto", memory_cap_gib=cap,
+                    warm_up=case["warm_up"], kernels=case["kernels"], attention=case["attention"],
+                    fp8_compute=case["fp8_compute"])
     load_s = time.perf_counter() - start
     features, _, frames = call(nodes.audio.LiveAvatarAudioEncode, "encode", audio=inputs["audio"],
                                audio_encoder=inputs["wav2vec"], infer_frames=INFER_FRAMES)

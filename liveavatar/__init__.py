@@ -14,6 +14,7 @@ from .loading import CheckpointError, load_dit
 from .overlap import decode_alongside
 from .placement import Offload, OneDevice, Sharded, StepPerGPU
 from .sampler import Block, StreamInputs, StreamSettings, Streamer, flow_schedule, stream
+from .settings import RunOptions
 
 __all__ = ["CheckpointError", "load_dit", "decode_alongside", "Offload", "OneDevice", "Sharded", "StepPerGPU", "Block",
-           "StreamInputs", "StreamSettings", "Streamer", "flow_schedule", "stream"]
+           "StreamInputs", "StreamSettings", "Streamer", "flow_schedule", "stream", "RunOptions"]

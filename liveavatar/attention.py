@@ -5,29 +5,30 @@ A segment is a `KV`: keys/values [b, L, heads, head_dim] where b is the number B
 in the call or 1 (one segment read by all of them), in the compute dtype, or float8_e4m3fn with
 one fp32 scale per token ([b, L]; value = stored * scale).
 
-`attend(q, segments)` is softmax(q K^T / sqrt(head_dim)) V over the union of the segments'
-tokens, for each of the B block-steps: q [B, n, H, D] -> [B, n, H, D]. The backend in use does
-the work; `use_backend(fn)` swaps in another one with the same signature (e.g. a kernel that
-reads fp8 segments as they are stored). The default, `attend_sdpa`:
+`attend(q, segments, kernels, gather_all)` is softmax(q K^T / sqrt(head_dim)) V over the union of
+the segments' tokens, for each of the B block-steps: q [B, n, H, D] -> [B, n, H, D], with the
+model's kernels (kernels.Kernels: the fused dequantise / merge passes, and which attention with
+log-sum-exp works on a device, probed once per device). By default (RunOptions.attention auto):
 - segments in the compute dtype with batch B (the rings of a bf16 cache) are attended where
   they lie; the others (the sink's parts, shared by the block-steps) are copied into one
   buffer per call; the partial results are merged exactly by their log-sum-exp
   (out = sum_i exp(lse_i - lse) out_i, lse = log sum_i exp(lse_i));
 - with fp8 segments everything is dequantised into that buffer (PyTorch's attention takes no
   fp8, so the dequantised copy is made anyway) and attended in one call.
-Either way a call's extra memory is one buffer of the segments it copies, freed on return.
+With gather_all=True (attention "gather") every segment is copied into that buffer and attended in
+one call, no log-sum-exp merge (for comparing speed). Either way a call's extra memory is one
+buffer of the segments it copies, freed on return.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from . import kernels, layers
+from . import layers
+from .kernels import Kernels
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 
@@ -55,38 +56,21 @@ class KV:
                      for x, s in ((self.k, self.k_scale), (self.v, self.v_scale)))
 
 
-_backend: Callable | None = None  # None: attend_sdpa
-
-
-def use_backend(fn: Callable | None):
-    """fn(q, segments) -> out replaces the default (None restores attend_sdpa)."""
-    global _backend
-    _backend = fn
-
-
-def attend(q: torch.Tensor, segments: list[KV]) -> torch.Tensor:
-    return (_backend or attend_sdpa)(q, segments)
-
-
-def _mode() -> str:
-    """LIVEAVATAR_ATTENTION=gather: every segment copied into one buffer, one SDPA call (no
-    log-sum-exp merge; for comparing speed); default auto (see the module docstring)."""
-    return os.environ.get("LIVEAVATAR_ATTENTION", "auto").strip().lower()
-
-
-def attend_sdpa(q: torch.Tensor, segments: list[KV]) -> torch.Tensor:
+def attend(q: torch.Tensor, segments: list[KV], kernels: Kernels, gather_all: bool = False) -> torch.Tensor:
     batch = q.shape[0]
     if len(segments) == 1 and not segments[0].quantised and segments[0].k.dtype == q.dtype:
         return _sdpa(q, segments[0].k, segments[0].v)
     in_place = [s for s in segments if not s.quantised and s.k.shape[0] == batch == s.v.shape[0] and s.k.dtype == q.dtype]
-    if in_place and _mode() != "gather" and _has_lse(q):
+    if in_place and not gather_all and _has_lse(q, kernels):
         ring = max(in_place, key=lambda s: s.length)  # the largest stays where it is
         rest = [s for s in segments if s is not ring]
-        return merge([sdpa_lse(q, *gather(rest, batch, q.dtype)), sdpa_lse(q, ring.k, ring.v)])
-    return _sdpa(q, *gather(segments, batch, q.dtype))
+        return merge([sdpa_lse(q, *gather(rest, batch, q.dtype, kernels), kernels),
+                      sdpa_lse(q, ring.k, ring.v, kernels)], kernels)
+    return _sdpa(q, *gather(segments, batch, q.dtype, kernels))
 
 
-def attend_repeated_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int) -> torch.Tensor:
+def attend_repeated_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int,
+                         kernels: Kernels) -> torch.Tensor:
     """Softmax attention of q [N, H, D] to k/v [L, H, D] whose last row stands for `count`
     identical rows (count 0: no such row; the prompt's padding): that key's weight is
     count * exp(score), i.e. its log-sum-exp is score + log(count), merged exactly with the
@@ -97,15 +81,16 @@ def attend_repeated_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coun
     repeated = v[-1].to(q.dtype).expand(queries.shape)
     if k.shape[0] == 1:  # only padding: every weight on the one value
         return repeated[0]
-    if not _has_lse(queries):
+    if not _has_lse(queries, kernels):
         expanded = [torch.cat([t[:-1], t[-1:].expand(count, *t.shape[1:])]) for t in (k, v)]
         return layers.attend(q, *expanded)
     # the padding key's score in fp32, as the attention kernel computes it (its log-sum-exp over one key)
-    _, score = sdpa_lse(queries, k[None, -1:], v[None, -1:])
-    return merge([sdpa_lse(queries, k[None, :-1], v[None, :-1]), (repeated, score + math.log(count))])[0]
+    _, score = sdpa_lse(queries, k[None, -1:], v[None, -1:], kernels)
+    return merge([sdpa_lse(queries, k[None, :-1], v[None, :-1], kernels), (repeated, score + math.log(count))],
+                 kernels)[0]
 
 
-def gather(segments: list[KV], batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def gather(segments: list[KV], batch: int, dtype, kernels: Kernels) -> tuple[torch.Tensor, torch.Tensor]:
     """The segments' tokens one after another in one buffer [batch, sum L, H, D] of dtype:
     copied, broadcast from b=1, dequantised from fp8 (one pass each)."""
     first = segments[0].k
@@ -135,20 +120,18 @@ def _sdpa(q, k, v) -> torch.Tensor:
 
 
 # ---- attention with its log-sum-exp, and the exact merge ------------------------------------------
-def sdpa_lse(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+def sdpa_lse(q, k, v, kernels: Kernels) -> tuple[torch.Tensor, torch.Tensor]:
     """(softmax(q k^T / sqrt(D)) v [B, n, H, D], log-sum-exp of the scaled scores [B, H, n] fp32)."""
-    op = _lse_op(q)
+    op = _lse_op(q, kernels)
     out, lse = op(_heads_first(q), _heads_first(k), _heads_first(v))
     batch, heads, n = q.shape[0], q.shape[2], q.shape[1]
     return out.transpose(1, 2), lse.reshape(batch, heads, -1)[..., :n].float()
 
 
-def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], kernels: Kernels) -> torch.Tensor:
     """Attention over the union of disjoint key sets from the attention over each: the outputs
     weighted by exp(lse_i - lse), lse = logsumexp_i lse_i (exact up to rounding)."""
-    if len(parts) == 2 and kernels.active_for(parts[0][0]):
-        return kernels.merge_attention(*parts[0], *parts[1])
-    return kernels.merge_attention_reference(parts)
+    return kernels.merge_attention(parts)
 
 
 def _math_lse(q, k, v):
@@ -175,21 +158,20 @@ def _cuda_efficient(q, k, v):
 
 
 _CANDIDATES = {"cpu": (_cpu_flash,), "cuda": (_cuda_cudnn, _cuda_flash, _cuda_efficient)}
-_chosen: dict = {}  # (device type, index, dtype) -> op or None (checked once)
 
 
-def _has_lse(q) -> bool:
-    return _lse_op(q, probe=True) is not None
+def _has_lse(q, kernels: Kernels) -> bool:
+    return _lse_op(q, kernels, probe=True) is not None
 
 
-def _lse_op(q, probe: bool = False):
-    key = (q.device.type, q.device.index, q.dtype)
-    if key not in _chosen:
-        _chosen[key] = next((op for op in _CANDIDATES.get(q.device.type, ()) if _lse_op_works(op, q.device, q.dtype)),
-                            None)
-    if _chosen[key] is None and not probe:
+def _lse_op(q, kernels: Kernels, probe: bool = False):
+    """The first candidate that works for q's device and dtype (probed once, kept by `kernels`)."""
+    op = kernels.probed(f"attention with log-sum-exp, {q.dtype}", q.device,
+                        lambda: next((op for op in _CANDIDATES.get(q.device.type, ())
+                                      if _lse_op_works(op, q.device, q.dtype)), None))
+    if op is None and not probe:
         raise RuntimeError(f"no attention with log-sum-exp for {q.dtype} on {q.device}")
-    return _chosen[key]
+    return op
 
 
 def _lse_op_works(op, device, dtype) -> bool:

@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from . import kernels, rope
+from . import rope
 from .attention import attend_repeated_last
+from .kernels import ROW_ALIGN, Fp8Rows, Kernels
 from .kvcache import BlockStepKV, SinkStore, TickKV
-from .layers import Fusion, Linear, RMSNorm, attend, conv_fp32
+from .layers import Linear, RMSNorm, attend, bind_kernels, conv_fp32
+from .settings import RunOptions
 
 # Wan2.2-S2V constants that are code, not config, in the original.
 REFERENCE_TIME = 30  # RoPE time index of the reference frame at prefill
@@ -138,6 +140,7 @@ class DiTBlock(nn.Module):
         self.cross_attn = Attention(cfg.dim, cfg.num_heads, cfg.eps)
         self.ffn = nn.Sequential(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
+        self.kernels = Kernels()  # the model's, once bound
 
     def forward(self, x, time_mod, self_attention, text_kv, ffn_rows: int = 0):
         """x [G, n, dim] fp32 residual stream (G frames of n tokens, or one group for the sink);
@@ -145,20 +148,20 @@ class DiTBlock(nn.Module):
         to attention outputs [G*n, H, D] (projections, roping and caching are the caller's);
         text_kv the layer's cross-attention keys/values; ffn_rows > 0 runs the feed-forward in
         chunks of that many rows (its widest activation bounded; rows are independent, so the
-        result is the same). The element-wise steps go through Fusion (fused kernels on the GPU;
-        fp8 rows straight from the norm for fp8 linears)."""
+        result is the same). The element-wise steps go through the model's kernels (fused on the
+        GPU; fp8 rows straight from the norm for fp8 linears)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + time_mod).unsqueeze(2).unbind(1)
-        attn, cross, up = self.self_attn, self.cross_attn, self.ffn[0]
+        attn, cross, up, fused = self.self_attn, self.cross_attn, self.ffn[0], self.kernels
         dtype = attn.q.compute_dtype
-        h = Fusion.modulated_norm(x, shift1, scale1, self.eps, dtype, fp8=attn.q.takes_fp8_rows).flatten(0, 1)
+        h = fused.modulated_norm(x, shift1, scale1, self.eps, dtype, fp8=attn.q.takes_fp8_rows).flatten(0, 1)
         # each residual update and the norm after it in one pass: norm3 (affine) before the
         # cross-attention, the second modulated norm before the FFN (updates passed inline: no
         # name holds them past their use)
-        x, h = Fusion.add_norm(x, attn.out(self_attention(attn, h)), gate1, self.norm3.bias, self.norm3.weight,
-                               self.eps, dtype, fp8=cross.q.takes_fp8_rows, affine=True)
-        x, h = Fusion.add_norm(x, self.cross_attention(h, *text_kv), None, shift2, scale2, self.eps, dtype,
-                               fp8=up.takes_fp8_rows)
-        return Fusion.gated_add(x, self.feed_forward_chunked(h, ffn_rows), gate2)
+        x, h = fused.add_norm(x, attn.out(self_attention(attn, h)), gate1, self.norm3.bias, self.norm3.weight,
+                              self.eps, dtype, fp8=cross.q.takes_fp8_rows, affine=True)
+        x, h = fused.add_norm(x, self.cross_attention(h, *text_kv), None, shift2, scale2, self.eps, dtype,
+                              fp8=up.takes_fp8_rows)
+        return fused.gated_add(x, self.feed_forward_chunked(h, ffn_rows), gate2)
 
     def feed_forward_chunked(self, h, rows: int):
         """feed_forward over row chunks of h ([G, n, dim] or Fp8Rows), into one output [G*n, dim]."""
@@ -166,8 +169,8 @@ class DiTBlock(nn.Module):
         total = math.prod(shape[:-1])
         if rows <= 0 or rows >= total:
             return self.feed_forward(h)
-        rows += -rows % kernels.ROW_ALIGN  # fp8 rows stay in whole 16-row tiles
-        flat = h if isinstance(h, kernels.Fp8Rows) else h.reshape(total, -1)
+        rows += -rows % ROW_ALIGN  # fp8 rows stay in whole 16-row tiles
+        flat = h if isinstance(h, Fp8Rows) else h.reshape(total, -1)
         out = None
         for start in range(0, total, rows):
             part = self.feed_forward(_row_chunk(flat, start, min(start + rows, total)))
@@ -180,26 +183,26 @@ class DiTBlock(nn.Module):
     def feed_forward(self, h):
         up, down = self.ffn[0], self.ffn[2]
         if down.takes_fp8_rows:
-            return down(Fusion.gelu(up(h), fp8=True))
+            return down(self.kernels.gelu(up(h), fp8=True))
         return down(up.forward_gelu(h))
 
     def cross_attention(self, normed, text_k, text_v, padding: int = 0):
         """Attention of the norm3-normed tokens [G, n, dim] (or their fp8 rows) to the prompt
         (its last row counted `padding` times, see text_context) -> [G*n, dim]."""
         attn = self.cross_attn
-        return attn.out(attend_repeated_last(attn.query(normed.flatten(0, 1)), text_k, text_v, padding))
+        return attn.out(attend_repeated_last(attn.query(normed.flatten(0, 1)), text_k, text_v, padding, self.kernels))
 
     def text_key_value(self, text: torch.Tensor):
         return self.cross_attn.key_value(text)
 
 
 def _row_chunk(h, start: int, stop: int):
-    """Rows [start, stop) of a [rows, dim] tensor or of kernels.Fp8Rows (whose padding past the
-    last row goes with the last chunk)."""
-    if not isinstance(h, kernels.Fp8Rows):
+    """Rows [start, stop) of a [rows, dim] tensor or of Fp8Rows (whose padding past the last row
+    goes with the last chunk)."""
+    if not isinstance(h, Fp8Rows):
         return h[start:stop]
     end = stop if stop < h.rows else h.data.shape[0]
-    return kernels.Fp8Rows(h.data[start:end], h.scales[start:end], (stop - start, h.shape[-1]))
+    return Fp8Rows(h.data[start:end], h.scales[start:end], (stop - start, h.shape[-1]))
 
 
 class Head(nn.Module):
@@ -208,11 +211,12 @@ class Head(nn.Module):
         self.eps = cfg.eps
         self.head = Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+        self.kernels = Kernels()  # the model's, once bound
 
     def forward(self, x, time_emb):
         """x [F, n, dim], time_emb [F, dim] (the un-projected timestep embedding)."""
         shift, scale = (self.modulation.float() + time_emb.unsqueeze(1)).unsqueeze(2).unbind(1)
-        return self.head(Fusion.modulated_norm(x, shift, scale, self.eps, self.head.compute_dtype)).float()
+        return self.head(self.kernels.modulated_norm(x, shift, scale, self.eps, self.head.compute_dtype)).float()
 
 
 class CausalConv1d(nn.Module):
@@ -285,11 +289,12 @@ class AdaLayerNorm(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.linear = Linear(dim, 2 * dim)
+        self.kernels = Kernels()  # the model's, once bound
 
     def forward(self, x, emb, dtype=torch.float32, fp8: bool = False):
-        """x [F, n, dim] fp32, emb [F, dim] -> normed [F, n, dim] in dtype (Fusion.modulated_norm)."""
+        """x [F, n, dim] fp32, emb [F, dim] -> normed [F, n, dim] in dtype (Kernels.modulated_norm)."""
         shift, scale = self.linear(F.silu(emb)).float().unsqueeze(1).chunk(2, dim=-1)
-        return Fusion.modulated_norm(x, shift, scale, ADAIN_EPS, dtype, fp8=fp8)
+        return self.kernels.modulated_norm(x, shift, scale, ADAIN_EPS, dtype, fp8=fp8)
 
 
 class AudioInjector(nn.Module):
@@ -351,9 +356,13 @@ class FramePacker(nn.Module):
 
 
 class LiveAvatarDiT(nn.Module):
-    """CausalWanModel_S2V (LiveAvatar) for streaming inference; see module docstring."""
+    """CausalWanModel_S2V (LiveAvatar) for streaming inference; see module docstring.
 
-    def __init__(self, cfg: DiTConfig):
+    `options` (settings.RunOptions; default: from the environment, RunOptions.from_env) say how
+    it computes: kernels, attention, fp8 products. They are this model's alone (`use_options`
+    changes them between runs), as is `kernels`, the Kernels made from them."""
+
+    def __init__(self, cfg: DiTConfig, options: RunOptions | None = None):
         super().__init__()
         self.cfg = cfg
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
@@ -369,6 +378,21 @@ class LiveAvatarDiT(nn.Module):
         self.frame_packer = FramePacker(cfg)
         self.injector_index = {layer: i for i, layer in enumerate(cfg.audio_inject_layers)}
         self.placement = None  # set by liveavatar.placement; None = everything where it is
+        self.use_options(RunOptions.from_env() if options is None else options)
+
+    def use_options(self, options: RunOptions) -> "LiveAvatarDiT":
+        """Compute with `options` from the next run on (the weights stay as they are): a new
+        Kernels for this model and its copies on other GPUs. The same options again keep the
+        current Kernels (and what it found out about the devices)."""
+        if not isinstance(options, RunOptions):
+            raise TypeError(f"options must be a liveavatar.settings.RunOptions, got {type(options).__name__}")
+        if getattr(self, "options", None) == options:
+            return self
+        kernels = Kernels(options.kernels, options.fp8_compute)
+        for copy in self.copies():
+            copy.options, copy.kernels = options, kernels
+            bind_kernels(copy, kernels)
+        return self
 
     # ---- placement -------------------------------------------------------------------
     def layer_device(self, layer: int) -> torch.device:
@@ -469,7 +493,7 @@ class LiveAvatarDiT(nn.Module):
                 q = attn.query(h)
                 k, v = attn.key_value(h)
                 roped = rope.apply_rope(k, c, s)
-                sink.keep(i, ref_len, k, roped, v)  # reference keys kept un-roped: re-roped per block-step
+                sink.keep(i, ref_len, k, roped, v, self.kernels)  # reference keys kept un-roped: re-roped per block-step
                 return attend(rope.apply_rope(q, c, s), roped, v)
 
             return block(x, zero_mod.to(x.device), self_attention, text_kv[i])
@@ -498,7 +522,8 @@ class LiveAvatarDiT(nn.Module):
                 item.rope_cache[self.device] = rope.grid_tables(item.frame_start, frames, hp, wp, self.cfg.head_dim,
                                                                 self.device)
         cos, sin = (torch.cat(t) for t in zip(*(item.rope_cache[self.device] for item in items)))
-        kv = TickKV([item.kv for item in items], (hp, wp), self.cfg.head_dim, attention_items)
+        kv = TickKV([item.kv for item in items], (hp, wp), self.cfg.head_dim, self.kernels, attention_items,
+                    gather_all=self.options.attention == "gather")
         time_emb = torch.cat([item.time_mod[0] for item in items])
         mod = torch.cat([item.time_mod[1] for item in items])
         tokens, global_ = (torch.cat(parts) for parts in zip(*(item.audio for item in items)))
@@ -521,7 +546,7 @@ class LiveAvatarDiT(nn.Module):
 
             x = block(x, layer_mod, self_attention, text_kv[i], ffn_rows)
             if i in self.injector_index:
-                x = Fusion.gated_add(x, self.audio_injector(self.injector_index[i], x, layer_tokens, layer_global))
+                x = self.kernels.gated_add(x, self.audio_injector(self.injector_index[i], x, layer_tokens, layer_global))
             return x
 
         x = self._run_layers(x.view(len(items) * frames, ft, -1), layer)

@@ -17,6 +17,8 @@ into one buffer in the store); a tick's block-steps of consecutive steps, one si
 full rings go in one call.
 
 The DiT sees only `SinkStore.keep` (prefill) and a `TickKV`'s `write` / `attend` (a forward).
+The stores hold tensors only: the model's kernels (kernels.Kernels) and attention choice are
+handed in by the DiT with each call.
 """
 from __future__ import annotations
 
@@ -24,21 +26,21 @@ from dataclasses import dataclass
 
 import torch
 
-from . import attention, kernels, rope
+from . import attention, rope
 from .attention import KV
-from .layers import Fusion
+from .kernels import Kernels
 
 FP8 = torch.float8_e4m3fn
 
 
-def _stored(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _stored(x: torch.Tensor, fp8: bool, kernels: Kernels) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Tokens x [N, H, D] as the store keeps them: a compact copy, or fp8 + per-token scales."""
     if not fp8:
         whole = x.is_contiguous() and x.untyped_storage().nbytes() == x.numel() * x.element_size()
         return (x if whole else x.contiguous().clone()), None  # a view of a larger tensor would keep it all
     data = torch.empty(x.shape, dtype=FP8, device=x.device)
     scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    Fusion.write_tokens(x, data, scales)
+    kernels.write_tokens(x, data, scales)
     return data, scales
 
 
@@ -57,7 +59,8 @@ class SinkStore:
         self.ref_keys, self.ref_key_scales = [], []
         self.motion_keys, self.motion_key_scales, self.values, self.value_scales = [], [], [], []
 
-    def keep(self, layer: int, ref_len: int, keys: torch.Tensor, roped_keys: torch.Tensor, values: torch.Tensor):
+    def keep(self, layer: int, ref_len: int, keys: torch.Tensor, roped_keys: torch.Tensor, values: torch.Tensor,
+             kernels: Kernels):
         """Prefill of `layer` (in layer order): keys [S, H, D] normed, un-roped; roped_keys the same
         roped at the sink positions; values [S, H, D]; the first ref_len tokens are the reference."""
         if layer != len(self.ref_keys):
@@ -66,7 +69,7 @@ class SinkStore:
         for data, scales, x in ((self.ref_keys, self.ref_key_scales, keys[:ref_len]),
                                 (self.motion_keys, self.motion_key_scales, roped_keys[ref_len:]),
                                 (self.values, self.value_scales, values)):
-            stored, token_scales = _stored(x, self.fp8)
+            stored, token_scales = _stored(x, self.fp8, kernels)
             data.append(stored)
             scales.append(token_scales)
 
@@ -79,7 +82,7 @@ class SinkStore:
                 KV(self.motion_keys[layer].unsqueeze(0), v[r:].unsqueeze(0), one(self.motion_key_scales[layer]),
                    one(v_scale[r:] if v_scale is not None else None))]
 
-    def roped_reference_keys(self, layer: int, tables: list) -> torch.Tensor:
+    def roped_reference_keys(self, layer: int, tables: list, kernels: Kernels) -> torch.Tensor:
         """The layer's reference keys roped at each block-step's position: tables [(cos, sin)] per
         block-step -> [B, ref_len, H, D] in the compute dtype (one pass each, straight into place)."""
         source, scales = self.ref_keys[layer], self.ref_key_scales[layer]
@@ -89,7 +92,7 @@ class SinkStore:
             kernels.dequantize_tokens(stored[None], scales[None], source[None])
         out = torch.empty((len(tables), *source.shape), dtype=self.dtype, device=source.device)
         for j, (cos, sin) in enumerate(tables):
-            Fusion.rope(source, cos, sin, out=out[j])
+            kernels.rope(source, cos, sin, out=out[j])
         return out
 
     def nbytes(self) -> int:
@@ -121,7 +124,7 @@ class StepRings:
             return None, None
         return self.key_scales[layer][index, rows], self.value_scales[layer][index, rows]
 
-    def write(self, layer: int, index: int, token_start: int, norm_k, k, v, cos, sin) -> int:
+    def write(self, layer: int, index: int, token_start: int, norm_k, k, v, cos, sin, kernels: Kernels) -> int:
         """A block's keys (k [n, dim] straight from the projection: normed and roped into the ring
         in one pass) and values [n, H, D] at token_start (mod ring_len); returns how many ring
         tokens are valid now."""
@@ -131,7 +134,7 @@ class StepRings:
         k_scales, v_scales = self._scales(layer, index, rows)
         ring_k = self.keys[layer][index, rows]
         norm_k.forward_rope(k, cos, sin, ring_k.shape[1], out=ring_k, out_scales=k_scales)
-        Fusion.write_tokens(v, self.values[layer][index, rows], v_scales)
+        kernels.write_tokens(v, self.values[layer][index, rows], v_scales)
         return self.ring_len if token_start >= self.ring_len else token_start + n
 
     def segment(self, layer: int, index, valid: int) -> KV:
@@ -166,10 +169,13 @@ class BlockStepKV:
 class TickKV:
     """The caches as one forward of B block-steps sees them (the DiT's whole interface to them).
     `attention_items` caps the block-steps per attention call (0: no cap) to bound the buffer
-    an attention call copies into."""
+    an attention call copies into; `kernels` and `gather_all` are the model's (its Kernels and
+    RunOptions.attention == "gather")."""
 
-    def __init__(self, items: list[BlockStepKV], grid: tuple[int, int], head_dim: int, attention_items: int = 0):
+    def __init__(self, items: list[BlockStepKV], grid: tuple[int, int], head_dim: int, kernels: Kernels,
+                 attention_items: int = 0, gather_all: bool = False):
         self.items, self.grid, self.head_dim = items, grid, head_dim
+        self.kernels, self.gather_all = kernels, gather_all
         self.attention_items = attention_items or len(items)
         self.valid = [0] * len(items)
         self._tables = {}  # device -> per item the reference tokens' RoPE tables at its rolling position
@@ -180,7 +186,7 @@ class TickKV:
         for j, item in enumerate(self.items):
             rows = slice(j * n, (j + 1) * n)
             self.valid[j] = item.ring.group.write(layer, item.ring.index, item.token_start, norm_k, k[rows], v[rows],
-                                                  cos[rows], sin[rows])
+                                                  cos[rows], sin[rows], self.kernels)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q [B, n, H, D] (roped) -> attention over each item's sink and ring, [B, n, H, D]."""
@@ -189,10 +195,10 @@ class TickKV:
         out = None if len(groups) == 1 else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         for group in groups:
             first = self.items[group[0]]
-            ref_keys = first.sink.roped_reference_keys(layer, [tables[j] for j in group])
+            ref_keys = first.sink.roped_reference_keys(layer, [tables[j] for j in group], self.kernels)
             index = slice(first.ring.index, first.ring.index + len(group))
             segments = first.sink.segments(layer, ref_keys) + [first.ring.group.segment(layer, index, self.valid[group[0]])]
-            result = attention.attend(q[group[0]:group[-1] + 1], segments)
+            result = attention.attend(q[group[0]:group[-1] + 1], segments, self.kernels, self.gather_all)
             if out is None:
                 return result
             out[group[0]:group[-1] + 1] = result

@@ -1,14 +1,14 @@
 """Small building blocks shared by the DiT: a Linear that knows its compute dtype
 (including fp8 e4m3fn weight storage), RMSNorm, and attention over [..., L, heads, dim].
 
-The element-wise pieces of a block go through `Fusion`: fused Triton kernels (kernels.py) on
-CUDA when they work, plain PyTorch (optionally torch.compile'd) otherwise.
+Modules with element-wise work hold a `kernels` (kernels.Kernels): their own default one until
+the model they belong to hands them its own (`bind_kernels`, LiveAvatarDiT.use_options).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from .kernels import Fp8Rows, Kernels, rowwise_weight_scale
 
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
@@ -22,6 +22,10 @@ class Linear(nn.Linear):
 
     fp8_compute_dtype = torch.bfloat16
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernels = Kernels()
+
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.fp8_compute_dtype if self.weight.dtype in FP8_DTYPES else self.weight.dtype
@@ -33,23 +37,23 @@ class Linear(nn.Linear):
 
     @property
     def takes_fp8_rows(self) -> bool:
-        """Whether forward() multiplies kernels.Fp8Rows input on the fp8 tensor cores as it is
-        (fp8 weights on a GPU where the fused kernels and per-row scaled matmuls work): then the
-        producer of the input (norm, GELU) can quantise it in the same pass."""
-        weight = self.weight
-        return weight.dtype in FP8_DTYPES and kernels.active_for(weight) and kernels.fp8_rows_supported(weight.device)
+        """Whether forward() multiplies Fp8Rows input on the fp8 tensor cores as it is (fp8
+        weights on a GPU where the fused kernels and per-row scaled matmuls work, fp8_compute
+        auto): then the producer of the input (norm, GELU) can quantise it in the same pass."""
+        return self.weight.dtype in FP8_DTYPES and self.kernels.takes_fp8_rows(self.weight)
 
     def forward(self, x) -> torch.Tensor:
-        """x: a tensor [..., in] (any float dtype) or kernels.Fp8Rows from a fused producer."""
+        """x: a tensor [..., in] (any float dtype) or Fp8Rows from a fused producer. fp8 weights
+        are multiplied as fp8 where the kernels say so (fp8_products_on), else dequantised."""
         dtype = self.compute_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        if isinstance(x, kernels.Fp8Rows):
+        if isinstance(x, Fp8Rows):
             if self.takes_fp8_rows:
                 return self._fp8_rows_product(x, bias)
             x = x.dequantize(dtype)  # e.g. a bf16 layer sharing a quantised input
-        if self.weight.dtype in FP8_DTYPES and x.is_cuda:
+        if self.weight.dtype in FP8_DTYPES and x.is_cuda and self.kernels.fp8_products_on(x.device):
             if self.takes_fp8_rows:  # one fused pass: per-row scales instead of amax, divide, cast
-                return self._fp8_rows_product(kernels.quantize_rows(x), bias)
+                return self._fp8_rows_product(self.kernels.quantize_rows(x), bias)
             return fp8_linear(x.to(dtype), self.weight, self.scale_weight, bias)
         return F.linear(x.to(dtype), self.weight_as(dtype), bias)
 
@@ -64,9 +68,9 @@ class Linear(nn.Linear):
             return torch._addmm_activation(self.bias, rows, self.weight.t(), use_gelu=True).reshape(*x.shape[:-1], -1)
         return F.gelu(self(x), approximate="tanh")
 
-    def _fp8_rows_product(self, rows: "kernels.Fp8Rows", bias) -> torch.Tensor:
-        scale = kernels.rowwise_weight_scale(self.scale_weight, self.weight.shape[0])
-        return kernels.fp8_linear_rows(rows, self.weight, scale, bias, self.compute_dtype)
+    def _fp8_rows_product(self, rows: Fp8Rows, bias) -> torch.Tensor:
+        scale = rowwise_weight_scale(self.scale_weight, self.weight.shape[0])
+        return self.kernels.fp8_linear_rows(rows, self.weight, scale, bias, self.compute_dtype)
 
     def forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
         """Full-precision path for the small conditioning MLPs the original runs in fp32."""
@@ -82,7 +86,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     pad = -rows.shape[0] % 16
     if pad:
         rows = F.pad(rows, (0, 0, 0, pad))
-    quantised, scale = Fusion.quantize(rows, weight.dtype)
+    quantised, scale = quantize(rows, weight.dtype)
     out = torch._scaled_mm(quantised, weight.t(), scale_a=scale, scale_b=weight_scale.float(), bias=bias,
                            out_dtype=x.dtype)
     return out[:out.shape[0] - pad].reshape(*x.shape[:-1], -1)
@@ -95,16 +99,17 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernels = Kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
     def forward_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, out=None,
                      out_scales=None):
         """forward() then rope.apply_rope per head, in one pass on CUDA: x [N, dim] -> [N, heads,
         dim/heads]; cos/sin [N, 1, head_dim/2]. `out` (e.g. a KV ring slice) gets the result: in
         x's dtype, or fp8 with per-token scales into out_scales (an fp8 cache)."""
-        return kernels.rms_norm_rope(x, self.weight, self.eps, cos, sin, heads, out, out_scales)
+        return self.kernels.rms_norm_rope(x, self.weight, self.eps, cos, sin, heads, out, out_scales)
 
 
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -128,78 +133,11 @@ def gated_add(x, y, gate=None):
     return x + (y.float() if gate is None else y.float() * gate)
 
 
-class Fusion:
-    """The element-wise pieces of a block. On CUDA the fused Triton kernels of kernels.py run
-    when they work (default; `use_kernels`, or LIVEAVATAR_KERNELS=0/1); otherwise plain PyTorch,
-    optionally compiled (`compile`: torch.compile fuses each piece into one kernel, off by default).
-
-    Each method takes the same arguments either way; `fp8=True` asks a producer for
-    kernels.Fp8Rows (quantised in the same pass) and is only honoured by the kernels."""
-
-    _torch = {"modulated_norm": modulated_norm, "gated_add": gated_add, "quantize": quantize}
-
-    @classmethod
-    def compile(cls, enabled: bool = True):
-        """torch.compile the PyTorch versions (used where the Triton kernels do not run)."""
-        for name, fn in (("modulated_norm", modulated_norm), ("gated_add", gated_add), ("quantize", quantize)):
-            cls._torch[name] = torch.compile(fn, dynamic=False) if enabled else fn
-
-    @staticmethod
-    def use_kernels(enabled: bool | None = True):
-        """True/False: fused Triton kernels on/off for CUDA tensors; None: automatic."""
-        kernels.use_kernels(enabled)
-
-    @staticmethod
-    def kernels_status() -> str:
-        return kernels.status()
-
-    @staticmethod
-    def modulated_norm(x, shift, scale, eps: float, dtype, fp8: bool = False):
-        """x [..., n, dim] fp32, shift/scale [..., 1, dim] -> LayerNorm(x) * (1 + scale) + shift in dtype."""
-        if kernels.active_for(x):
-            return kernels.modulated_norm(x, shift, scale, eps, dtype, fp8)
-        return Fusion._torch["modulated_norm"](x, shift, scale, eps, dtype)
-
-    @staticmethod
-    def add_norm(x, y, gate, shift, scale, eps: float, dtype, fp8: bool = False, affine: bool = False):
-        """(x + y * gate, norm of that sum) in one pass: the residual update and the next
-        modulated (or, affine=True, weight=scale / bias=shift) LayerNorm; see kernels.add_norm."""
-        if kernels.active_for(x):
-            return kernels.add_norm(x, y, gate, shift, scale, eps, dtype, fp8, affine)
-        total = Fusion.gated_add(x, y.reshape(x.shape), gate)
-        if affine:
-            return total, kernels.layer_norm_affine_reference(total, scale, shift, eps, dtype)
-        return total, Fusion.modulated_norm(total, shift, scale, eps, dtype)
-
-    @staticmethod
-    def gated_add(x, y, gate=None):
-        """x fp32 + y * gate (per group [..., 1, dim]) in fp32; x + y without a gate."""
-        if kernels.active_for(x):
-            return kernels.gated_add(x, y, gate)
-        return Fusion._torch["gated_add"](x, y, gate)
-
-    @staticmethod
-    def gelu(x, fp8: bool = False):
-        """tanh GELU; fp8=True: Fp8Rows for an fp8 linear when the kernels run."""
-        return kernels.gelu(x, fp8)
-
-    @staticmethod
-    def rope(x, cos, sin, out=None, out_scales=None):
-        """rope.apply_rope, optionally written straight into `out` (a cache slice; fp8 with
-        per-token scales into out_scales)."""
-        return kernels.rope(x, cos, sin, out, out_scales)
-
-    @staticmethod
-    def write_tokens(x, out, out_scales=None):
-        """Copy tokens [N, heads, head_dim] into a cache slice; fp8 (out_scales given): quantised
-        per token (scale = amax / 448) in the same pass."""
-        if out_scales is None:
-            return out.copy_(x)
-        return kernels.quantize_rows(x, out, out_scales)
-
-    @staticmethod
-    def quantize(rows, dtype):
-        return Fusion._torch["quantize"](rows, dtype)
+def bind_kernels(module: nn.Module, kernels: Kernels):
+    """Make `kernels` the one every sub-module with element-wise work uses (one model, one Kernels)."""
+    for sub in module.modules():
+        if isinstance(getattr(sub, "kernels", None), Kernels):
+            sub.kernels = kernels
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 from .dit import WAN_S2V_14B_INJECT_LAYERS, DiTConfig, LiveAvatarDiT
 from .layers import FP8_DTYPES, Linear
 from .placement import same_device
+from .settings import RunOptions
 from .weights import CheckpointError, open_safetensors, read_state_dict, safetensors_config
 
 S2V_MARKER_KEY = "casual_audio_encoder.encoder.final_linear.weight"
@@ -363,13 +364,14 @@ def set_lora_strength(model: LiveAvatarDiT, checkpoint: "Checkpoint", lora: Lora
 # ---- building the model ------------------------------------------------------------------
 def load_dit(path, lora=None, lora_strength: float = 1.0, lora_alpha: float | None = None,
              storage: str = "bf16", placement=None, config: DiTConfig | None = None,
-             offload_device=None) -> LiveAvatarDiT:
+             offload_device=None, options: RunOptions | None = None) -> LiveAvatarDiT:
     """Build the DiT from a checkpoint (path or opened Checkpoint), merging the LoRA (a path or
     a read Lora), weights streamed onto the devices `placement` chooses (default: CPU).
     `storage`: bf16 | fp16 | fp32 | fp8 (e4m3fn linear weights in the transformer blocks,
     computed in bf16). `offload_device`: where the weights the placement puts on its main
     device are kept instead (ComfyUI's offload device, from which its model management loads
-    them); they are still computed (merged, cast, quantised) on the main device."""
+    them); they are still computed (merged, cast, quantised) on the main device. `options`: how
+    the model computes (settings.RunOptions; default: from the environment)."""
     checkpoint = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     lora_strength = check_strength(lora_strength)
     cfg = config or checkpoint.config()
@@ -381,23 +383,24 @@ def load_dit(path, lora=None, lora_strength: float = 1.0, lora_alpha: float | No
         _check_keys(checkpoint, expected, lora.pairs, lora.overrides, lora.path)
     else:
         _check_keys(checkpoint, expected, {}, {}, None)
-    return build_dit(cfg, weight_source(checkpoint, lora, lora_strength), storage, placement, offload_device)
+    return build_dit(cfg, weight_source(checkpoint, lora, lora_strength), storage, placement, offload_device, options)
 
 
 def expected_tensors(cfg: DiTConfig) -> dict:
     """Name -> meta tensor of every parameter the DiT of this config has."""
     with torch.device("meta"):
-        return dict(LiveAvatarDiT(cfg).state_dict())
+        return dict(LiveAvatarDiT(cfg, RunOptions()).state_dict())
 
 
-def build_dit(cfg: DiTConfig, tensor_for, storage: str = "bf16", placement=None, offload_device=None) -> LiveAvatarDiT:
+def build_dit(cfg: DiTConfig, tensor_for, storage: str = "bf16", placement=None, offload_device=None,
+              options: RunOptions | None = None) -> LiveAvatarDiT:
     """Materialise the DiT one parameter at a time: `tensor_for(name, device)` returns the
     tensor (any dtype, any device) and its fp8 scale or None; it is stored on that device (see
     load_dit for `offload_device`)."""
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"weight storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
     with torch.device("meta"):
-        model = LiveAvatarDiT(cfg)
+        model = LiveAvatarDiT(cfg, options)
     if placement:
         placement.bind(cfg)
     for name in model.state_dict():
@@ -427,7 +430,7 @@ def replicate(model: LiveAvatarDiT, placement) -> LiveAvatarDiT:
         tensor = state[name]  # a copy of its own even on the same device (weights change in place)
         return (tensor.clone() if tensor.device == torch.device(device) else tensor), scale
 
-    return build_dit(model.cfg, tensor_for, model.storage, placement)
+    return build_dit(model.cfg, tensor_for, model.storage, placement, options=model.options)
 
 
 def _fp8_scale(checkpoint: Checkpoint, name: str, tensor: torch.Tensor) -> torch.Tensor | None:

@@ -15,7 +15,8 @@ The KV dtype is what the run asks for (default fp8 for 16-bit models). When noth
 `MemoryPlanError` says what the run needs where, and which setting to change.
 
 Tick activations (bytes; X = tokens of the tick * dim; e_c compute itemsize, e_h itemsize of
-a block's normed inputs: 1 for fp8 weights on a GPU (fp8 rows), else e_c). The fp32 residual
+a block's normed inputs: 1 for fp8 weights on a GPU with the fused kernels and fp8 products
+(fp8 rows), else e_c). The fp32 residual
 stream (4X) is held by the layer loop while a block makes the next one, so a block holds
 two or three of them; the largest phases:
 - self-attention: 4X + e_h X + e_c X (q) + the buffer one attention call copies into
@@ -24,7 +25,8 @@ two or three of them; the largest phases:
   log-sum-exp for a bf16 cache) + the re-roped reference keys;
 - q/k/v: 4X + e_h X + 3 e_c X;
 - second residual update and norm: 3 * 4X + 2 e_h X + e_c X;
-- feed-forward: 2 * 4X + e_h X + rows * ffn_dim * (e_c + e_gelu) (+ e_c X assembling chunks);
+- feed-forward: 2 * 4X + e_h X + rows * ffn_dim * (e_c + e_gelu) (+ e_c X assembling chunks;
+  + two compute-dtype copies of the weight when fp8 weights are dequantised on a GPU);
 - gated residual update: 3 * 4X + e_c X.
 """
 from __future__ import annotations
@@ -33,6 +35,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+from .settings import RunOptions
 
 GIB = 2 ** 30
 ALLOCATOR_RESERVE = (GIB // 2, 0.03)  # fixed + share of the limit: library workspaces, the allocator's rounding
@@ -99,13 +103,13 @@ class Trim:
     def ffn_rows(self, tokens: int) -> int:
         return 0 if self.ffn_chunks <= 1 else math.ceil(tokens / self.ffn_chunks)
 
-    def items_per_call(self, shape: "RunShape", dim: int, kv_fp8: bool, compute_itemsize: int) -> int:
-        """Block-steps per attention call: the buffer a call copies (sink, + ring when fp8, keys
-        and values) is one block-step's at 704*384 (313 MB) and all four at 384*256 (456 MB);
-        a big call is as efficient alone as batched, small ones gain from batching."""
+    def items_per_call(self, shape: "RunShape", dim: int, ring_copied: bool, compute_itemsize: int) -> int:
+        """Block-steps per attention call: the buffer a call copies (sink, + ring when fp8 or
+        gathered, keys and values) is one block-step's at 704*384 (313 MB) and all four at
+        384*256 (456 MB); a big call is as efficient alone as batched, small ones gain from batching."""
         if self.attention_items:
             return self.attention_items
-        copied = 2 * (shape.sink_tokens + (shape.ring_tokens if kv_fp8 else 0)) * dim * compute_itemsize
+        copied = 2 * (shape.sink_tokens + (shape.ring_tokens if ring_copied else 0)) * dim * compute_itemsize
         return max(1, min(shape.steps, ATTENTION_BUFFER // copied))
 
 
@@ -184,7 +188,7 @@ class ModelSpec:
 
     cfg: object
     compute_itemsize: int
-    fp8_weights: bool  # fp8 linear weights (normed inputs handed on as fp8 rows on a GPU)
+    fp8_weights: bool  # fp8 linear weights
     gpu: bool  # runs on GPUs (fused kernels; False: CPU reference paths)
     devices: list  # torch.device per device used
     weights: dict  # device -> bytes resident (all copies), offloaded blocks and slots excluded
@@ -194,6 +198,9 @@ class ModelSpec:
     micro_batches: bool  # a tick's block-steps go one by one (sharded)
     offload: object = None  # the Offload placement, if any
     main: torch.device = None
+    fp8_rows: bool = False  # fp8 weights fed fp8 rows (GPU, fused kernels, fp8 products)
+    fp8_dequantized: bool = False  # fp8 weights dequantised for each product on a GPU (fp8_compute)
+    gather_all: bool = False  # attention copies the ring too (RunOptions.attention "gather")
 
     @classmethod
     def of_model(cls, model, steps: int) -> "ModelSpec":
@@ -215,10 +222,11 @@ class ModelSpec:
                          model.device, weights, [sum(t.numel() * t.element_size() for t in _tensors(b))
                                                  for b in model.blocks],
                          [[c.layer_device(i) for i in range(len(c.blocks))] for c in copies],
-                         [sum(1 for m in step_models if m is c) for c in copies], placement, offload)
+                         [sum(1 for m in step_models if m is c) for c in copies], placement, offload,
+                         model.options)
 
     @classmethod
-    def of_config(cls, cfg, storage: str, placement, steps: int) -> "ModelSpec":
+    def of_config(cls, cfg, storage: str, placement, steps: int, options: RunOptions = RunOptions()) -> "ModelSpec":
         """Before loading: bytes from the parameter shapes and the storage rules of loading.py."""
         from .dit import LiveAvatarDiT
         from .loading import STORAGE_DTYPES, _fp8_eligible
@@ -227,7 +235,7 @@ class ModelSpec:
         copy_devices = placement.devices if copies > 1 else [placement.device]
         weights, blocks = {}, [0] * cfg.num_layers
         with torch.device("meta"):
-            meta = LiveAvatarDiT(cfg)
+            meta = LiveAvatarDiT(cfg, options)
         for name, tensor in meta.state_dict().items():
             module_name, _, attr = name.rpartition(".")
             dtype = STORAGE_DTYPES[storage]
@@ -252,16 +260,21 @@ class ModelSpec:
             layer_devices, copy_steps = [[placement.layer_device(i) for i in range(cfg.num_layers)]], [steps]
         compute = STORAGE_DTYPES[storage] if storage in ("fp16", "fp32") else torch.bfloat16
         return cls._make(cfg, _itemsize(compute), storage == "fp8", placement.device, weights, blocks, layer_devices,
-                         copy_steps, placement, offload)
+                         copy_steps, placement, offload, options)
 
     @classmethod
-    def _make(cls, cfg, compute_itemsize, fp8, main, weights, blocks, layer_devices, copy_steps, placement, offload):
+    def _make(cls, cfg, compute_itemsize, fp8, main, weights, blocks, layer_devices, copy_steps, placement, offload,
+              options: RunOptions):
         devices = list(dict.fromkeys(d for per_copy in layer_devices for d in per_copy))
         for d in devices:
             weights.setdefault(d, 0)
         main = torch.device(main)
-        return cls(cfg, compute_itemsize, fp8, main.type != "cpu", devices, weights, blocks, layer_devices, copy_steps,
-                   bool(placement and placement.micro_batches), offload, main)
+        gpu = main.type != "cpu"
+        fp8_products = fp8 and gpu and options.fp8_compute == "auto"  # assumed to work, as the kernels are
+        return cls(cfg, compute_itemsize, fp8, gpu, devices, weights, blocks, layer_devices, copy_steps,
+                   bool(placement and placement.micro_batches), offload, main,
+                   fp8_rows=fp8_products and options.kernels != "off", fp8_dequantized=fp8 and gpu and not fp8_products,
+                   gather_all=options.attention == "gather")
 
 
 def _tensors(module) -> list:
@@ -294,27 +307,28 @@ def context_bytes(shape: RunShape, cfg, layers: int, copy_steps: int, compute_it
     return text + modulation + rope
 
 
-def activation_bytes(shape: RunShape, cfg, items: int, trim: Trim, kv_fp8: bool, compute_itemsize: int,
-                     normed_itemsize: int, gelu_itemsize: int) -> int:
+def activation_bytes(shape: RunShape, cfg, items: int, trim: Trim, ring_copied: bool, compute_itemsize: int,
+                     normed_itemsize: int, gelu_itemsize: int, weight_copies: int = 0) -> int:
     """Peak bytes of one forward of `items` block-steps (see the module docstring), or of the
-    sink prefill if larger."""
+    sink prefill if larger. ring_copied: attention copies the ring too (an fp8 cache, or
+    attention "gather"), else it merges two partial outputs."""
     n = shape.block_tokens
     tokens = items * n
     x = tokens * cfg.dim
     e_c, e_h = compute_itemsize, normed_itemsize
-    per_call = min(trim.items_per_call(shape, cfg.dim, kv_fp8, compute_itemsize), items)
+    per_call = min(trim.items_per_call(shape, cfg.dim, ring_copied, compute_itemsize), items)
     calls = math.ceil(items / per_call)
-    copied_tokens = shape.sink_tokens + (shape.ring_tokens if kv_fp8 else 0)
+    copied_tokens = shape.sink_tokens + (shape.ring_tokens if ring_copied else 0)
     attention = (4 + e_h + e_c) * x + 2 * per_call * copied_tokens * cfg.dim * e_c + per_call * n * cfg.dim * e_c
     attention += per_call * shape.frame_tokens * cfg.dim * e_c  # re-roped reference keys
-    if not kv_fp8:
+    if not ring_copied:
         attention += 2 * per_call * n * cfg.dim * e_c  # the two partial outputs merged by log-sum-exp
     if calls > 1:
         attention += e_c * x
     qkv = (4 + e_h + 3 * e_c) * x
     residual = (12 + 2 * e_h + e_c) * x
     rows = trim.ffn_rows(tokens) or tokens
-    ffn = (8 + e_h) * x + rows * cfg.ffn_dim * (e_c + gelu_itemsize) + (e_c * x if rows < tokens else 0)
+    ffn = (8 + e_h) * x + rows * cfg.ffn_dim * (e_c + gelu_itemsize) + (e_c * x if rows < tokens else 0) + weight_copies
     gated = (12 + e_c) * x
     s = shape.sink_tokens * cfg.dim
     prefill = (12 + 2 * e_c) * s + 4 * e_c * s  # one forward of the sink's tokens, its q/k/v/roped keys
@@ -335,10 +349,12 @@ def _estimate(spec: ModelSpec, shape: RunShape, kv_fp8: bool, trim: Trim, offloa
               limits: dict) -> MemoryPlan:
     cfg, layout = spec.cfg, spec
     e_c = spec.compute_itemsize
-    # fp8 weights on a GPU hand their normed inputs and GELU output on as fp8 rows (kernels.Fp8Rows)
-    e_h = 1 if spec.fp8_weights and spec.gpu else e_c
-    # bf16 on a GPU: GELU in the matmul's epilogue (one tensor); elsewhere GELU makes a second one
-    e_gelu = 1 if spec.fp8_weights and spec.gpu else (0 if spec.gpu else e_c)
+    # fp8 weights with the kernels on a GPU hand their normed inputs and GELU output on as fp8 rows
+    e_h = 1 if spec.fp8_rows else e_c
+    # 16-bit weights on a GPU: GELU in the matmul's epilogue (one tensor); elsewhere GELU makes a second one
+    e_gelu = 1 if spec.fp8_rows else (0 if spec.gpu and not spec.fp8_weights else e_c)
+    weight_copies = 2 * cfg.dim * cfg.ffn_dim * e_c if spec.fp8_dequantized else 0
+    ring_copied = kv_fp8 or spec.gather_all
     device_parts = {d: {} for d in layout.devices}
     for d in layout.devices:
         device_parts[d]["weights"] = layout.weights.get(d, 0)
@@ -363,7 +379,7 @@ def _estimate(spec: ModelSpec, shape: RunShape, kv_fp8: bool, trim: Trim, offloa
                    "text/audio context": context_bytes(shape, cfg, layers, steps, e_c)}
             for k, v in add.items():
                 parts[k] = parts.get(k, 0) + v
-            act = activation_bytes(shape, cfg, items, trim, kv_fp8, e_c, e_h, e_gelu)
+            act = activation_bytes(shape, cfg, items, trim, ring_copied, e_c, e_h, e_gelu, weight_copies)
             parts["tick activations"] = max(parts.get("tick activations", 0), act)
     devices = []
     for d in layout.devices:
@@ -376,7 +392,7 @@ def _estimate(spec: ModelSpec, shape: RunShape, kv_fp8: bool, trim: Trim, offloa
             parts["allocator reserve"] = int(fixed + share * (limit or sum(parts.values())))
         devices.append(DeviceMemory(str(d), parts, limit, source))
     return MemoryPlan(shape, kv_fp8, trim, offload_blocks, devices, host, copied,
-                      trim.items_per_call(shape, cfg.dim, kv_fp8, e_c))
+                      trim.items_per_call(shape, cfg.dim, ring_copied, e_c))
 
 
 # ---- limits -----------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ import torch
 
 from ..liveavatar import CheckpointError, Offload, OneDevice, Sharded, StepPerGPU, load_dit
 from ..liveavatar.dit import LiveAvatarDiT
-from ..liveavatar.layers import Fusion
 from ..liveavatar.loading import STORAGE_DTYPES, Checkpoint, Lora, expected_tensors, set_lora_strength
 from ..liveavatar.placement import same_device
 from ..liveavatar.sampler import VIDEO_FRAMES_PER_BLOCK, StreamSettings, warm_up
+from ..liveavatar.settings import CHOICES, RunOptions
 
 from . import host
 from .continuation import KeptStreams
@@ -43,7 +43,7 @@ class LoadedWeights:
     strength: float | None = None
     managed: object = None
     kept: KeptStreams = field(default_factory=KeptStreams)
-    warmed: set = field(default_factory=set)  # (height, width) sizes warm_up ran at for these weights
+    warmed: set = field(default_factory=set)  # (height, width, RunOptions) warm_up ran with for these weights
 
     def set_lora_strength(self, strength: float):
         if self.lora is None or strength == self.strength:
@@ -63,6 +63,7 @@ class LiveAvatarModel:
     weights: LoadedWeights | None = None  # None: a DiT of its own (standalone use, tests)
     lora_strength: float | None = None  # what this output asks for; the weights are shared
     memory_cap_gib: float | None = None  # StreamSettings.memory_cap_gib of its runs (None: the free memory)
+    options: RunOptions | None = None  # how its runs compute (None: as the DiT is set)
 
     def __post_init__(self):
         if self.weights is None:
@@ -70,12 +71,14 @@ class LiveAvatarModel:
 
     def prepare(self, also=()):
         """Before sampling: the weights on the GPU through ComfyUI (which frees other models for
-        them), together with the ComfyUI models in `also` (e.g. the VAE), and at this output's
-        LoRA strength. An older output of the loader, still in ComfyUI's cache, gets its own
-        strength back here."""
+        them), together with the ComfyUI models in `also` (e.g. the VAE), at this output's LoRA
+        strength and with its options. An older output of the loader, still in ComfyUI's cache,
+        gets its own strength and options back here."""
         host.load_models([self.weights.managed, *also])
         if self.lora_strength is not None:
             self.weights.set_lora_strength(self.lora_strength)
+        if self.options is not None:
+            self.dit.use_options(self.options)
 
     def warm_up(self, height: int, width: int):
         """The engine's warm_up (a throw-away run at this size) on the GPU, with progress and
@@ -97,6 +100,37 @@ class LiveAvatarModel:
 
     def __repr__(self):  # ComfyUI prints inputs in error reports: keep it short
         return f"LiveAvatarModel({self.description})"
+
+
+OPTION_TOOLTIPS = {
+    "kernels": "Fused Triton kernels for the element-wise work of each block (norms, RoPE, residual adds, fp8 "
+               "quantisation). auto: on a GPU when Triton works there (checked once against PyTorch); off: plain "
+               "PyTorch (slower; to rule the kernels out when something looks wrong); on: as auto, and also under "
+               "Triton's CPU interpreter (tests).",
+    "attention": "How attention reads the portrait/motion sink and the recent frames' cache. auto: the cache is "
+                 "attended where it lies and merged with the sink (fastest); gather: all copied into one buffer "
+                 "and attended in one call (more memory; for comparison).",
+    "fp8_compute": "With fp8 weights on a GPU. auto: multiplied on the fp8 tensor cores where the GPU has them "
+                   "(RTX 40xx, H100 and newer), else dequantised; dequantize: always dequantised to bf16 first "
+                   "(slower, a little closer to bf16 weights).",
+}
+# Optional, after warm_up: a workflow saved before they existed keeps its widget values in place.
+OPTION_INPUTS = {name: (list(CHOICES[name]), {"default": "auto", "tooltip": OPTION_TOOLTIPS[name]})
+                 for name in ("kernels", "attention", "fp8_compute")}
+
+
+def run_options(kernels, attention, fp8_compute) -> RunOptions:
+    """The loader's kernels / attention / fp8_compute inputs as RunOptions; a clear error otherwise."""
+    try:
+        return RunOptions(kernels=kernels, attention=attention, fp8_compute=fp8_compute)
+    except ValueError as error:
+        raise ValueError(f"LiveAvatar model loader: {error}") from None
+
+
+def describe(options: RunOptions) -> str:
+    """The options that are not auto, for the model's one-line description."""
+    changed = [f"{name} {value}" for name, value in vars(options).items() if value != "auto"]
+    return "".join(f", {part}" for part in changed)
 
 
 def check_memory_cap(cap) -> float:
@@ -163,9 +197,6 @@ class LiveAvatarModelLoader:
             "kv_cache": (KV_CACHE_DTYPES, {"default": "auto",
                                            "tooltip": "Attention caches (one clip per denoising step): bf16, or fp8 "
                                                       "to halve their memory. auto: fp8 (for bf16 and fp8 weights)."}),
-            "compile": ("BOOLEAN", {"default": False,
-                                    "tooltip": "torch.compile the element-wise parts of each block (about 10% "
-                                               "faster at 704*384 on an H100; the first block takes longer)."}),
             "memory_cap_gib": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
                                          "tooltip": "GPU memory a run may use, per GPU (0: the free memory). Blocks "
                                                     "are offloaded (with 'offload blocks to CPU') and activations "
@@ -177,14 +208,16 @@ class LiveAvatarModelLoader:
                                              "finds the GPU kernels compiled and the attention plans built (its first "
                                              "frame comes seconds sooner). Pick the size you will generate at; auto: "
                                              "704*384 on a GPU, nothing on the CPU (nothing to prepare there)."}),
+            **OPTION_INPUTS,
         }}
 
     def load(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks, kv_cache,
-             compile=False, memory_cap_gib=0.0, warm_up="auto"):
+             compile=None, memory_cap_gib=0.0, warm_up="auto", kernels="auto", attention="auto", fp8_compute="auto"):
+        # compile: the old input (it changed nothing while the fused kernels ran), still taken and ignored
         lora_strength = check_lora_strength(lora_strength)  # NaN fails the range test too
         memory_cap_gib = check_memory_cap(memory_cap_gib)
         warm_size = warm_up_size(warm_up, host.torch_device())
-        Fusion.compile(compile)
+        options = run_options(kernels, attention, fp8_compute)
         key = (model_name, lora_name, weight_dtype, placement, offload_blocks)
         # The weights this loader node has in memory, by everything but the LoRA strength, held on
         # the node object (ComfyUI keeps it between runs, as its LoraLoader keeps its file), so
@@ -193,17 +226,20 @@ class LiveAvatarModelLoader:
         loaded = self.__dict__.setdefault("loaded_weights", weakref.WeakValueDictionary())
         weights = loaded.get(key)
         if weights is None:  # a strength change alone sets the LoRA again in the sampler, no reload
-            weights = self._load_weights(model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks)
+            weights = self._load_weights(model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks,
+                                         options)
             loaded[key] = weights
-        if warm_size is not None and warm_size not in weights.warmed:  # once per size for these weights
-            model = LiveAvatarModel(weights.dit, None, "", weights, lora_strength, memory_cap_gib or None)
+        weights.dit.use_options(options)  # the loaded weights, computing as asked now: no reload
+        if warm_size is not None and (*warm_size, options) not in weights.warmed:  # once per size and options
+            model = LiveAvatarModel(weights.dit, None, "", weights, lora_strength, memory_cap_gib or None, options)
             model.warm_up(*warm_size)
-            weights.warmed.add(warm_size)
+            weights.warmed.add((*warm_size, options))
         kv_fp8 = {"fp8": True, "bf16": False}.get(kv_cache)  # None: auto, fp8 only where bf16 would not fit
-        description = f"{model_name} + {lora_name} @ {lora_strength} ({weight_dtype}, {placement})"
-        return (LiveAvatarModel(weights.dit, kv_fp8, description, weights, lora_strength, memory_cap_gib or None),)
+        description = f"{model_name} + {lora_name} @ {lora_strength} ({weight_dtype}, {placement}{describe(options)})"
+        return (LiveAvatarModel(weights.dit, kv_fp8, description, weights, lora_strength, memory_cap_gib or None,
+                                options),)
 
-    def _load_weights(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks):
+    def _load_weights(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks, options):
         path = host.model_path("diffusion_models", model_name, "model_name")
         lora = None if lora_name == NO_LORA else host.model_path("loras", lora_name, "lora_name")
         storage = "fp8" if weight_dtype.startswith("fp8") else weight_dtype
@@ -217,7 +253,7 @@ class LiveAvatarModelLoader:
             # loaded by its model management (prepare).
             built_on = host.initial_device(resident_bytes(cfg, storage, where), where.device)
             dit = load_dit(checkpoint, lora=lora, lora_strength=lora_strength, storage=storage, placement=where,
-                           config=cfg, offload_device=built_on)
+                           config=cfg, offload_device=built_on, options=options)
         except CheckpointError as error:
             raise ValueError(f"LiveAvatar model loader: {error}") from None
         weights = LoadedWeights(dit, checkpoint, lora, lora_strength)

@@ -9,13 +9,14 @@ from conftest import fixture_sets, relative_l2
 from dit_fixture import fixture_config, fixture_inputs, fixture_settings, fixture_weights, stream_clips, write_checkpoint
 from liveavatar.loading import load_dit
 from liveavatar.placement import Offload, OneDevice, Sharded, StepPerGPU
+from liveavatar.settings import RunOptions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SET = fixture_sets("dit_streaming")[0].values[0] if torch.cuda.is_available() else None
 
 
-def run(checkpoint, storage, placement, kv_fp8=False):
-    model = load_dit(checkpoint, storage=storage, placement=placement, config=fixture_config(SET))
+def run(checkpoint, storage, placement, kv_fp8=False, options=RunOptions()):
+    model = load_dit(checkpoint, storage=storage, placement=placement, config=fixture_config(SET), options=options)
     settings = fixture_settings(SET)
     settings.kv_fp8 = kv_fp8
     torch.cuda.reset_peak_memory_stats()
@@ -71,6 +72,40 @@ def test_offloaded_fp8_computes_as_in_place_fp8(checkpoint, slots):
     in_place = run(checkpoint, "fp8", OneDevice("cuda"))
     offloaded = run(checkpoint, "fp8", Offload("cuda", blocks=layers, num_layers=layers, slots=slots))
     assert torch.equal(offloaded, in_place), f"relative L2 {relative_l2(offloaded, in_place):.2e}"
+
+
+def test_two_models_with_kernels_on_and_off_interleaved_on_gpu(checkpoint, bf16, monkeypatch):
+    """A kernels-auto and a kernels-off model, blocks made alternately: each gives its blocks made
+    alone, bit for bit; the Triton kernels launch for the first model's blocks only."""
+    from test_settings import count_launches
+    from liveavatar.sampler import stream
+    models = {name: load_dit(checkpoint, storage="bf16", placement=OneDevice("cuda"), config=fixture_config(SET),
+                             options=RunOptions(kernels=name)) for name in ("auto", "off")}
+    launches = count_launches(monkeypatch)
+    alone = {name: [b.latents.cpu() for b in stream(m, fixture_inputs(SET), fixture_settings(SET))]
+             for name, m in models.items()}
+    runs = {name: stream(m, fixture_inputs(SET), fixture_settings(SET)) for name, m in models.items()}
+    for i in range(len(alone["auto"])):
+        for name in ("auto", "off"):
+            before = len(launches)
+            assert torch.equal(next(runs[name]).latents.cpu(), alone[name][i]), (name, i)
+            assert (len(launches) > before) == (name == "auto"), (name, i)
+    assert relative_l2(torch.cat(alone["off"], 1).float(), torch.cat(alone["auto"], 1).float()) < 1e-2
+    assert models["auto"].kernels.status().startswith("fused kernels: on")
+
+
+def test_fp8_compute_dequantize_skips_the_fp8_products(checkpoint, bf16, monkeypatch):
+    """fp8 weights, fp8_compute dequantize: no torch._scaled_mm call at all (auto: the fp8
+    products, on a GPU that has them), and as close to the bf16 model as auto."""
+    products = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (products.append(1), real(*a, **k))[1])
+    dequantized = run(checkpoint, "fp8", OneDevice("cuda"), options=RunOptions(fp8_compute="dequantize"))
+    assert products == []
+    fp8 = run(checkpoint, "fp8", OneDevice("cuda"))
+    if torch.cuda.get_device_capability() >= (8, 9):
+        assert products
+    assert relative_l2(dequantized, bf16) < 0.15 and relative_l2(dequantized, fp8) < 0.15
 
 
 def test_ffn_gelu_in_the_matmul_epilogue_is_linear_then_tanh_gelu():
@@ -195,6 +230,7 @@ def test_attention_over_cache_segments_on_gpu(fp8):
     dequantise kernel. Both against softmax attention over the concatenated tokens in fp32."""
     from test_kvcache import expected, random_segments
     from liveavatar import attention
+    from liveavatar.kernels import Kernels
 
     def on_gpu(t):  # fp8 tokens and their fp32 scales as they are; float tokens as bf16
         if t is None:
@@ -204,7 +240,7 @@ def test_attention_over_cache_segments_on_gpu(fp8):
     segments = [attention.KV(*(on_gpu(t) for t in (s.k, s.v, s.k_scale, s.v_scale)))
                 for s in random_segments(3, fp8, head_dim=128, heads=4)]
     q = torch.randn(3, 6, 4, 128, generator=torch.Generator().manual_seed(1)).to("cuda", torch.bfloat16)
-    got = attention.attend(q, segments)
+    got = attention.attend(q, segments, Kernels())
     want = expected(q.float().cpu(), [attention.KV(*(t.cpu() if t is not None else None for t in
                                                       (s.k, s.v, s.k_scale, s.v_scale))) for s in segments])
     assert relative_l2(got.float().cpu(), want) < 1e-2
@@ -212,9 +248,10 @@ def test_attention_over_cache_segments_on_gpu(fp8):
 
 def test_prompt_padding_kept_once_on_gpu():
     from liveavatar import attention
+    from liveavatar.kernels import Kernels
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(n, 40, 128, generator=g).to("cuda", torch.bfloat16) for n in (300, 21, 21))
     full = [torch.cat([t[:-1], t[-1:].expand(492, -1, -1)]) for t in (k, v)]
     want = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(0, 1) for t in (q, *full)))
-    got = attention.attend_repeated_last(q, k, v, 492)
+    got = attention.attend_repeated_last(q, k, v, 492, Kernels())
     assert relative_l2(got.float(), want.transpose(0, 1)) < 1e-2

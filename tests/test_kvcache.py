@@ -8,6 +8,7 @@ from conftest import fixture_sets, load_tensors, relative_l2
 from dit_fixture import fixture_inputs, fixture_model, fixture_settings, stream_clips
 from liveavatar import attention, kernels
 from liveavatar.attention import KV
+from liveavatar.kernels import Kernels
 
 SET = fixture_sets("dit_streaming")[0].values[0]
 
@@ -57,13 +58,12 @@ def test_attention_over_segments_is_attention_over_their_union(monkeypatch, mode
     """fp32, CPU: auto merges the ring attended in place with the copied sink parts by their
     log-sum-exp (compute-dtype cache), or dequantises all into one buffer (fp8); gather copies
     all. Both are softmax attention over the union of the tokens."""
-    monkeypatch.setenv("LIVEAVATAR_ATTENTION", mode)
     calls = []
     lse = attention.sdpa_lse
     monkeypatch.setattr(attention, "sdpa_lse", lambda *a: (calls.append(1), lse(*a))[1])
     q = torch.randn(3, 6, 2, 16, generator=torch.Generator().manual_seed(1))
     segments = random_segments(3, fp8)
-    got = attention.attend(q, segments)
+    got = attention.attend(q, segments, Kernels(), gather_all=mode == "gather")
     assert got.shape == q.shape
     torch.testing.assert_close(got.double(), expected(q, segments), rtol=1e-5, atol=1e-5)
     assert len(calls) == (2 if mode == "auto" and not fp8 else 0)
@@ -73,10 +73,11 @@ def test_log_sum_exp_merge_is_exact():
     """Attention over [A | B] from attention over A and over B and their log-sum-exps."""
     g = torch.Generator().manual_seed(2)
     q, k, v = torch.randn(2, 9, 3, 8, generator=g), torch.randn(2, 13, 3, 8, generator=g), torch.randn(2, 13, 3, 8, generator=g)
-    parts = [attention.sdpa_lse(q, k[:, :4], v[:, :4]), attention.sdpa_lse(q, k[:, 4:], v[:, 4:])]
+    fx = Kernels()
+    parts = [attention.sdpa_lse(q, k[:, :4], v[:, :4], fx), attention.sdpa_lse(q, k[:, 4:], v[:, 4:], fx)]
     scores = torch.einsum("bnhd,blhd->bhnl", q.double(), k[:, :4].double()) / 8 ** 0.5
     torch.testing.assert_close(parts[0][1].double(), torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
-    merged = attention.merge(parts)
+    merged = attention.merge(parts, fx)
     want = torch.stack([softmax_attention(q[b], k[b], v[b]) for b in range(2)])
     torch.testing.assert_close(merged.double(), want, rtol=1e-5, atol=1e-5)
 
@@ -94,14 +95,14 @@ def test_a_tick_attends_each_block_step_to_its_sink_and_ring():
     sink = SinkStore()
     keys, values = torch.randn(ft + 5, heads, head_dim, generator=g), torch.randn(ft + 5, heads, head_dim, generator=g)
     roped = torch.randn(ft + 5, heads, head_dim, generator=g)  # any "roped" keys: stored as given
-    sink.keep(0, ft, keys, roped, values)
+    sink.keep(0, ft, keys, roped, values, Kernels())
     rings = StepRings(3, 4 * ft, heads, head_dim, ["cpu"], torch.float32)
     norm = RMSNorm(dim, 1e-6)
     items = [BlockStepKV(view, sink, ref_time=30 + j, token_start=5 * ft) for j, view in enumerate(rings.views())]
     for view in rings.views():  # rings already full of earlier tokens
         rings.keys[0][view.index].normal_(generator=g)
         rings.values[0][view.index].normal_(generator=g)
-    tick = TickKV(items, (hp, wp), head_dim)
+    tick = TickKV(items, (hp, wp), head_dim, Kernels())
     k_new, v_new = torch.randn(3 * ft, dim, generator=g), torch.randn(3 * ft, heads, head_dim, generator=g)
     cos, sin = rope.grid_tables(5, 1, hp, wp, head_dim, "cpu")
     cos, sin = cos.repeat(3, 1, 1), sin.repeat(3, 1, 1)
@@ -189,24 +190,23 @@ def test_dequantize_and_merge_kernels_match_their_references(monkeypatch):
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and Triton's interpreter not selected")
     from test_kernels import exact_interpreter_casts
-    monkeypatch.setattr(kernels, "_setting", True)
-    monkeypatch.setattr(kernels, "_failure", None)
+    fx = Kernels("on")
     if not torch.cuda.is_available():
         exact_interpreter_casts(monkeypatch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert kernels._load_backend(torch.device(device)) is not None, kernels.status()
+    assert fx.active_for(torch.zeros(1, device=device)), fx.status()
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 6, 3, 40, generator=g)
     scales = x.abs().amax(dim=(-2, -1)) / 448.0
     stored = (x / scales[..., None, None]).to(torch.float8_e4m3fn).to(device)
     buffer = torch.zeros(2, 9, 3, 40, dtype=torch.bfloat16, device=device)
-    kernels.dequantize_tokens(stored, scales.to(device), buffer[:, 2:8])  # broadcast into a slice
+    fx.dequantize_tokens(stored, scales.to(device), buffer[:, 2:8])  # broadcast into a slice
     want = (stored.float() * scales.to(device)[..., None, None]).to(torch.bfloat16)
     assert torch.equal(buffer[:, 2:8], want.expand(2, -1, -1, -1))
     assert (buffer[:, :2] == 0).all() and (buffer[:, 8:] == 0).all()
     outs = [torch.randn(2, 5, 3, 40, generator=g).to(device, torch.bfloat16) for _ in range(2)]
     lses = [(torch.randn(2, 3, 5, generator=g) * 4).to(device) for _ in range(2)]
-    got = kernels.merge_attention(outs[0], lses[0], outs[1].transpose(0, 0), lses[1])
+    got = fx.merge_attention([(outs[0], lses[0]), (outs[1].transpose(0, 0), lses[1])])
     want = kernels.merge_attention_reference(list(zip(outs, lses)))
     assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2 ** -7
 
@@ -222,6 +222,8 @@ def test_prompt_padding_kept_once_attends_like_every_padding_row(monkeypatch, re
     full_k = torch.cat([k[:real], k[real:].expand(count, -1, -1)])
     full_v = torch.cat([v[:real], v[real:].expand(count, -1, -1)])
     want = softmax_attention(q, full_k, full_v)
-    torch.testing.assert_close(attention.attend_repeated_last(q, k, v, count).double(), want, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(attention, "_has_lse", lambda q: False)
-    torch.testing.assert_close(attention.attend_repeated_last(q, k, v, count).double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention.attend_repeated_last(q, k, v, count, Kernels()).double(), want, rtol=1e-5,
+                               atol=1e-5)
+    monkeypatch.setattr(attention, "_has_lse", lambda q, kernels: False)
+    torch.testing.assert_close(attention.attend_repeated_last(q, k, v, count, Kernels()).double(), want, rtol=1e-5,
+                               atol=1e-5)

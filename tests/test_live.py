@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from liveavatar.audio import Wav2Vec2Encoder
+from liveavatar.settings import RunOptions
 from liveavatar.testing import write_tiny_dit, write_tiny_lora, write_tiny_vae, write_tiny_wav2vec2
 from liveavatar.vae import WanVAE
 from nodes import host
@@ -128,8 +129,8 @@ def test_live_node_equals_sampler_then_decode(tiny_graph):
 
 def test_warm_up_on_load_leaves_the_model_as_it_was(tiny_graph, monkeypatch):
     """The loader's warm_up: a throw-away run at the chosen size (2 clips of 48 frames, 4 steps:
-    2 * 4 blocks * 4 block-steps), once per size for the same weights; afterwards a run gives
-    exactly what the model gave before, and no caches of the warm-up are left."""
+    2 * 4 blocks * 4 block-steps), once per size and run options for the same weights; afterwards
+    a run gives exactly what the model gave before, and no caches of the warm-up are left."""
     import gc
     import weakref
     from liveavatar import sampler as engine
@@ -153,9 +154,12 @@ def test_warm_up_on_load_leaves_the_model_as_it_was(tiny_graph, monkeypatch):
     assert runs == [(256, 384, 2)]
     gc.collect()
     assert len(streamers) == 1 and streamers[0]() is None
-    assert model.weights.warmed == {(256, 384)}
+    assert model.weights.warmed == {(256, 384, RunOptions())}
     after = LiveAvatarSampler().sample(**dict(inputs, model=model))["result"][0]["samples"]
     assert torch.equal(after, before)
+    loader.load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto", warm_up="384*256",
+                attention="gather")
+    assert runs == [(256, 384, 2)] * 2  # other options: warmed again, for what they use
     with pytest.raises(ValueError, match="warm_up must be one of"):
         loader.load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto", warm_up="999*1")
     with pytest.raises(ValueError, match="memory_cap_gib must be"):

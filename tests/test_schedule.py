@@ -89,7 +89,8 @@ def test_full_rings_of_consecutive_steps_attend_in_one_call(model, monkeypatch):
     from liveavatar import attention
     batches = []
     attend = attention.attend
-    monkeypatch.setattr(attention, "attend", lambda q, segments: (batches.append(q.shape[0]), attend(q, segments))[1])
+    monkeypatch.setattr(attention, "attend", lambda q, segments, *rest: (batches.append(q.shape[0]),
+                                                                          attend(q, segments, *rest))[1])
     run(model, StreamSettings(infer_frames=24, steps=3, seed=3))
     layers = fixture_config(SET).num_layers
     # 3 clips of 2 blocks, 3 steps: after clip 0 the rings are full, and the ticks with all 3
@@ -101,13 +102,14 @@ def test_full_rings_of_consecutive_steps_attend_in_one_call(model, monkeypatch):
 def test_tick_groups_consecutive_steps_with_one_sink_and_equal_rings():
     """Which block-steps share an attention call (kvcache.TickKV): consecutive steps of one
     StepRings, one sink, equally many valid ring tokens; at most attention_items per call."""
+    from liveavatar.kernels import Kernels
     from liveavatar.kvcache import BlockStepKV, SinkStore, StepRings, TickKV
     rings, other = (StepRings(4, 12, 2, 8, ["cpu"], torch.float32) for _ in range(2))
     sink, refreshed = SinkStore(), SinkStore()
     views = rings.views()
 
     def tick(items, valid, cap=0):
-        kv = TickKV([BlockStepKV(ring, s, 30, 0) for ring, s in items], (2, 2), 8, cap)
+        kv = TickKV([BlockStepKV(ring, s, 30, 0) for ring, s in items], (2, 2), 8, Kernels(), cap)
         kv.valid = valid
         return kv._groups()
 

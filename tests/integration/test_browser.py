@@ -5,7 +5,9 @@ $LIVEAVATAR_CHROMIUM) driven by Playwright, headless, against the test ComfyUI.
    with no alert, error toast, dialog (missing nodes or models) or page error, with all its
    nodes; the frontend's own API prompt of it (app.graphToPrompt) is the one api_prompt.py
    makes, which the HTTP tests queue.
-2. The live workflow (the two loaders swapped for the test ones, the Live Video node set to
+2. A workflow saved with the loader's former `compile` widget opens with every value in its own
+   widget (web/js/loader_upgrade.js) and the new ones at auto.
+3. The live workflow (the two loaders swapped for the test ones, the Live Video node set to
    custom 128*128, as in the HTTP tests), queued from the page: the player on the node starts
    playing before the run ends, and ends holding the whole video.
 """
@@ -106,6 +108,25 @@ def test_every_shipped_workflow_opens_in_the_frontend(comfyui, page, shipped):
         output = page.js("async () => (await window.app.graphToPrompt()).output")
         assert {i: {"class_type": n["class_type"], "inputs": declared(n, comfyui.object_info())}
                 for i, n in output.items()} == to_api(workflow, comfyui.object_info()), name
+
+
+def test_a_loader_saved_with_the_compile_widget_opens_with_its_values_in_place(comfyui, page, shipped):
+    workflow = json.loads(json.dumps(shipped["fast"]))
+    loader = next(n for n in workflow["nodes"] if n["type"] == "LiveAvatarModelLoader")
+    model, lora = loader["widgets_values"][:2]
+    # the list a workflow saved before: ..., kv_cache, compile, memory_cap_gib, warm_up
+    loader["widgets_values"] = [model, lora, 0.75, "fp16", "one GPU", 12, "fp8", True, 24.5, "off"]
+    page.clear()
+    page.load(workflow)
+    assert page.shown_problems() == [] and ours(page.errors) == []
+    widgets = page.js("""(id) => Object.fromEntries(window.app.graph.getNodeById(id).widgets
+                          .map(w => [w.name, w.value]))""", loader["id"])
+    assert widgets == {"model_name": model, "lora_name": lora, "lora_strength": 0.75, "weight_dtype": "fp16",
+                       "placement": "one GPU", "offload_blocks": 12, "kv_cache": "fp8", "memory_cap_gib": 24.5,
+                       "warm_up": "off", "kernels": "auto", "attention": "auto", "fp8_compute": "auto"}
+    output = page.js("async () => (await window.app.graphToPrompt()).output")
+    inputs = output[str(loader["id"])]["inputs"]
+    assert "compile" not in inputs and inputs["memory_cap_gib"] == 24.5 and inputs["kernels"] == "auto"
 
 
 def declared(node: dict, object_info: dict) -> dict:

@@ -61,6 +61,7 @@ def test_comfyui_loads_the_pack(comfyui):
     assert "IMPORT FAILED" not in comfyui.log()
     extensions = comfyui.get("/extensions")
     assert "/extensions/ComfyUI-LiveAvatar/js/live_view.js" in extensions
+    assert "/extensions/ComfyUI-LiveAvatar/js/loader_upgrade.js" in extensions
 
 
 @pytest.mark.parametrize("name", ["fast", "quality"])
