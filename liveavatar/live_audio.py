@@ -110,12 +110,15 @@ class PcmIntake:
             self._cond.notify_all()
             return {"received_s": round(self.received / SAMPLE_RATE, 3), "queued_s": round(self.queued_s, 3)}
 
-    def _decode(self, offset, data: bytes) -> np.ndarray:
+    def check_size(self, nbytes: int):
         limit = self.limits.max_chunk_bytes
-        if len(data) > limit:
+        if nbytes > limit:
             raise ChunkRefused("too_large", f"a chunk holds at most {self.limits.max_chunk_s:g} s of audio "
-                                            f"({limit} bytes of 16-bit PCM at 16 kHz), got {len(data)} bytes: "
+                                            f"({limit} bytes of 16-bit PCM at 16 kHz), got {nbytes} bytes: "
                                             "send smaller chunks")
+
+    def _decode(self, offset, data: bytes) -> np.ndarray:
+        self.check_size(len(data))
         if len(data) % BYTES_PER_SAMPLE:
             raise ChunkRefused("bad_chunk", f"a chunk is 16-bit PCM (an even number of bytes), got {len(data)} bytes")
         if isinstance(offset, str) and offset.strip().isdigit():

@@ -98,7 +98,8 @@ class LiveView:
                  details: dict | None = None):
         self.node_id, self.total_frames, self.path, self.audio = node_id, total_frames, path, audio
         self.event = event  # the websocket message's type (a live session's page listens to its own)
-        self.details = details if details is not None else {}  # sent with every message (a session's state)
+        # sent with every message (a session's state): a dict, or a function giving it at each message
+        self.details = details if details is not None else {}
         self.writer, self.frames, self.started, self.closed = None, 0, time.monotonic(), False
         self._send("running")  # the browser drops the previous run's video now, not at our first block
 
@@ -152,8 +153,9 @@ class LiveView:
         speed = self.frames / elapsed  # frames generated per second of wall time
         left = None if self.total_frames is None or not self.frames else round(
             max(self.total_frames - self.frames, 0) / max(speed, 1e-6), 1)
+        details = self.details() if callable(self.details) else self.details
         host.send_to_browser(self.event, {
-            **self.details, "node": self.node_id, **self.file_info(), "status": status, "reason": reason,
+            **details, "node": self.node_id, **self.file_info(), "status": status, "reason": reason,
             "mime": MIME_TYPE if self.audio is not None else MIME_TYPE_NO_AUDIO,
             "bytes": self.writer.bytes_written() if self.writer is not None else 0,
             "frames": self.frames, "total_frames": self.total_frames, "fps": round(speed, 2), "video_fps": FPS,
