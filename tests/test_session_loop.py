@@ -89,9 +89,9 @@ class Page(threading.Thread):
     (after s, for s): a stall in which its capture goes on but nothing is sent (those samples are
     lost). Records the frames shown when each chunk went."""
 
-    def __init__(self, server: Server, speech: np.ndarray, pause=None, stop=True):
+    def __init__(self, server: Server, speech: np.ndarray, pause=None, stop=True, at_once=False):
         super().__init__(daemon=True)
-        self.server, self.speech, self.stop = server, speech, stop
+        self.server, self.speech, self.stop, self.at_once = server, speech, stop, at_once  # at_once: no waits
         self.pause = (int(pause[0] * RATE), int(pause[1] * RATE)) if pause else (len(speech), 0)
         self.frames_at_chunk, self.answers, self.ready, self.error = [], [], None, None
 
@@ -102,7 +102,8 @@ class Page(threading.Thread):
             while offset < len(self.speech):
                 piece = self.speech[offset:offset + CHUNK]
                 skip = self.pause[1] if offset >= self.pause[0] else 0  # capture offsets go on through a stall
-                time.sleep(max(0.0, started + (offset + skip + len(piece)) / RATE - time.monotonic()))
+                if not self.at_once:
+                    time.sleep(max(0.0, started + (offset + skip + len(piece)) / RATE - time.monotonic()))
                 self.answers.append(self.send(offset + skip, int16(piece)))
                 self.frames_at_chunk.append(self.server.frames_shown())
                 offset += len(piece)
