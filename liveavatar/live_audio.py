@@ -198,9 +198,11 @@ class Pacing:
 
 class LiveAudioFeed:
     """The live Streamer's `on_audio`: takes the intake's chunks, lays them on the timeline
-    (module docstring), encodes them block by block and appends the blocks to `streamer`;
-    ends its audio when the session ends. `speech_frames`: video frames the timeline covers
-    (known once it has ended)."""
+    (module docstring), encodes them and appends the blocks to `streamer`; ends its audio when
+    the session ends. Each call encodes until one block is out (the one the stream asked for),
+    so that audio that piled up (generation behind) is encoded between the blocks' steps, not
+    all before the next block starts. `speech_frames`: video frames the timeline covers (known
+    once it has ended)."""
 
     def __init__(self, intake: PcmIntake, encoder, streamer, pacing: Pacing = Pacing(), on_pcm=None,
                  clock=time.monotonic):
@@ -209,6 +211,7 @@ class LiveAudioFeed:
         self.started = clock()
         self.origin = None  # clock time of timeline sample 0
         self.fed = self.silence = self.dropped = self.appended_frames = 0  # samples, samples, samples, frames
+        self.pending: deque = deque()  # timeline pieces not encoded yet
         self.ended = None  # why the audio ended
         self.latency = LatencyMeter()
         self._block_shape = None
@@ -216,16 +219,18 @@ class LiveAudioFeed:
     def __call__(self, wait: bool = False):
         if self.ended is not None:
             return
-        for chunk in self.intake.take(self.pacing.poll_s if wait else 0.0):
+        for chunk in self.intake.take(0.0 if self.pending or not wait else self.pacing.poll_s):
             self._place(chunk)
         now = self.clock()
         reason = self._end_reason(now)
         if reason is not None:
             self.end(reason)
-        elif self.pacing.idle == "silence" and self.origin is not None:
+            return
+        if self.pacing.idle == "silence" and self.origin is not None and not self.pending:
             due = int((now - self.origin - self.pacing.late_s) * SAMPLE_RATE)
             if due > self.fed:  # the audio is late: silence takes its place
                 self._feed(np.zeros(due - self.fed, np.float32), silence=True)
+        self._encode(until_block=True)
 
     def end(self, reason: str):
         """The audio ends here: what came before is encoded (the speech's last blocks, their
@@ -236,6 +241,7 @@ class LiveAudioFeed:
         self.intake.close(reason)
         for chunk in self.intake.take():
             self._place(chunk)
+        self._encode(until_block=False)
         for block in self.encoder.flush():
             self._append(block)
         while self._block_shape is not None and self.appended_frames < self.speech_frames + self.pacing.pad_frames:
@@ -245,6 +251,11 @@ class LiveAudioFeed:
     @property
     def speech_frames(self) -> int:
         return self.encoder.speech_frames
+
+    @property
+    def pending_s(self) -> float:
+        """Audio on the timeline not encoded yet."""
+        return sum(len(piece) for piece in self.pending) / SAMPLE_RATE
 
     def _place(self, chunk: Chunk):
         end = chunk.offset + len(chunk.pcm)
@@ -272,15 +283,25 @@ class LiveAudioFeed:
         return None
 
     def _feed(self, pcm: np.ndarray, silence: bool = False):
+        """Lay `pcm` on the timeline (up to max_seconds); it is encoded by _encode."""
         pcm = pcm[:max(0, int(self.pacing.max_seconds * SAMPLE_RATE) - self.fed)]
         if not len(pcm):
             return
-        if self.on_pcm is not None:
-            self.on_pcm(pcm)
+        self.pending.append(pcm)
         self.fed += len(pcm)
         self.silence += len(pcm) if silence else 0
-        for block in self.encoder.feed(torch.from_numpy(pcm)):
-            self._append(block)
+
+    def _encode(self, until_block: bool):
+        """Encode the pending timeline, a chunk at a time: until a block is out, or all of it."""
+        while self.pending:
+            pcm = self.pending.popleft()
+            if self.on_pcm is not None:
+                self.on_pcm(pcm)
+            blocks = self.encoder.feed(torch.from_numpy(pcm))
+            for block in blocks:
+                self._append(block)
+            if blocks and until_block:
+                return
 
     def _append(self, block: torch.Tensor):
         self._block_shape = tuple(block.shape)

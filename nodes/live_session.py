@@ -148,10 +148,11 @@ class LiveSession:
             "keeping_up": self.keeping_up, "speed_fps": self.speed_fps(), **feed.latency.summary()}}
 
     def waiting_s(self) -> float:
-        """Speech received and not yet being generated: in the intake, or encoded but not started."""
+        """Speech received and not yet being generated: in the intake, not encoded yet, or encoded
+        but its block not started."""
         streamer = self.stream_run.streamer
         features = max(0, streamer.audio.end - streamer.next_block * VIDEO_FRAMES_PER_BLOCK)
-        return self.intake.queued_s + features / FPS
+        return self.intake.queued_s + self.feed.pending_s + features / FPS
 
     def speed_fps(self) -> float | None:
         (t0, f0), (t1, f1) = self.speed_marks[0], self.speed_marks[-1]
