@@ -192,6 +192,39 @@ def test_session_whole_loop_streams_while_speaking_and_saves_the_session(graph, 
     assert page.send(len(speech), int16(np.zeros(CHUNK)))[0] == 404
 
 
+def test_session_object_driven_directly(graph):
+    """LiveSession without the node (as Python code would use it): PCM pushed into its intake
+    from a thread in real time; frames are written while it still pushes; a stop request ends it."""
+    from liveavatar.live_audio import Pacing, PcmIntake
+    from nodes.live import LiveView
+    from nodes.stream_run import StreamRun
+    inputs, _ = graph
+    run = StreamRun("session", inputs["model"], inputs["positive"], inputs["image"], inputs["vae"], None, "custom", 64,
+                    64, 24, 0, 2, 7, live=True).start(decode=True)
+    intake, pcm = PcmIntake("token"), live_session.LivePcm()
+    path = host.save_path("direct", "mp4")
+    view = LiveView(None, path, pcm, event=SESSION_EVENT)
+    session = live_session.LiveSession(run, inputs["audio_encoder"], intake, view, pcm, Pacing(idle="pause"), 0.25)
+    speech, frames_while_pushing = speech_like(2.0, seed=12), []
+
+    def push():
+        started = time.monotonic()
+        for offset in range(0, len(speech), CHUNK):
+            time.sleep(max(0.0, started + (offset + CHUNK) / RATE - time.monotonic()))
+            intake.push("token", offset, int16(speech[offset:offset + CHUNK]))
+            frames_while_pushing.append(view.frames)
+        intake.request_stop("token")
+
+    thread = threading.Thread(target=push)
+    thread.start()
+    with view.reporting():
+        session.run()
+    thread.join()
+    assert frames_while_pushing[-1] > 0
+    assert view.frames == mp4(path)["frames"] == covered_frames(len(speech))
+    assert session.feed.ended == "stopped from the page"
+
+
 def test_session_fills_late_audio_with_silence_and_keeps_sync(graph, monkeypatch):
     """The page stalls for 2.5 s after 1 s of speech (idle: keep moving): silence takes the late
     audio's place (generation goes on), the speech after the stall goes where it belongs, and
