@@ -130,7 +130,14 @@ class ComfyUI:
         return self._object_info
 
     def history(self, prompt_id: str) -> dict:
-        return self.get(f"/history/{prompt_id}").get(prompt_id, {})
+        """The prompt's history entry, once ComfyUI has written its status (it may come a moment
+        after the websocket's last message)."""
+        deadline = time.monotonic() + 30
+        while True:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id, {})
+            if "status" in entry or time.monotonic() > deadline:
+                return entry
+            time.sleep(0.2)
 
     def output_file(self, file: dict) -> Path:
         return self.base / "output" / file.get("subfolder", "") / file["filename"]

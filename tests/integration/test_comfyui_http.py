@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from .api_prompt import cpu_sized, nodes_of, to_api, with_test_loaders
-from .media import FPS, probe, video_frames
+from .media import DROPPED_FIRST, FPS, probe, video_frames
 from .model_files import PART1_SECONDS, PART2_SECONDS, SPEECH_SECONDS
 
 VIDEO_HW = (128, 128)
@@ -188,14 +188,19 @@ def continued(comfyui, shipped):
 
 
 def test_continue_workflow_writes_both_parts(comfyui, continued):
-    """Part 1 (keep_state on) and part 2 (continue_from part 1) each write their mp4 with their
-    part of the speech, 128x128; part 2's video keeps its first frames (a continuation drops
-    none); part 2 used part 1's kept state up."""
+    """Part 1 (keep_state on) and part 2 (continue_from part 1) each write their mp4, 128x128,
+    and no speech falls between them: part 1's video ends 3 frames (0.12 s) before its speech
+    (LiveAvatar drops a video's first 3 frames), so its mp4 holds the speech up to its last
+    frame and part 2's opens with the rest, over 3 more frames (a continuation drops none);
+    part 2 used part 1's kept state up."""
     prompt, history, first, second, kept_after = continued
     decodes = {prompt[d]["inputs"]["latents"][0]: d for d in nodes_of(prompt, "LiveAvatarDecode")}
-    for sampler, seconds, continues in ((first, PART1_SECONDS, False), (second, PART2_SECONDS, True)):
+    lead = DROPPED_FIRST / FPS
+    parts = ((first, PART1_SECONDS - lead, video_frames(PART1_SECONDS)),
+             (second, lead + PART2_SECONDS, video_frames(PART2_SECONDS, continues=True) + DROPPED_FIRST))
+    for sampler, seconds, frames in parts:
         path = history["outputs"][decodes[sampler]]["text"][0]
-        check_mp4(path, seconds, video_frames(seconds, continues=continues))
+        check_mp4(path, seconds, frames)
     part1, part2 = saved_latents(comfyui, history, f"save_{first}"), saved_latents(comfyui, history, f"save_{second}")
     assert part1.shape[2] == part2.shape[2] == 48 // 4  # one clip each, 4 frames per latent
     assert kept_after == 0

@@ -120,7 +120,7 @@ def pack_objects(class_name: str) -> list:
     """Live objects of one of the pack's classes (the pack keeps no registries of its own: the
     loaded DiTs are held by the loader node objects ComfyUI caches)."""
     return [o for o in gc.get_objects()
-            if type(o).__name__ == class_name and type(o).__module__.startswith(PACK_MODULE)]
+            if type(o).__name__ == class_name and PACK_MODULE in type(o).__module__]
 
 
 def memory_report() -> dict:
