@@ -40,7 +40,8 @@ class Recorder:
 
 
 @lru_cache(maxsize=None)
-def encoder(tmp=None) -> Wav2Vec2Encoder:
+def encoder() -> Wav2Vec2Encoder:
+    """The tiny test wav2vec2 (written once into a temporary folder)."""
     import tempfile
     from pathlib import Path
     folder = Path(tempfile.mkdtemp(prefix="session_w2v_"))
