@@ -6,6 +6,7 @@ while the DiT works on the next tick, so end-to-end speed approaches DiT-only sp
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -29,6 +30,38 @@ def decode_alongside(blocks: Iterable, decode: Callable[[torch.Tensor], torch.Te
     side = torch.cuda.Stream(device)
     yield from one_behind(blocks, lambda block: _queue_decode(block, decode, device, side),
                           lambda block, queued: _collect(block, *queued), first_at_once=True)
+
+
+class DecodeQueue:
+    """Blocks decoded alongside the sampling, each handed over as soon as its decode is done,
+    not when the next block comes (in a live session the next block may wait for speech).
+    On CUDA the decodes are queued on a side stream of `device`; elsewhere they run in line.
+
+        queue.put(block)                      # after the sampler yields it
+        for block, frames in queue.ready():   # decodes done by now (wait=True: all of them)
+            ..."""
+
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], device):
+        self.decode, self.device = decode, torch.device(device)
+        self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.pending: deque = deque()
+
+    def put(self, block):
+        if self.side is None:
+            self.pending.append((block, self.decode(block.latents).cpu(), None))
+        else:
+            self.pending.append((block, *_queue_decode(block, self.decode, self.device, self.side)))
+
+    def ready(self, wait: bool = False) -> list[tuple[object, torch.Tensor]]:
+        """(block, frames on the CPU) of the decodes done, in order (all of them with `wait`)."""
+        out = []
+        while self.pending:
+            block, frames, done = self.pending[0]
+            if done is not None and not wait and not done.query():
+                break
+            out.append(_collect(block, frames, done) if done is not None else (block, frames))
+            self.pending.popleft()
+        return out
 
 
 def one_behind(items: Iterable, start: Callable, finish: Callable, first_at_once: bool = False) -> Iterator:

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from .dit import FRAMES_PER_BLOCK, MOTION_BUCKETS, REFERENCE_TIME, BlockStep, LiveAvatarDiT
+from .feature_timeline import FeatureTimeline
 from .kvcache import BlockStepKV, SinkStore, StepRings
 from .memory import GIB, MemoryPlan, RunShape, plan_memory
 from .vae import LATENT_CHANNELS
@@ -103,7 +104,9 @@ class StreamInputs:
     text: torch.Tensor  # [L, text_dim] real-token text embeddings
     ref_latent: torch.Tensor  # [16, 1, h, w]
     motion_latents: torch.Tensor  # [16, 19, h, w]
-    audio: torch.Tensor  # [layers, audio_dim, frames at 25 fps], padded to whole clips
+    # [layers, audio_dim, frames at 25 fps], padded to whole clips; a live stream's: the whole
+    # blocks it starts with (may be none), the rest comes by Streamer.append_audio
+    audio: torch.Tensor
 
 
 @dataclass
@@ -175,16 +178,28 @@ class Streamer:
 
     Build it, iterate `blocks()`; `extend()` appends audio for more clips and the next
     `blocks()` goes on from the same state (a continued video); `predict` runs one
-    block-step (tests)."""
+    block-step (tests).
 
-    def __init__(self, model: LiveAvatarDiT, inputs: StreamInputs, settings: StreamSettings):
+    Live (`live=True`): the audio comes while the stream runs, a block at a time
+    (`append_audio`, 12 frames each), until `end_audio()`. Each block starts at the first tick
+    at which the schedule lets it start and its audio is in (asking `blocks(on_audio=...)`
+    for more first); the loop is the same, so the same features give the same latents
+    whether they came at once or block by block in time."""
+
+    def __init__(self, model: LiveAvatarDiT, inputs: StreamInputs, settings: StreamSettings, live: bool = False):
         self.model, self.inputs, self.settings = model, inputs, settings
         infer_frames = check_infer_frames(settings.infer_frames)
         self.timesteps, sigmas = flow_schedule(settings.steps)
         self.step_sizes = (sigmas[1:] - sigmas[:-1]).tolist()  # Euler: x += (sigma_next - sigma) * v
         self.latent_frames = infer_frames // VIDEO_FRAMES_PER_LATENT
         self.blocks_per_clip = self.latent_frames // FRAMES_PER_BLOCK
-        self.num_clips = clips_to_generate(settings, inputs.audio.shape[-1])
+        self.live = self.audio_open = live  # audio_open: a live stream's audio may still come
+        self.audio = FeatureTimeline(inputs.audio)
+        if live:
+            _check_whole_blocks(inputs.audio)
+            self.num_clips = math.ceil(self.audio.end / infer_frames)  # clips with audio so far
+        else:
+            self.num_clips = clips_to_generate(settings, inputs.audio.shape[-1])
         self.next_block = 0  # global index of the next block to start
         self.failed = False
         self.first_clean_frame = None  # [16, 1, h, w] once block 0 is clean: the refreshed sink's reference
@@ -198,7 +213,7 @@ class Streamer:
             self._prepare(model, inputs, settings, h * w // 4)
 
     def _plan_memory(self, model, settings, h: int, w: int) -> MemoryPlan:
-        shape = RunShape(h, w, settings.infer_frames, len(self.timesteps), settings.pipelined, refresh=self.num_clips > 1,
+        shape = RunShape(h, w, settings.infer_frames, len(self.timesteps), settings.pipelined, refresh=self._multi_clip(),
                          text_tokens=min(self.inputs.text.shape[0] + 1, model.cfg.text_len))
         kv_fp8 = settings.kv_fp8 if settings.kv_fp8 is not None else _sixteen_bit(model)
         plan = plan_memory(model, shape, kv_fp8, settings.memory_cap_gib, int(settings.reserve_gib * GIB),
@@ -249,7 +264,7 @@ class Streamer:
     def block_audio(self, clip: int, block: int, model: LiveAvatarDiT | None = None):
         start = clip * self.settings.infer_frames + block * VIDEO_FRAMES_PER_BLOCK
         model = model or self.model
-        return model.audio_condition(_to_device(self.inputs.audio[..., start:start + VIDEO_FRAMES_PER_BLOCK], model.device))
+        return model.audio_condition(_to_device(self.audio.take(start, VIDEO_FRAMES_PER_BLOCK), model.device))
 
     def frame_start(self, clip: int, block: int) -> int:
         return (clip * self.blocks_per_clip + block) * FRAMES_PER_BLOCK
@@ -276,26 +291,74 @@ class Streamer:
                                          self.plan.attention_items)[0]
 
     # ---- the loop ---------------------------------------------------------------------------
-    def blocks(self, on_step: Callable[[], None] | None = None) -> Iterator[Block]:
+    def blocks(self, on_step: Callable[[], None] | None = None,
+               on_audio: Callable[[bool], None] | None = None) -> Iterator[Block]:
         """Yield clean latent blocks in order. `on_step` runs after every block-step
-        (progress, interruption: raise from it to stop)."""
+        (progress, interruption: raise from it to stop). Live: `on_audio(wait)` runs when the
+        next block may start but its audio is not in; it may append audio or end it; with
+        `wait` nothing else can run (no block in flight), so it should block a little for
+        audio to come (then it is asked again) or raise to stop."""
         if self.failed:
             raise RuntimeError("this Streamer was stopped by an error or a cancel and its caches are inconsistent: "
                                "build a new Streamer to generate again")
-        total = self.num_clips * self.blocks_per_clip
         in_flight: list[_Job] = []
         try:
             with torch.no_grad():
-                while self.next_block < total or in_flight:
-                    if self.next_block < total and self._may_start(self.next_block, in_flight):
-                        in_flight.append(self._start(self.next_block))
+                while self._more_to_start() or in_flight:
+                    index = self.next_block
+                    if self._more_to_start() and self._may_start(index, in_flight) \
+                            and self._audio_in(index, on_audio, wait=not in_flight):
+                        in_flight.append(self._start(index))
                         self.next_block += 1
+                    if not in_flight:  # waiting for a live stream's audio
+                        continue
                     self._tick(in_flight, on_step)
                     if in_flight[0].step == len(self.timesteps):
                         yield self._finish(in_flight.pop(0), in_flight)
         except BaseException:
             self.failed = True
             raise
+
+    def _blocks_to_run(self) -> int | None:
+        """Blocks this run generates, as far as known (None: a live stream whose audio may still come)."""
+        if not self.live:
+            return self.num_clips * self.blocks_per_clip
+        return None if self.audio_open else self.audio.end // VIDEO_FRAMES_PER_BLOCK
+
+    def _more_to_start(self) -> bool:
+        total = self._blocks_to_run()
+        return total is None or self.next_block < total
+
+    def _multi_clip(self) -> bool:
+        """Whether a clip after the first may run (it needs the refreshed sink)."""
+        if self.live:
+            return self.audio_open or self.audio.end > self.settings.infer_frames
+        return self.num_clips > 1
+
+    def _audio_in(self, index: int, on_audio, wait: bool) -> bool:
+        """Whether block `index`'s audio is in, after asking `on_audio` for it on a live stream."""
+        needed = (index + 1) * VIDEO_FRAMES_PER_BLOCK
+        if not self.live or self.audio.end >= needed:
+            return True
+        if on_audio is not None:
+            on_audio(wait)
+        elif wait:
+            raise RuntimeError(f"block {index}'s audio is not in and no block is in flight: append it "
+                               "(append_audio), end the audio (end_audio), or give blocks() an on_audio callback")
+        return self.audio.end >= needed
+
+    def append_audio(self, features: torch.Tensor):
+        """Live: append the features [layers, audio_dim, frames] of the next whole blocks (12 frames each)."""
+        if not self.live or not self.audio_open:
+            raise RuntimeError("append_audio() feeds a live stream whose audio has not ended "
+                               "(Streamer(..., live=True), before end_audio())")
+        _check_whole_blocks(features)
+        self.audio.append(features)
+        self.num_clips = math.ceil(self.audio.end / self.settings.infer_frames)
+
+    def end_audio(self):
+        """Live: no more audio; the stream ends with the blocks whose audio is in."""
+        self.audio_open = False
 
     def _may_start(self, index: int, in_flight: list[_Job]) -> bool:
         if not self.settings.pipelined or (self.settings.first_block_alone and in_flight and in_flight[0].index == 0):
@@ -309,7 +372,9 @@ class Streamer:
         noise = self._noise[clip][:, block * FRAMES_PER_BLOCK:(block + 1) * FRAMES_PER_BLOCK]
         if block == self.blocks_per_clip - 1:
             del self._noise[clip]
-        return _Job(index, 0, noise, self.block_audio(clip, block, self.step_replica[0].model))
+        audio = self.block_audio(clip, block, self.step_replica[0].model)
+        self.audio.release((index + 1) * VIDEO_FRAMES_PER_BLOCK)  # (a live stream's parts: one block each)
+        return _Job(index, 0, noise, audio)
 
     def _tick(self, in_flight: list[_Job], on_step):
         """One step of every block in flight: one batched forward per model copy. Several
@@ -357,7 +422,7 @@ class Streamer:
         # the memory plan lets both sinks be held while clip 0 finishes; the sequential one (or a
         # tight plan: the pipeline drains once) after clip 0, as the original does.
         early = self.settings.pipelined and self.plan.sink_overlap
-        if self.num_clips > 1 and 1 not in self.replicas[0].sinks and (early or clip0_done):
+        if self._multi_clip() and 1 not in self.replicas[0].sinks and (early or clip0_done):
             self._refresh_sink(drop_portrait_first=clip0_done)
         elif clip0_done:
             self._drop_portrait_sink()
@@ -385,10 +450,12 @@ class Streamer:
         if the whole audio had been given at once."""
         if self.failed or not self.caches:
             raise RuntimeError("this Streamer cannot continue (stopped by an error, a cancel, or closed): start a new one")
+        if self.live:
+            raise RuntimeError("a live stream takes more audio by append_audio(), not extend()")
         if self.next_block != self.num_clips * self.blocks_per_clip:
             raise RuntimeError("extend() continues a finished run: iterate blocks() to the end first")
-        kept = self.inputs.audio[..., :self.num_clips * self.settings.infer_frames]
-        self.inputs = replace(self.inputs, audio=torch.cat([kept, audio.to(kept)], dim=-1))
+        self.audio.truncate(self.num_clips * self.settings.infer_frames)  # features past the last clip run
+        self.audio.append(audio.to(self.inputs.audio))
         settings = StreamSettings(infer_frames=self.settings.infer_frames, num_clip=num_clip)
         if self.num_clips == 1:
             with torch.no_grad():
@@ -403,13 +470,21 @@ class Streamer:
             self._pool = None
 
     @property
-    def total_block_steps(self) -> int:
-        return self.num_clips * self.blocks_per_clip * len(self.step_sizes)
+    def total_block_steps(self) -> int | None:
+        """Block-steps of the whole run (None: a live stream whose audio may still come)."""
+        blocks = self._blocks_to_run()
+        return None if blocks is None else blocks * len(self.step_sizes)
 
     @property
     def block_steps_done(self) -> int:
         """Block-steps of the blocks already yielded (between runs of blocks(): all started ones)."""
         return self.next_block * len(self.step_sizes)
+
+
+def _check_whole_blocks(features: torch.Tensor):
+    if features.dim() != 3 or features.shape[-1] % VIDEO_FRAMES_PER_BLOCK:
+        raise ValueError(f"a live stream's audio features come in whole blocks of {VIDEO_FRAMES_PER_BLOCK} frames "
+                         f"([layers, audio_dim, 12 k]), got {tuple(features.shape)}")
 
 
 def _sixteen_bit(model: LiveAvatarDiT) -> bool:

@@ -4,6 +4,7 @@ from .decode import LiveAvatarDecode
 from .live import LiveAvatarLiveVideo
 from .loader import LiveAvatarModelLoader
 from .sampler import LiveAvatarSampler
+from .session import LiveAvatarSession
 
 NODE_CLASS_MAPPINGS = {
     "LiveAvatarModelLoader": LiveAvatarModelLoader,
@@ -11,6 +12,7 @@ NODE_CLASS_MAPPINGS = {
     "LiveAvatarSampler": LiveAvatarSampler,
     "LiveAvatarDecode": LiveAvatarDecode,
     "LiveAvatarLiveVideo": LiveAvatarLiveVideo,
+    "LiveAvatarSession": LiveAvatarSession,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LiveAvatarModelLoader": "LiveAvatar Model Loader",
@@ -18,4 +20,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LiveAvatarSampler": "LiveAvatar Sampler",
     "LiveAvatarDecode": "LiveAvatar Decode (streaming)",
     "LiveAvatarLiveVideo": "LiveAvatar Live Video",
+    "LiveAvatarSession": "LiveAvatar Live Session",
 }

@@ -146,9 +146,14 @@ def stream_frames(vae, latents: torch.Tensor, motion_latents=None, max_frames=No
         for start in range(0, latents.shape[1], LATENTS_PER_BLOCK):
             frames = decoder.decode(latents[:, start:start + LATENTS_PER_BLOCK])
             if frames.shape[1]:
-                yield ((frames.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()
+                yield video_to_images(frames).cpu()
             if decoder.finished:
                 break
         progress.finish()
     finally:
         progress.close()
+
+
+def video_to_images(video: torch.Tensor) -> torch.Tensor:
+    """Decoded video [3, T, H, W] in [-1, 1] -> ComfyUI IMAGE frames [T, H, W, 3] in 0..1."""
+    return ((video.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)

@@ -251,14 +251,36 @@ def load_models(patchers):
 
 
 # ---- messages to the browser -----------------------------------------------------------------
-def send_to_browser(event: str, data: dict):
-    """Send a websocket message to the browser that queued the prompt (ComfyUI's PromptServer);
-    nothing outside ComfyUI. Only a server ComfyUI already started is used: importing its
-    `server` module here would start nothing but could clash with another module of that name."""
+def prompt_server():
+    """ComfyUI's running PromptServer; None outside ComfyUI. Only a server ComfyUI already started
+    is used: importing its `server` module here would start nothing but could clash with another
+    module of that name."""
     server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    return getattr(getattr(server, "PromptServer", None), "instance", None)
+
+
+def client_id() -> str | None:
+    """The websocket client id of the page that queued the prompt running now (None: a prompt
+    queued without one, or outside ComfyUI)."""
+    return getattr(prompt_server(), "client_id", None)
+
+
+def send_to_browser(event: str, data: dict):
+    """Send a websocket message to the browser that queued the prompt (ComfyUI's PromptServer;
+    every page when the prompt came without a client id); nothing outside ComfyUI."""
+    instance = prompt_server()
     if instance is not None:
         instance.send_sync(event, data, instance.client_id)
+
+
+def send_to_client(event: str, data: dict) -> bool:
+    """Send a message to the page that queued the prompt and to no other (never broadcast: for
+    what only that page may know, e.g. a session's token). False when there is no such page."""
+    instance, client = prompt_server(), client_id()
+    if instance is None or client is None:
+        return False
+    instance.send_sync(event, data, client)
+    return True
 
 
 class NodeNotes:
@@ -281,8 +303,7 @@ class NodeNotes:
 def show_text(text: str):
     """Text under the node ComfyUI is running (its progress-text message); nothing outside
     ComfyUI or where the server lacks it."""
-    server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    instance = prompt_server()
     node_id = executing_node_id()
     if instance is not None and node_id is not None and hasattr(instance, "send_progress_text"):
         instance.send_progress_text(text, node_id, instance.client_id)

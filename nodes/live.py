@@ -15,7 +15,7 @@ from ..liveavatar.sampler import VIDEO_FRAMES_PER_LATENT
 
 from . import host
 from .continuation import with_lead_in
-from .decode import FrameCollector
+from .decode import FrameCollector, video_to_images
 from .live_mp4 import MIME_TYPE, MIME_TYPE_NO_AUDIO, FragmentedMp4Writer
 from .sampler import CONTINUE_INPUTS, LiveAvatarSampler
 from .stream_run import FPS, StreamRun
@@ -77,7 +77,7 @@ class LiveAvatarLiveVideo:
                     if not video.shape[1]:
                         view.close_file()  # the video is complete for the viewer here
                         continue
-                    frames = ((video.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
+                    frames = video_to_images(video)
                     view.append(frames)
                     frames_out.add(frames)
             finally:
@@ -94,8 +94,12 @@ class LiveView:
     stands: status "running", then "finished", "cancelled" or "failed" (with the reason).
     `done` says the file is complete (no more bytes will come)."""
 
-    def __init__(self, node_id, path, audio, total_frames: int | None = None):
+    def __init__(self, node_id, path, audio, total_frames: int | None = None, event: str = LIVE_EVENT,
+                 details: dict | None = None):
         self.node_id, self.total_frames, self.path, self.audio = node_id, total_frames, path, audio
+        self.event = event  # the websocket message's type (a live session's page listens to its own)
+        # sent with every message (a session's state): a dict, or a function giving it at each message
+        self.details = details if details is not None else {}
         self.writer, self.frames, self.started, self.closed = None, 0, time.monotonic(), False
         self._send("running")  # the browser drops the previous run's video now, not at our first block
 
@@ -104,6 +108,10 @@ class LiveView:
             self.writer = FragmentedMp4Writer(self.path, FPS, frames.shape[2], frames.shape[1], self.audio)
         self.writer.write_block(frames)
         self.frames += len(frames)
+        self._send("running")
+
+    def update(self):
+        """Tell the browser how the run stands now (between blocks: a session's state)."""
         self._send("running")
 
     def close_file(self, announce: bool = True):
@@ -145,8 +153,9 @@ class LiveView:
         speed = self.frames / elapsed  # frames generated per second of wall time
         left = None if self.total_frames is None or not self.frames else round(
             max(self.total_frames - self.frames, 0) / max(speed, 1e-6), 1)
-        host.send_to_browser(LIVE_EVENT, {
-            "node": self.node_id, **self.file_info(), "status": status, "reason": reason,
+        details = self.details() if callable(self.details) else self.details
+        host.send_to_browser(self.event, {
+            **details, "node": self.node_id, **self.file_info(), "status": status, "reason": reason,
             "mime": MIME_TYPE if self.audio is not None else MIME_TYPE_NO_AUDIO,
             "bytes": self.writer.bytes_written() if self.writer is not None else 0,
             "frames": self.frames, "total_frames": self.total_frames, "fps": round(speed, 2), "video_fps": FPS,

@@ -32,7 +32,9 @@ MIME_TYPE_NO_AUDIO = 'video/mp4; codecs="avc1.640028"'
 
 class FragmentedMp4Writer:
     def __init__(self, path: Path, fps: int, width: int, height: int, audio: MuxAudio | None = None):
-        """audio: as video_writer.prepare_audio gives it (float32 in [-1, 1], 44.1 or 48 kHz)."""
+        """audio: as video_writer.prepare_audio gives it (float32 in [-1, 1], 44.1 or 48 kHz), or
+        any object with its `rate`, `channels` and `read(start, end)` (a live session's PCM, read
+        as the frames it drove are written)."""
         import av
         self.av, self.path, self.fps = av, Path(path), fps
         # flush_packets: bytes reach the file as soon as the muxer writes them, so the size
@@ -54,7 +56,7 @@ class FragmentedMp4Writer:
         self.audio, self.audio_stream = audio, None
         if audio is not None:  # every stream must exist before the first packet
             self.audio_stream = self.container.add_stream("aac", rate=audio.rate)
-            self.audio_stream.layout = "stereo" if audio.wave.shape[0] >= 2 else "mono"
+            self.audio_stream.layout = "stereo" if audio.channels >= 2 else "mono"
             self.audio_encoded = 0  # samples given to the encoder
             self.audio_held = []  # encoded packets that start after the last frame written
 
@@ -118,9 +120,7 @@ class FragmentedMp4Writer:
         end = int(round(seconds * self.audio.rate))
         if end <= self.audio_encoded:
             return
-        chunk = self.audio.wave[:, self.audio_encoded:end]
-        if chunk.shape[1] < end - self.audio_encoded:  # the speech ended: the track goes on silent
-            chunk = np.pad(chunk, ((0, 0), (0, end - self.audio_encoded - chunk.shape[1])))
+        chunk = self.audio.read(self.audio_encoded, end)  # past the end of the speech: silence
         layout = self.audio_stream.layout.name
         packed = chunk[:1].reshape(1, -1) if layout == "mono" else np.ascontiguousarray(chunk[:2].T).reshape(1, -1)
         frame = self.av.AudioFrame.from_ndarray(np.ascontiguousarray(packed, dtype=np.float32), format="flt",

@@ -42,15 +42,18 @@ class StreamRun:
     latents the decoder starts from) and `video_frames` (frames of this part that carry speech)."""
 
     def __init__(self, label, model, positive, image, vae, audio_features, size, width, height, infer_frames,
-                 num_clip, sample_steps, seed, continue_from=None, keep_state=False):
+                 num_clip, sample_steps, seed, continue_from=None, keep_state=False, live=False):
         cfg = model.dit.cfg
-        self.label, self.model, self.core_vae, self.keep = label, model, vae, keep_state
+        self.label, self.model, self.core_vae, self.keep, self.live = label, model, vae, keep_state, live
         self.text = text_embeddings(positive, cfg.text_len)
         check_infer_frames(infer_frames)
         flow_schedule(sample_steps)  # the steps' range
-        self.features, self.speech_frames = audio_features.per_frame(infer_frames)
-        check_audio_width(self.features, cfg)
-        self.speech = getattr(audio_features, "speech", None)
+        if live:  # a live session's stream: no audio yet, its blocks come as they are spoken
+            self.features, self.speech_frames, self.speech = torch.zeros(cfg.audio_layers, cfg.audio_dim, 0), 0, None
+        else:
+            self.features, self.speech_frames = audio_features.per_frame(infer_frames)
+            check_audio_width(self.features, cfg)
+            self.speech = getattr(audio_features, "speech", None)
         self.previous = previous_part(continue_from)
         self.notes = host.NodeNotes()  # what the user should know, shown on the node as it comes
         picture = image_tensor(image, self.notes)
@@ -62,12 +65,13 @@ class StreamRun:
         self.streamer = self.mode = self.vae = self.handle = self.priming = None
 
     # ---- set-up ------------------------------------------------------------------------
-    def start(self, decode: bool = False) -> "StreamRun":
-        """Load the models through ComfyUI (the VAE too when decoding or encoding the portrait)
-        and set up the stream: a new one from the portrait, the kept state of the run this one
-        continues, or (without it) a new one from that run's last latents."""
+    def start(self, decode: bool = False, also=()) -> "StreamRun":
+        """Load the models through ComfyUI (the VAE too when decoding or encoding the portrait,
+        and the ComfyUI models in `also`, in the same request) and set up the stream: a new one
+        from the portrait, the kept state of the run this one continues, or (without it) a new
+        one from that run's last latents."""
         fresh = self.previous is None
-        self.model.prepare(also=[vae_patcher(self.core_vae)] if decode or fresh else [])
+        self.model.prepare(also=[vae_patcher(self.core_vae), *also] if decode or fresh else list(also))
         if decode or fresh:
             self.vae = streaming_vae(self.core_vae)
         if fresh:
@@ -84,7 +88,7 @@ class StreamRun:
 
     def _new_stream(self, ref_latent, motion_latents) -> Streamer:
         return Streamer(self.model.dit, StreamInputs(self.text, ref_latent, motion_latents, self.features),
-                        self.settings)
+                        self.settings, live=self.live)
 
     def _continue(self):
         handle = self.previous.get("state")
@@ -112,10 +116,12 @@ class StreamRun:
                           f"could not be used: {why}")
 
     # ---- the loop ----------------------------------------------------------------------
-    def blocks(self, preview: bool = False) -> Iterator:
+    def blocks(self, preview: bool = False, on_audio=None, progress_steps: int | None = None) -> Iterator:
         """The stream's clean blocks (progress, cancel, cleanup: stream_blocks); once all are
-        out, the state is kept if asked (its handle goes into the LATENT)."""
-        yield from stream_blocks(self.streamer, self.label, keep=self.keep, preview=preview)
+        out, the state is kept if asked (its handle goes into the LATENT). A live stream asks
+        `on_audio` for its audio (Streamer.blocks)."""
+        yield from stream_blocks(self.streamer, self.label, keep=self.keep, preview=preview, on_audio=on_audio,
+                                 progress_steps=progress_steps)
         if self.keep:
             self.handle = self.model.weights.kept.keep(self.streamer, self.key)
 
@@ -187,12 +193,15 @@ def approximate_history(previous: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return reference, latents[:, -MOTION_LATENTS:]
 
 
-def stream_blocks(streamer: Streamer, label: str, keep: bool = False, preview: bool = False) -> Iterator:
-    """Yield `streamer.blocks()`, ticking the progress bar every block-step (with a latent
-    preview per block if asked), stopping cleanly on cancel; the caches are freed either way
-    (unless kept for a continuation after a complete run), and ComfyUI's cached memory is
-    returned. Close the generator (or run it to the end) to clean up at once."""
-    progress = host.Progress(streamer.total_block_steps - streamer.block_steps_done, label)
+def stream_blocks(streamer: Streamer, label: str, keep: bool = False, preview: bool = False, on_audio=None,
+                  progress_steps: int | None = None) -> Iterator:
+    """Yield `streamer.blocks(on_audio=on_audio)`, ticking the progress bar every block-step (with
+    a latent preview per block if asked), stopping cleanly on cancel; the caches are freed either
+    way (unless kept for a continuation after a complete run), and ComfyUI's cached memory is
+    returned. Close the generator (or run it to the end) to clean up at once. The bar's length:
+    the run's block-steps, or `progress_steps` (a live stream's, whose length is not known)."""
+    progress = host.Progress(progress_steps if progress_steps is not None
+                             else streamer.total_block_steps - streamer.block_steps_done, label)
     previewer = host.latent_previewer() if preview else None
 
     def on_step():
@@ -201,7 +210,7 @@ def stream_blocks(streamer: Streamer, label: str, keep: bool = False, preview: b
 
     done = False
     try:
-        for block in streamer.blocks(on_step):
+        for block in streamer.blocks(on_step, on_audio):
             if previewer is not None:
                 progress.show(previewer(block.latents))
             yield block

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..liveavatar.audio import Wav2Vec2Encoder
+from ..liveavatar.audio import Wav2Vec2Encoder, hf_state_dict, infer_config
 from ..liveavatar.vae import PORTRAIT_ENCODE_STEPS, WanVAE
 
 from . import host
@@ -50,6 +50,25 @@ def audio_encoder(encoder) -> Wav2Vec2Encoder:
                          "(wav2vec2_large_english_fp16.safetensors)")
     host.load_models([getattr(encoder, "patcher", None)])
     return Wav2Vec2Encoder.sharing(dict(model.named_parameters()), attention_heads(model))
+
+
+def audio_encoder_patcher(encoder):
+    """ComfyUI's handle on a core audio encoder (None for an engine one)."""
+    return None if isinstance(encoder, Wav2Vec2Encoder) else getattr(encoder, "patcher", None)
+
+
+def audio_encoder_layout(encoder) -> tuple[int, int]:
+    """(hidden states, width) an audio encoder gives, read from its configuration or its
+    parameters' shapes, without loading it."""
+    if isinstance(encoder, Wav2Vec2Encoder):
+        config = encoder.model.config
+        return config.num_hidden_layers + 1, config.hidden_size
+    model = getattr(encoder, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError("the audio encoder input must come from AudioEncoderLoader "
+                         "(wav2vec2_large_english_fp16.safetensors)")
+    config = infer_config(hf_state_dict(dict(model.named_parameters())))
+    return config["num_hidden_layers"] + 1, config["hidden_size"]
 
 
 def attention_heads(model: torch.nn.Module) -> dict:

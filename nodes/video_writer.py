@@ -33,6 +33,15 @@ class MuxAudio:
     wave: np.ndarray  # [channels (1 or 2), samples] float32 in [-1, 1]
     rate: int
 
+    @property
+    def channels(self) -> int:
+        return self.wave.shape[0]
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Samples start .. end - 1 [channels, end - start], silence past the end of the speech."""
+        chunk = self.wave[:, start:end]
+        return np.pad(chunk, ((0, 0), (0, end - start - chunk.shape[1]))) if chunk.shape[1] < end - start else chunk
+
 
 def prepare_audio(audio: dict | None) -> tuple[MuxAudio | None, list[str]]:
     """A ComfyUI AUDIO -> (what to mux or None, notes for the user on what was changed). What

@@ -160,6 +160,36 @@ def test_decode_alongside_gives_the_inline_frames():
         assert torch.equal(frames, want)
 
 
+def test_session_decode_queue_hands_each_block_over_when_decoded_on_gpu():
+    """A live session's DecodeQueue on CUDA: the inline frames, in order; a block's frames come out
+    without the next block (ready(wait=False) once its side-stream decode is done)."""
+    import time
+    from liveavatar.overlap import DecodeQueue
+    from liveavatar.sampler import Block
+    from liveavatar.vae import VideoVAE, WanVAE
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        vae = WanVAE(VideoVAE(dim=8, z_dim=16), "cuda", torch.float32)
+    latents = torch.randn(16, 10, 8, 8, device="cuda")
+    blocks = [Block(0, i, latents[:, 1 + 3 * i:4 + 3 * i]) for i in range(3)]
+    inline = vae.stream_decoder()
+    inline.decode(latents[:, :1])
+    expected = [inline.decode(b.latents).cpu() for b in blocks]
+    queued = vae.stream_decoder()
+    queued.decode(latents[:, :1])
+    queue = DecodeQueue(queued.decode, "cuda")
+    got = []
+    for block in blocks:
+        queue.put(block)
+        deadline = time.time() + 30
+        while len(got) <= block.index and time.time() < deadline:  # no next block needed
+            got += queue.ready()
+        assert len(got) == block.index + 1
+    assert queue.ready(wait=True) == []
+    for (block, frames), want in zip(got, expected):
+        assert torch.equal(frames, want)
+
+
 # ---- issue 19: LoRA strength and shared weights on a GPU ---------------------------------------
 def strength_model(checkpoint, storage, placement, strength, lora):
     """Built as the loader builds it inside ComfyUI: computed on the GPU, kept on the CPU (its

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import REPO
 
-NODES = {"LiveAvatarModelLoader", "LiveAvatarAudioEncode", "LiveAvatarSampler", "LiveAvatarDecode", "LiveAvatarLiveVideo"}
+NODES = {"LiveAvatarModelLoader", "LiveAvatarAudioEncode", "LiveAvatarSampler", "LiveAvatarDecode", "LiveAvatarLiveVideo",
+         "LiveAvatarSession"}
 
 
 @pytest.mark.parametrize("folder", ["ComfyUI-LiveAvatar", "ComfyUI_LiveAvatar", "comfyui.liveavatar"])

@@ -80,7 +80,7 @@ def check_widget(name, kind, opts, value):
 def test_only_our_nodes_and_listed_core_nodes(path):
     types = {n["type"] for n in load(path)["nodes"]}
     assert types <= set(OURS) | set(CORE), types - set(OURS) - set(CORE)
-    if "LiveAvatarLiveVideo" in types:  # samples, decodes and writes the mp4 itself
+    if types & {"LiveAvatarLiveVideo", "LiveAvatarSession"}:  # samples, decodes and writes the mp4 itself
         return
     assert {"LiveAvatarSampler", "LiveAvatarDecode"} <= types
     # the video is saved: by core CreateVideo -> SaveVideo, or by our decode node's own mp4
@@ -411,10 +411,12 @@ def expected_continued_frames(seconds: float, infer_frames: int = 48) -> int:
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_runs_end_to_end_on_tiny_weights(path, tiny_models):
+def test_workflow_runs_end_to_end_on_tiny_weights(path, tiny_models, monkeypatch):
     workflow = load(path)
-    results = run_workflow(workflow, tiny_models)
     by_type = {n["type"]: n for n in workflow["nodes"]}
+    if "LiveAvatarSession" in by_type:
+        return check_session_workflow(workflow, tiny_models, monkeypatch)
+    results = run_workflow(workflow, tiny_models)
     generator = by_type.get("LiveAvatarSampler") or by_type["LiveAvatarLiveVideo"]
     size = generator["widgets_values"][0]
     if "CreateVideo" in by_type:
@@ -444,3 +446,26 @@ def test_workflow_runs_end_to_end_on_tiny_weights(path, tiny_models):
         assert images.shape == (seconds, *target_size(*PORTRAIT_HW, parse_area(size)), 3) and fps == 1.0
         return
     assert fps == 25.0 and audio["sample_rate"] == 22050
+
+
+def check_session_workflow(workflow, models, monkeypatch):
+    """The session workflow with a page that speaks the test speech (all at once, then Stop):
+    its mp4 holds a frame for every 25 fps frame of the speech, at the shipped size."""
+    from nodes import host
+    from test_session_loop import Page, Server
+    server = Server()
+    monkeypatch.setattr(host, "prompt_server", lambda: server)
+    wave = speech(16000)["waveform"][0, 0].numpy()
+    page = Page(server, wave, at_once=True)
+    page.start()
+    results = run_workflow(workflow, models)
+    page.join(60)
+    session = next(n for n in workflow["nodes"] if n["type"] == "LiveAvatarSession")
+    path, frames = results[session["id"]]
+    assert frames == expected_frames(SPEECH_SECONDS)
+    with av.open(path) as mp4:
+        assert sum(1 for p in mp4.demux(video=0) if p.size) == frames
+        assert (mp4.streams.video[0].height, mp4.streams.video[0].width) == \
+            target_size(*PORTRAIT_HW, parse_area(session["widgets_values"][0]))
+        assert mp4.streams.audio[0].codec_context.name == "aac"
+

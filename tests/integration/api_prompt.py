@@ -85,7 +85,7 @@ def with_test_loaders(prompt: dict) -> dict:
 # The smallest area the generator nodes take (width and height >= 128): on a CPU the VAE's cost
 # grows with the pixels, even at the test VAE's tiny width (384*256 takes minutes).
 CPU_SIZE = {"size": "custom", "width": 128, "height": 128}
-GENERATORS = ("LiveAvatarSampler", "LiveAvatarLiveVideo")
+GENERATORS = ("LiveAvatarSampler", "LiveAvatarLiveVideo", "LiveAvatarSession")
 
 
 def cpu_sized(prompt: dict) -> dict:

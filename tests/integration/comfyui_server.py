@@ -150,6 +150,11 @@ class ComfyUI:
         import websocket
         return websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=600)
 
+    def websocket_for(self, client_id: str) -> "Listener":
+        """Another page's websocket (its own client id), to see what it is sent."""
+        import websocket
+        return Listener(websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}", timeout=60))
+
     def queue(self, prompt: dict) -> str:
         try:
             answer = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
@@ -182,3 +187,25 @@ class ComfyUI:
             return run
         finally:
             ws.close()
+
+
+class Listener:
+    """A websocket whose messages are read when asked (drain: every message it has now)."""
+
+    def __init__(self, ws):
+        self.ws = ws
+
+    def drain(self, wait: float = 0.5) -> list[dict]:
+        messages = []
+        self.ws.settimeout(wait)
+        while True:
+            try:
+                raw = self.ws.recv()
+            except Exception:  # the timeout: nothing more now
+                return messages
+            if not isinstance(raw, bytes):
+                messages.append(json.loads(raw))
+
+    def close(self):
+        self.ws.close()
+

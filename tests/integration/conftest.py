@@ -58,6 +58,6 @@ def comfyui():
 
 @pytest.fixture(scope="session")
 def shipped():
-    """The shipped UI workflows by name (fast, quality, live, continue)."""
+    """The shipped UI workflows by name (fast, quality, live, continue, session)."""
     return {p.stem.removeprefix("liveavatar_"): json.loads(p.read_text())
             for p in sorted((REPO / "workflows").glob("*.json"))}

@@ -23,7 +23,7 @@ from .model_files import PART1_SECONDS, PART2_SECONDS, SPEECH_SECONDS
 VIDEO_HW = (128, 128)
 
 PACK_NODES = {"LiveAvatarModelLoader", "LiveAvatarAudioEncode", "LiveAvatarSampler", "LiveAvatarDecode",
-              "LiveAvatarLiveVideo"}
+              "LiveAvatarLiveVideo", "LiveAvatarSession"}
 
 
 def prompt_for(comfyui, shipped, name: str, **audio) -> dict:
@@ -60,8 +60,8 @@ def test_comfyui_loads_the_pack(comfyui):
     assert {info[n]["python_module"] for n in PACK_NODES} == {"custom_nodes.ComfyUI-LiveAvatar"}
     assert "IMPORT FAILED" not in comfyui.log()
     extensions = comfyui.get("/extensions")
-    assert "/extensions/ComfyUI-LiveAvatar/js/live_view.js" in extensions
-    assert "/extensions/ComfyUI-LiveAvatar/js/loader_upgrade.js" in extensions
+    assert {f"/extensions/ComfyUI-LiveAvatar/js/{name}.js"
+            for name in ("live_view", "session", "loader_upgrade")} <= set(extensions)
 
 
 @pytest.mark.parametrize("name", ["fast", "quality"])

@@ -8,14 +8,20 @@
 // without reloading it.
 
 const START_AFTER_SECONDS = 0.4; // buffered video before playback starts: about one block
+const LIVE_MAX_LAG_SECONDS = 1.0; // live (a session): playback this far behind what is buffered jumps ahead
+const LIVE_JUMP_TO_SECONDS = 0.2; // ... to this far before the end of it
 const STATUS_COLOURS = { cancelled: "#e8a33d", failed: "#e05555" };
 
 export class LivePlayer {
   // viewURL(file): the URL that serves {filename, subfolder, type}; env: the browser's globals
-  // (document, MediaSource, URL, fetch), replaceable in tests.
-  constructor(viewURL, env = globalThis) {
+  // (document, MediaSource, URL, fetch), replaceable in tests; options.describe(message): the
+  // status line (default: a run's progress); options.live: keep playback at the newest block
+  // (a conversation: what was said last matters, not every frame).
+  constructor(viewURL, env = globalThis, options = {}) {
     this.viewURL = viewURL;
     this.env = env;
+    this.describe = options.describe ?? describe;
+    this.live = options.live ?? false;
     const doc = env.document;
     this.element = doc.createElement("div");
     this.element.className = "liveavatar-live";
@@ -85,7 +91,7 @@ export class LivePlayer {
   }
 
   showStatus(message) {
-    this.status.textContent = describe(message);
+    this.status.textContent = this.describe(message);
     this.status.dataset.status = message.status ?? "running";
     this.status.style.color = STATUS_COLOURS[message.status] ?? "var(--input-text,#ddd)";
   }
@@ -122,6 +128,9 @@ export class LivePlayer {
   play(stream) {
     const buffered = this.video.buffered;
     const ahead = buffered.length ? buffered.end(buffered.length - 1) - this.video.currentTime : 0;
+    if (this.live && ahead > LIVE_MAX_LAG_SECONDS && !stream.done) {
+      this.video.currentTime = buffered.end(buffered.length - 1) - LIVE_JUMP_TO_SECONDS;
+    }
     if (!this.video.paused || (ahead < START_AFTER_SECONDS && !stream.done)) return;
     this.video.play().catch(() => {
       this.video.muted = true;
