@@ -72,26 +72,33 @@ def encoded_once(encode):
     return encode_portrait
 
 
+def tiny_models(root, mp) -> dict:
+    """The tiny DiT (through the loader), VAE and wav2vec2 written under `root` (the pack's model
+    and output folders pointed there with `mp`), a prompt CONDITIONING and a portrait IMAGE."""
+    for folder in ("diffusion_models", "loras"):
+        (root / folder).mkdir()
+    write_tiny_dit(root / "diffusion_models" / "dit.safetensors")
+    write_tiny_lora(root / "loras" / "lora.safetensors")
+    mp.setenv("LIVEAVATAR_MODELS", str(root))
+    mp.setenv("LIVEAVATAR_OUTPUT", str(root / "output"))
+    model = LiveAvatarModelLoader().load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto")[0]
+    vae = WanVAE.load(write_tiny_vae(root / "vae.safetensors"))
+    mp.setattr(vae, "encode_portrait", encoded_once(vae.encode_portrait))  # the slowest part on CPU
+    encoder = Wav2Vec2Encoder.load(write_tiny_wav2vec2(root / "wav2vec2.safetensors"))
+    cond = torch.zeros(1, 512, 4096)
+    cond[0, :6] = torch.randn(6, 4096, generator=torch.Generator().manual_seed(0)) * 0.2
+    image = torch.rand(1, 96, 128, 3, generator=torch.Generator().manual_seed(1))
+    return dict(model=model, vae=vae, encoder=encoder, positive=[[cond, {}]], image=image)
+
+
 @pytest.fixture(scope="module")
 def tiny_graph(tmp_path_factory):
     root = tmp_path_factory.mktemp("live")
     with pytest.MonkeyPatch.context() as mp:
-        for folder in ("diffusion_models", "loras"):
-            (root / folder).mkdir()
-        write_tiny_dit(root / "diffusion_models" / "dit.safetensors")
-        write_tiny_lora(root / "loras" / "lora.safetensors")
-        mp.setenv("LIVEAVATAR_MODELS", str(root))
-        mp.setenv("LIVEAVATAR_OUTPUT", str(root / "output"))
-        model = LiveAvatarModelLoader().load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto")[0]
-        vae = WanVAE.load(write_tiny_vae(root / "vae.safetensors"))
-        mp.setattr(vae, "encode_portrait", encoded_once(vae.encode_portrait))  # the slowest part on CPU
-        encoder = Wav2Vec2Encoder.load(write_tiny_wav2vec2(root / "wav2vec2.safetensors"))
+        m = tiny_models(root, mp)
         audio = speech(0.9)  # one clip of 24 frames: two blocks
-        features = LiveAvatarAudioEncode().encode(audio, encoder, 24)[0]
-        cond = torch.zeros(1, 512, 4096)
-        cond[0, :6] = torch.randn(6, 4096, generator=torch.Generator().manual_seed(0)) * 0.2
-        image = torch.rand(1, 96, 128, 3, generator=torch.Generator().manual_seed(1))
-        inputs = dict(model=model, positive=[[cond, {}]], image=image, vae=vae, audio_features=features,
+        features = LiveAvatarAudioEncode().encode(audio, m["encoder"], 24)[0]
+        inputs = dict(model=m["model"], positive=m["positive"], image=m["image"], vae=m["vae"], audio_features=features,
                       size="custom", width=64, height=64, infer_frames=24, num_clip=0, sample_steps=2, seed=7)
         yield inputs, audio, root / "output", mp
 

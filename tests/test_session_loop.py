@@ -13,14 +13,12 @@ import torch
 
 from liveavatar.audio import Wav2Vec2Encoder
 from liveavatar.live_audio import IntakeLimits
-from liveavatar.testing import WAV2VEC2_TINY, speech_like, write_tiny_dit, write_tiny_lora, write_tiny_vae, write_tiny_wav2vec2
-from liveavatar.vae import WanVAE
+from liveavatar.testing import WAV2VEC2_TINY, speech_like, write_tiny_wav2vec2
 from nodes import host, live_session
-from nodes.loader import LiveAvatarModelLoader
 from nodes.session import SESSION_EVENT, LiveAvatarSession
 from nodes.session_route import (OFFSET_HEADER, SESSIONS, TOKEN_HEADER, SessionRegistry, find_session, push_audio,
                                  stop_session)
-from test_live import encoded_once
+from test_live import tiny_models
 from test_live_faults import AAC_FRAME, mp4_tracks
 from test_session_audio import as_received, covered_frames, int16
 
@@ -40,20 +38,8 @@ def one_thread():
 def graph(tmp_path_factory):
     root = tmp_path_factory.mktemp("session")
     with pytest.MonkeyPatch.context() as mp:
-        for folder in ("diffusion_models", "loras"):
-            (root / folder).mkdir()
-        write_tiny_dit(root / "diffusion_models" / "dit.safetensors")
-        write_tiny_lora(root / "loras" / "lora.safetensors")
-        mp.setenv("LIVEAVATAR_MODELS", str(root))
-        mp.setenv("LIVEAVATAR_OUTPUT", str(root / "output"))
-        model = LiveAvatarModelLoader().load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto")[0]
-        vae = WanVAE.load(write_tiny_vae(root / "vae.safetensors"))
-        mp.setattr(vae, "encode_portrait", encoded_once(vae.encode_portrait))
-        encoder = Wav2Vec2Encoder.load(write_tiny_wav2vec2(root / "wav2vec2.safetensors"))
-        cond = torch.zeros(1, 512, 4096)
-        cond[0, :6] = torch.randn(6, 4096, generator=torch.Generator().manual_seed(0)) * 0.2
-        image = torch.rand(1, 96, 128, 3, generator=torch.Generator().manual_seed(1))
-        inputs = dict(model=model, positive=[[cond, {}]], image=image, vae=vae, audio_encoder=encoder,
+        m = tiny_models(root, mp)
+        inputs = dict(model=m["model"], positive=m["positive"], image=m["image"], vae=m["vae"], audio_encoder=m["encoder"],
                       size="custom", width=64, height=64, infer_frames=24, sample_steps=2, seed=7, max_seconds=60,
                       idle="pause until speech", filename_prefix="session", lookahead_s=0.25, late_audio_s=0.5,
                       disconnect_s=3.0)
