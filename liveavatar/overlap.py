@@ -3,6 +3,10 @@ while the DiT works on the next tick, so end-to-end speed approaches DiT-only sp
 
     for block, frames in decode_alongside(streamer.blocks(), decoder.decode, vae_device):
         ...   # frames [3, 12, H, W] on the CPU, one block after the sampler produced it
+
+`decode` may return a tuple of tensors (say the frames and the latents as float32): each
+reaches the CPU the same way, so the caller never has to read a GPU tensor itself (which
+would make the host wait for the tick the sampler has just queued).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ def decode_alongside(blocks: Iterable, decode: Callable[[torch.Tensor], torch.Te
     device = torch.device(device)
     if device.type != "cuda":
         for block in blocks:
-            yield block, decode(block.latents).cpu()
+            yield block, _on_cpu(decode(block.latents))
         return
     side = torch.cuda.Stream(device)
     yield from one_behind(blocks, lambda block: _queue_decode(block, decode, device, side),
@@ -48,7 +52,7 @@ class DecodeQueue:
 
     def put(self, block):
         if self.side is None:
-            self.pending.append((block, self.decode(block.latents).cpu(), None))
+            self.pending.append((block, _on_cpu(self.decode(block.latents)), None))
         else:
             self.pending.append((block, *_queue_decode(block, self.decode, self.device, self.side)))
 
@@ -97,12 +101,21 @@ def _queue_decode(block, decode, device, side):
     with torch.cuda.device(device), torch.cuda.stream(side):
         side.wait_event(latents_ready)
         latents = block.latents.to(device, non_blocking=True)
-        frames = decode(latents)
-        host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
-        host.copy_(frames, non_blocking=True)
+        decoded = decode(latents)
+        host = tuple(map(_pinned_copy, decoded)) if isinstance(decoded, tuple) else _pinned_copy(decoded)
         done = side.record_event()
     block.latents.record_stream(side)  # the sampler's allocator must not reuse it before the decode read it
     return host, done
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy queued on the current (side) stream into page-locked memory: valid once its event is done."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def _on_cpu(decoded):
+    return tuple(t.cpu() for t in decoded) if isinstance(decoded, tuple) else decoded.cpu()
 
 
 def _collect(block, host, done):

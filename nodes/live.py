@@ -4,7 +4,10 @@ graph runs."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 import torch
@@ -59,25 +62,30 @@ class LiveAvatarLiveVideo:
             audio, join_notes = with_lead_in(audio, run.lead_in, FPS)
         speech, adjusted = prepare_audio(audio)
         run.notes.add(*join_notes, *adjusted)
-        view = LiveView(host.executing_node_id(), path, speech)  # tells the browser a run started
+        # the mp4 is written on a thread of its own, so the encoder's time is not the GPU's idle time
+        view = LiveView(host.executing_node_id(), path, speech, background=True)  # tells the browser a run started
         with view.reporting():
             run.start(decode=True)
             view.total_frames = min(run.video_frames,
                                     run.latent_frames_to_make * VIDEO_FRAMES_PER_LATENT - run.drop_first)
             decoder = VideoDecoder(run.vae, run.priming, run.video_frames, on_step=host.check_interrupted,
                                    drop_first=run.drop_first)
+
+            def decode(latents):  # on the decode's stream: IMAGE frames and the clean latents, both for the CPU
+                return video_to_images(decoder.decode(latents)).contiguous(), latents.float()
+
             frames_out, clean = FrameCollector(return_frames, FPS), []
             blocks = run.blocks()
             try:
                 # Each block's decode runs on its own CUDA stream while the DiT works on the next
-                # tick; past the speech the decoder returns nothing and the sampling goes on to the
-                # end of the clip, so the LATENT output is the sampler's.
-                for block, video in decode_alongside(blocks, decoder.decode, run.vae.device):
-                    clean.append(block.latents.float().cpu())
-                    if not video.shape[1]:
+                # tick, and hands its frames and latents over on that stream: the loop never waits
+                # for the tick just queued. Past the speech the decoder returns nothing and the
+                # sampling goes on to the end of the clip, so the LATENT output is the sampler's.
+                for _, (frames, latents) in decode_alongside(blocks, decode, run.vae.device):
+                    clean.append(latents)
+                    if not len(frames):
                         view.close_file()  # the video is complete for the viewer here
                         continue
-                    frames = video_to_images(video)
                     view.append(frames)
                     frames_out.add(frames)
             finally:
@@ -92,18 +100,36 @@ class LiveView:
     """The growing mp4 and the messages that let the browser play it (see web/js/live_view.js):
     file, bytes ready, frames done / total, generation fps, seconds left, and how the run
     stands: status "running", then "finished", "cancelled" or "failed" (with the reason).
-    `done` says the file is complete (no more bytes will come)."""
+    `done` says the file is complete (no more bytes will come).
+
+    background: blocks are encoded on a writer thread (x264 runs without the GIL) while the
+    caller goes on; at most WRITES_WAITING wait, a failed write is raised by the next append
+    or by close_file, and close_file writes every block handed over first. `frames` counts
+    the frames written, and each block's message is sent once its bytes are on disk."""
+
+    WRITES_WAITING = 2  # blocks handed over and not yet written (bounds the memory they hold)
 
     def __init__(self, node_id, path, audio, total_frames: int | None = None, event: str = LIVE_EVENT,
-                 details: dict | None = None):
+                 details: dict | None = None, background: bool = False):
         self.node_id, self.total_frames, self.path, self.audio = node_id, total_frames, path, audio
         self.event = event  # the websocket message's type (a live session's page listens to its own)
         # sent with every message (a session's state): a dict, or a function giving it at each message
         self.details = details if details is not None else {}
         self.writer, self.frames, self.started, self.closed = None, 0, time.monotonic(), False
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="liveavatar-mp4") if background else None
+        self.writes: deque[Future] = deque()
+        self.sending = threading.Lock()  # messages come from the caller's thread and the writer's
         self._send("running")  # the browser drops the previous run's video now, not at our first block
 
     def append(self, frames: torch.Tensor):
+        """Frames [N, H, W, 3] in 0..1 (CPU) for the end of the video."""
+        if self.worker is None:
+            return self._write(frames)
+        while self.writes and (self.writes[0].done() or len(self.writes) >= self.WRITES_WAITING):
+            self.writes.popleft().result()  # a failed write stops the run here
+        self.writes.append(self.worker.submit(self._write, frames))
+
+    def _write(self, frames: torch.Tensor):
         if self.writer is None:
             self.writer = FragmentedMp4Writer(self.path, FPS, frames.shape[2], frames.shape[1], self.audio)
         self.writer.write_block(frames)
@@ -115,12 +141,29 @@ class LiveView:
         self._send("running")
 
     def close_file(self, announce: bool = True):
-        """Finish the mp4 (playable up to its last frame); the run may go on."""
-        if self.writer is not None and not self.closed:
-            self.closed = True
-            self.writer.close()
-            if announce:
-                self._send("running")
+        """Finish the mp4 (playable up to its last frame, every block handed over written); the
+        run may go on."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._finish_writes()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        if announce:
+            self._send("running")
+
+    def _finish_writes(self):
+        """Wait for the writer thread's blocks (all of them, also after a failed one), then raise
+        the first failure."""
+        if self.worker is None:
+            return
+        writes, self.writes = list(self.writes), deque()
+        wait(writes)
+        self.worker.shutdown()
+        for write in writes:
+            write.result()
 
     @contextmanager
     def reporting(self):
@@ -149,6 +192,10 @@ class LiveView:
         return {"filename": self.path.name, "subfolder": "" if subfolder == "." else subfolder, "type": "output"}
 
     def _send(self, status: str, reason: str = ""):
+        with self.sending:
+            self._send_now(status, reason)
+
+    def _send_now(self, status: str, reason: str):
         elapsed = max(time.monotonic() - self.started, 1e-6)
         speed = self.frames / elapsed  # frames generated per second of wall time
         left = None if self.total_frames is None or not self.frames else round(

@@ -154,10 +154,12 @@ def test_decode_alongside_gives_the_inline_frames():
     expected = [inline.decode(b.latents).cpu() for b in blocks]
     overlapped = vae.stream_decoder()
     overlapped.decode(latents[:, :1])
-    got = list(decode_alongside(iter(blocks), overlapped.decode, "cuda"))
+    # as Live Video asks for it: the frames and the clean latents, both brought over on the side stream
+    got = list(decode_alongside(iter(blocks), lambda x: (overlapped.decode(x), x.float()), "cuda"))
     assert [b.index for b, _ in got] == [0, 1, 2]
-    for (_, frames), want in zip(got, expected):
-        assert torch.equal(frames, want)
+    for (block, (frames, clean)), want in zip(got, expected):
+        assert frames.device.type == clean.device.type == "cpu" and frames.is_pinned()
+        assert torch.equal(frames, want) and torch.equal(clean, block.latents.cpu())
 
 
 def test_session_decode_queue_hands_each_block_over_when_decoded_on_gpu():

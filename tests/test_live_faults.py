@@ -216,3 +216,37 @@ def test_live_mp4_speech_ends_with_the_picture(seconds, tmp_path):
     mp4 = mp4_tracks(path)
     assert mp4["frames"] == 21 and mp4["video_end"] == pytest.approx(21 / 25)
     assert mp4["video_end"] <= mp4["audio_end"] <= mp4["video_end"] + 2 * AAC_FRAME / mp4["rate"]
+
+
+# ---- the writer thread of Live Video ------------------------------------------------------------
+def test_background_view_goes_on_while_a_block_is_encoded_and_writes_all_on_close(tiny_graph, monkeypatch):
+    """LiveView(background=True): append returns while the encoder works (the sampler's next
+    tick is not held up by it), at most WRITES_WAITING blocks wait, each block's message comes
+    once its bytes are on disk, and close_file writes every block handed over."""
+    import threading
+    release, writing = threading.Event(), threading.Event()
+    write_block = FragmentedMp4Writer.write_block
+
+    def slow_write(writer, frames):
+        writing.set()
+        assert release.wait(30)
+        return write_block(writer, frames)
+
+    monkeypatch.setattr(FragmentedMp4Writer, "write_block", slow_write)
+    messages = []
+    monkeypatch.setattr(host, "send_to_browser", lambda event, data: messages.append(data))
+    path = host.save_path("background", "mp4")
+    view = live.LiveView(None, path, None, background=True)
+    view.append(torch.rand(9, 48, 64, 3))
+    assert writing.wait(30) and view.frames == 0  # handed over, being encoded, not yet counted
+    view.append(torch.rand(12, 48, 64, 3))  # one more may wait without holding the caller up
+    third = threading.Thread(target=view.append, args=(torch.rand(12, 48, 64, 3),))
+    third.start()
+    third.join(0.5)
+    assert third.is_alive()  # a third waits for the first write: the blocks held stay bounded
+    release.set()
+    third.join(30)
+    view.close_file(announce=False)
+    assert [m["frames"] for m in messages] == [0, 9, 21, 33]
+    assert [m["bytes"] for m in messages[1:]] == sorted(m["bytes"] for m in messages[1:])
+    assert mp4_tracks(path)["frames"] == 33
