@@ -10,6 +10,7 @@ go through `VideoDecoder`, so they get the same frames.
 Public API:
     VideoDecoder(vae, motion_latents=None, spoken_frames=None, on_step=None)
         .decode(latents [16, t, h, w]) -> frames [3, T, H, W] in [-1, 1] (T may be 0 at the end)
+        .prime()        the priming decode ahead of the first block (else the first decode does it)
         .finished      True once `spoken_frames` frames have been returned
         .steps(latents) latents the VAE will decode (priming included) for a stream of that
                         many latents fed in blocks of 3: the progress total
@@ -43,16 +44,22 @@ class VideoDecoder:
         self.remaining = spoken_frames
         self.on_step = on_step
         self.drop_first = drop_first if motion_latents is not None else 0
-        self.started = False
+        self.started = self.primed = False
 
     @property
     def finished(self) -> bool:
         return self.remaining is not None and self.remaining <= 0
 
+    def prime(self):
+        """Decode the priming latents now (done by the first decode() otherwise): they depend on
+        the portrait alone, so this may run while the first block is still being sampled."""
+        if not self.primed and self.motion is not None:
+            self.stream.decode(self.motion[:, :PRIMING_LATENTS], on_step=self.on_step)  # output discarded
+        self.primed = True
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [16, t, h, w] (the next ones of the stream) -> the frames to show."""
-        if not self.started and self.motion is not None:
-            self.stream.decode(self.motion[:, :PRIMING_LATENTS], on_step=self.on_step)  # output discarded
+        self.prime()
         if self.finished:  # past the speech: nothing more to decode
             return latents.new_zeros(3, 0, latents.shape[2] * 8, latents.shape[3] * 8).float()
         frames = self.stream.decode(latents, on_step=self.on_step)

@@ -17,8 +17,10 @@ import torch
 
 
 def decode_alongside(blocks: Iterable, decode: Callable[[torch.Tensor], torch.Tensor],
-                     device) -> Iterator[tuple[object, torch.Tensor]]:
-    """Yield (block, frames on the CPU) for every block of `blocks` in order.
+                     device, prepare: Callable[[], object] | None = None) -> Iterator[tuple[object, torch.Tensor]]:
+    """Yield (block, frames on the CPU) for every block of `blocks` in order. `prepare` (the
+    decoder's priming) runs first, queued where the decodes run, before the first block is
+    asked for: on CUDA it runs alongside the first block's sampling.
 
     On CUDA, block b's decode is queued on a side stream of `device` (after the block's
     latents are ready) and handed over only once block b+1 has been queued by the sampler,
@@ -28,10 +30,14 @@ def decode_alongside(blocks: Iterable, decode: Callable[[torch.Tensor], torch.Te
     runs in line."""
     device = torch.device(device)
     if device.type != "cuda":
+        if prepare is not None:
+            _queue_prepare(prepare, device, None)
         for block in blocks:
             yield block, _on_cpu(decode(block.latents))
         return
     side = torch.cuda.Stream(device)
+    if prepare is not None:
+        _queue_prepare(prepare, device, side)
     yield from one_behind(blocks, lambda block: _queue_decode(block, decode, device, side),
                           lambda block, queued: _collect(block, *queued), first_at_once=True)
 
@@ -45,10 +51,14 @@ class DecodeQueue:
         for block, frames in queue.ready():   # decodes done by now (wait=True: all of them)
             ..."""
 
-    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], device):
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], device,
+                 prepare: Callable[[], object] | None = None):
+        """prepare: the decoder's priming, queued at once (it runs while the first block waits)."""
         self.decode, self.device = decode, torch.device(device)
         self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.pending: deque = deque()
+        if prepare is not None:
+            _queue_prepare(prepare, self.device, self.side)
 
     def put(self, block):
         if self.side is None:
@@ -94,6 +104,15 @@ def one_behind(items: Iterable, start: Callable, finish: Callable, first_at_once
         raise
     if pending is not None:
         yield finish(*pending)
+
+
+def _queue_prepare(prepare, device, side):
+    if side is None:
+        prepare()
+        return
+    side.wait_stream(torch.cuda.current_stream(device))  # its inputs (the portrait's latents) are made there
+    with torch.cuda.device(device), torch.cuda.stream(side):
+        prepare()
 
 
 def _queue_decode(block, decode, device, side):

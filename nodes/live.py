@@ -81,7 +81,7 @@ class LiveAvatarLiveVideo:
                 # tick, and hands its frames and latents over on that stream: the loop never waits
                 # for the tick just queued. Past the speech the decoder returns nothing and the
                 # sampling goes on to the end of the clip, so the LATENT output is the sampler's.
-                for _, (frames, latents) in decode_alongside(blocks, decode, run.vae.device):
+                for _, (frames, latents) in decode_alongside(blocks, decode, run.vae.device, decoder.prime):
                     clean.append(latents)
                     if not len(frames):
                         view.close_file()  # the video is complete for the viewer here

@@ -87,7 +87,7 @@ class LiveSession:
     def run(self) -> "LiveSession":
         run = self.stream_run
         decoder = VideoDecoder(run.vae, run.priming, None, on_step=host.check_interrupted, drop_first=run.drop_first)
-        self.decodes = DecodeQueue(decoder.decode, run.vae.device)
+        self.decodes = DecodeQueue(decoder.decode, run.vae.device, prepare=decoder.prime)
         self.view.update()
         blocks = run.blocks(on_audio=self._on_audio, progress_steps=self._progress_steps())
         try:

@@ -141,21 +141,21 @@ def test_pipelined_equals_sequential_on_gpu(checkpoint, bf16):
 
 
 def test_decode_alongside_gives_the_inline_frames():
+    """As Live Video runs it: the decoder primed on the side stream before the first block is
+    asked for, each block's frames and clean latents brought to pinned CPU memory there."""
+    from liveavatar.decoding import VideoDecoder
     from liveavatar.overlap import decode_alongside
     from liveavatar.sampler import Block
     from liveavatar.vae import VideoVAE, WanVAE
     torch.manual_seed(0)
     with torch.device("cuda"):
         vae = WanVAE(VideoVAE(dim=8, z_dim=16), "cuda", torch.float32)
-    latents = torch.randn(16, 10, 8, 8, device="cuda")
-    blocks = [Block(0, i, latents[:, 1 + 3 * i:4 + 3 * i]) for i in range(3)]
-    inline = vae.stream_decoder()
-    inline.decode(latents[:, :1])
+    motion, latents = torch.randn(16, 19, 8, 8, device="cuda"), torch.randn(16, 9, 8, 8, device="cuda")
+    blocks = [Block(0, i, latents[:, 3 * i:3 * i + 3]) for i in range(3)]
+    inline = VideoDecoder(vae, motion)
     expected = [inline.decode(b.latents).cpu() for b in blocks]
-    overlapped = vae.stream_decoder()
-    overlapped.decode(latents[:, :1])
-    # as Live Video asks for it: the frames and the clean latents, both brought over on the side stream
-    got = list(decode_alongside(iter(blocks), lambda x: (overlapped.decode(x), x.float()), "cuda"))
+    overlapped = VideoDecoder(vae, motion)
+    got = list(decode_alongside(iter(blocks), lambda x: (overlapped.decode(x), x.float()), "cuda", overlapped.prime))
     assert [b.index for b, _ in got] == [0, 1, 2]
     for (block, (frames, clean)), want in zip(got, expected):
         assert frames.device.type == clean.device.type == "cpu" and frames.is_pinned()
@@ -166,20 +166,19 @@ def test_session_decode_queue_hands_each_block_over_when_decoded_on_gpu():
     """A live session's DecodeQueue on CUDA: the inline frames, in order; a block's frames come out
     without the next block (ready(wait=False) once its side-stream decode is done)."""
     import time
+    from liveavatar.decoding import VideoDecoder
     from liveavatar.overlap import DecodeQueue
     from liveavatar.sampler import Block
     from liveavatar.vae import VideoVAE, WanVAE
     torch.manual_seed(0)
     with torch.device("cuda"):
         vae = WanVAE(VideoVAE(dim=8, z_dim=16), "cuda", torch.float32)
-    latents = torch.randn(16, 10, 8, 8, device="cuda")
-    blocks = [Block(0, i, latents[:, 1 + 3 * i:4 + 3 * i]) for i in range(3)]
-    inline = vae.stream_decoder()
-    inline.decode(latents[:, :1])
+    motion, latents = torch.randn(16, 19, 8, 8, device="cuda"), torch.randn(16, 9, 8, 8, device="cuda")
+    blocks = [Block(0, i, latents[:, 3 * i:3 * i + 3]) for i in range(3)]
+    inline = VideoDecoder(vae, motion)
     expected = [inline.decode(b.latents).cpu() for b in blocks]
-    queued = vae.stream_decoder()
-    queued.decode(latents[:, :1])
-    queue = DecodeQueue(queued.decode, "cuda")
+    queued = VideoDecoder(vae, motion)
+    queue = DecodeQueue(queued.decode, "cuda", prepare=queued.prime)  # primed while no block is there yet
     got = []
     for block in blocks:
         queue.put(block)
