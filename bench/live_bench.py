@@ -377,15 +377,8 @@ def main():
         case = parse_case(name)
         if extra:
             case["mode"] += f"-{extra}"
-        try:
-            row = run_case(pack, case, inputs, CHECKPOINT, phases=extra == "phases",
-                           profile_dir=Path(args.profile_dir) if extra == "profiled" else None)
-        except Exception as error:  # one failing case must not lose the others
-            row = dict(case, error=f"{type(error).__name__}: {error}"[:500])
-        row["command"] = args.command
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        add_row(rows, case, args, lambda: run_case(pack, case, inputs, CHECKPOINT, phases=extra == "phases",
+                                                   profile_dir=Path(args.profile_dir) if extra == "profiled" else None))
     if args.ttff_cold:
         cold = Path(args.out).with_suffix(".cold.json")
         subprocess.run([sys.executable, __file__, "--models", str(models), "--cases", args.ttff_cold,
@@ -395,14 +388,34 @@ def main():
             rows.append(dict(row, mode=row["mode"] + "-cold", ttff_cold_s=row.get("ttff_s")))
     add_models(rows)
     Path(args.out).write_text(json.dumps(rows, indent=1))
-    print("\n| case | steady FPS | TTFF s | peak GiB | cap GiB | GB/tick | FPS@25GB/s | FPS@50GB/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print_table(rows, ["steady FPS", "TTFF s", "peak GiB", "cap GiB", "GB/tick", "FPS@25GB/s", "FPS@50GB/s"], lambda r: [
+        f"{r['steady_fps']:.1f}", f"{r['ttff_s']:.2f}", f"{r['peak_gib']:.1f}", r["memory_cap_gib"] or "-",
+        f"{r.get('copied_gb_per_tick', 0):.1f}", f"{r.get('modelled_fps_25gbps', 0):.1f}",
+        f"{r.get('modelled_fps_50gbps', 0):.1f}"])
+
+
+def add_row(rows: list, case: dict, args, measure):
+    """One case's row (or its error: one failing case must not lose the others), printed and
+    written to args.out with the rows so far."""
+    try:
+        row = measure()
+    except Exception as error:
+        row = dict(case, error=f"{type(error).__name__}: {error}"[:500])
+    row["command"] = args.command
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+def print_table(rows: list, columns: list, cells):
+    """The rows as a Markdown table: the case, then `cells(row)` under `columns`."""
+    print("\n| case | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for r in rows:
         if "error" in r:
             print(f"| {r['mode']} | error: {r['error'][:80]} |")
-            continue
-        print(f"| {r['mode']} | {r['steady_fps']:.1f} | {r['ttff_s']:.2f} | {r['peak_gib']:.1f} | {r['memory_cap_gib'] or '-'} | "
-              f"{r.get('copied_gb_per_tick', 0):.1f} | {r.get('modelled_fps_25gbps', 0):.1f} | {r.get('modelled_fps_50gbps', 0):.1f} |")
+        else:
+            print(f"| {r['mode']} | " + " | ".join(map(str, cells(r))) + " |")
 
 
 if __name__ == "__main__":

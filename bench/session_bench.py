@@ -153,7 +153,7 @@ def run_case(pack, case: dict, inputs: dict, speech: np.ndarray, tiny: bool) -> 
     lb.Gpu.start(0)
     (model,) = lb.call(nodes.loader.LiveAvatarModelLoader, "load", model_name=lb.CHECKPOINT, lora_name="None",
                        lora_strength=1.0, weight_dtype=case["weight_dtype"], placement=case["placement"],
-                       offload_blocks=0, kv_cache="auto", memory_cap_gib=0.0, compile=False, warm_up=case["warm_up"])
+                       offload_blocks=0, kv_cache="auto", memory_cap_gib=0.0, warm_up=case["warm_up"])
     memory = MemoryWatch()
     memory.start()
     rss_start = rss_gib()
@@ -199,23 +199,12 @@ def main():
     rows = []
     for name in (args.cases or ("session-fp32-128" if args.tiny else "session-fp8-384")).split(","):
         case = parse_case(name)
-        try:
-            row = run_case(pack, case, inputs, speech, args.tiny)
-        except Exception as error:  # one failing case must not lose the others
-            row = dict(case, error=f"{type(error).__name__}: {error}"[:500])
-        row["command"] = args.command
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
-    print("\n| case | latency p50 s | p95 s | first / last minute p50 s | steady FPS | keeps pace | GiB first / last minute |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['mode']} | error: {r['error'][:80]} |")
-            continue
-        print(f"| {r['mode']} | {r['latency_p50_s']:.2f} | {r['latency_p95_s']:.2f} | {r['latency_first_p50_s']:.2f} / "
-              f"{r['latency_last_p50_s']:.2f} | {r['steady_fps']:.1f} | {r['keeps_pace']} | "
-              f"{r['memory_first_min_gib']:.1f} / {r['memory_last_min_gib']:.1f} |")
+        lb.add_row(rows, case, args, lambda: run_case(pack, case, inputs, speech, args.tiny))
+    lb.print_table(rows, ["latency p50 s", "p95 s", "first / last minute p50 s", "steady FPS", "keeps pace",
+                          "GiB first / last minute"], lambda r: [
+        f"{r['latency_p50_s']:.2f}", f"{r['latency_p95_s']:.2f}",
+        f"{r['latency_first_p50_s']:.2f} / {r['latency_last_p50_s']:.2f}", f"{r['steady_fps']:.1f}", r["keeps_pace"],
+        f"{r['memory_first_min_gib']:.1f} / {r['memory_last_min_gib']:.1f}"])
 
 
 if __name__ == "__main__":
