@@ -23,7 +23,6 @@ page, the messages it sends), which is all the node asks of ComfyUI's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
