@@ -70,6 +70,23 @@ class Page:
         self.js("async (w) => { await window.app.loadGraphData(w); }", workflow)
         self.page.wait_for_timeout(1000)
 
+    def open_shipped(self, workflow: dict, node_type: str, settings: dict) -> int:
+        """Load a shipped workflow with the test loaders (tiny models), set `settings` on the
+        widgets of its `node_type` node and bring that node into view; its id."""
+        workflow = json.loads(json.dumps(workflow))
+        for node in workflow["nodes"]:
+            node["type"] = TEST_LOADERS.get(node["type"], node["type"])
+        self.load(workflow)
+        assert self.shown_problems() == [], f"the workflow of {node_type} with the test loaders"
+        node_id = next(n["id"] for n in workflow["nodes"] if n["type"] == node_type)
+        self.js("""([id, settings]) => {
+            const node = window.app.graph.getNodeById(id);
+            for (const w of node.widgets) if (w.name in settings) w.value = settings[w.name];
+            window.app.canvas.ds.scale = 1; window.app.canvas.ds.offset = [-node.pos[0] + 420, -node.pos[1] + 60];
+            window.app.canvas.setDirty(true, true);
+        }""", [node_id, settings])
+        return node_id
+
 
 @pytest.fixture(scope="module")
 def page(comfyui):
@@ -139,17 +156,8 @@ def declared(node: dict, object_info: dict) -> dict:
 
 def test_live_view_plays_while_the_video_is_generated(comfyui, page, shipped):
     page.clear()
-    workflow = json.loads(json.dumps(shipped["live"]))
-    for node in workflow["nodes"]:
-        node["type"] = TEST_LOADERS.get(node["type"], node["type"])
-    page.load(workflow)
-    assert page.shown_problems() == [], "the live workflow with the test loaders"
-    live_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "LiveAvatarLiveVideo")
-    page.js("""([id, settings]) => {
-        const node = window.app.graph.getNodeById(id);
-        for (const w of node.widgets) if (w.name in settings) w.value = settings[w.name];
-        window.app.canvas.ds.scale = 1; window.app.canvas.ds.offset = [-node.pos[0] + 420, -node.pos[1] + 60];
-        window.app.canvas.setDirty(true, true);
+    page.open_shipped(shipped["live"], "LiveAvatarLiveVideo", CPU_SIZE)
+    page.js("""() => {
         window.__live = {end: null, error: null, playingAt: null, messages: 0};
         window.app.api.addEventListener('execution_success', () => window.__live.end = performance.now());
         window.app.api.addEventListener('execution_error', (e) => {
@@ -159,7 +167,7 @@ def test_live_view_plays_while_the_video_is_generated(comfyui, page, shipped):
         video.addEventListener('timeupdate', () => {
             if (video.currentTime > 0 && !video.paused && window.__live.playingAt === null)
                 window.__live.playingAt = performance.now(); });
-    }""", [live_id, CPU_SIZE])
+    }""")
     assert page.js("() => !!document.querySelector('video.liveavatar-live-video')")
     page.js("async () => { await window.app.queuePrompt(0, 1); }")
     started = time.time()

@@ -10,7 +10,6 @@ With LIVEAVATAR_SESSION_PICTURES=1 it also writes docs/session.png (the node tal
 template thumbnail workflows/liveavatar_session.jpg."""
 from __future__ import annotations
 
-import json
 import os
 import time
 import wave
@@ -20,7 +19,7 @@ import av
 import numpy as np
 import pytest
 
-from .api_prompt import CPU_SIZE, TEST_LOADERS
+from .api_prompt import CPU_SIZE
 from .comfyui_server import REPO
 from .media import FPS, probe, speech_frames
 from .model_files import speech
@@ -73,17 +72,8 @@ def wait_for(page: Page, script: str, timeout: float, what: str):
 def test_session_talks_through_the_microphone_in_chromium(comfyui, mic_page, shipped):
     page = mic_page
     page.clear()
-    workflow = json.loads(json.dumps(shipped["session"]))
-    for node in workflow["nodes"]:
-        node["type"] = TEST_LOADERS.get(node["type"], node["type"])
-    page.load(workflow)
-    assert page.shown_problems() == [], "the session workflow with the test loaders"
-    node_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "LiveAvatarSession")
-    page.js("""([id, settings]) => {
-        const node = window.app.graph.getNodeById(id);
-        for (const w of node.widgets) if (w.name in settings) w.value = settings[w.name];
-        window.app.canvas.ds.scale = 1; window.app.canvas.ds.offset = [-node.pos[0] + 420, -node.pos[1] + 60];
-        window.app.canvas.setDirty(true, true);
+    page.open_shipped(shipped["session"], "LiveAvatarSession", CPU_SIZE)
+    page.js("""() => {
         window.__session = {end: null, error: null, last: null, ready: false, framesAt: null, playingAt: null};
         const s = window.__session;
         window.app.api.addEventListener('execution_success', () => s.end = performance.now());
@@ -96,7 +86,7 @@ def test_session_talks_through_the_microphone_in_chromium(comfyui, mic_page, shi
         const video = document.querySelector('.liveavatar-session video');
         video.addEventListener('timeupdate', () => {
             if (video.currentTime > 0 && !video.paused && s.playingAt === null) s.playingAt = performance.now(); });
-    }""", [node_id, CPU_SIZE])
+    }""")
     page.page.wait_for_timeout(500)
     page.page.click(".liveavatar-session-start")  # a user's click: queues the workflow and opens the microphone
     wait_for(page, "() => window.__session.ready", 600, "the session's ready message")
