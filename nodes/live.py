@@ -192,21 +192,18 @@ class LiveView:
         return {"filename": self.path.name, "subfolder": "" if subfolder == "." else subfolder, "type": "output"}
 
     def _send(self, status: str, reason: str = ""):
-        with self.sending:
-            self._send_now(status, reason)
-
-    def _send_now(self, status: str, reason: str):
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        speed = self.frames / elapsed  # frames generated per second of wall time
-        left = None if self.total_frames is None or not self.frames else round(
-            max(self.total_frames - self.frames, 0) / max(speed, 1e-6), 1)
-        details = self.details() if callable(self.details) else self.details
-        host.send_to_browser(self.event, {
-            **details, "node": self.node_id, **self.file_info(), "status": status, "reason": reason,
-            "mime": MIME_TYPE if self.audio is not None else MIME_TYPE_NO_AUDIO,
-            "bytes": self.writer.bytes_written() if self.writer is not None else 0,
-            "frames": self.frames, "total_frames": self.total_frames, "fps": round(speed, 2), "video_fps": FPS,
-            "done": self.closed or status != "running", "seconds_left": 0.0 if status != "running" else left})
+        with self.sending:  # one message at a time, in the order the counts grew
+            elapsed = max(time.monotonic() - self.started, 1e-6)
+            speed = self.frames / elapsed  # frames generated per second of wall time
+            left = None if self.total_frames is None or not self.frames else round(
+                max(self.total_frames - self.frames, 0) / max(speed, 1e-6), 1)
+            details = self.details() if callable(self.details) else self.details
+            host.send_to_browser(self.event, {
+                **details, "node": self.node_id, **self.file_info(), "status": status, "reason": reason,
+                "mime": MIME_TYPE if self.audio is not None else MIME_TYPE_NO_AUDIO,
+                "bytes": self.writer.bytes_written() if self.writer is not None else 0,
+                "frames": self.frames, "total_frames": self.total_frames, "fps": round(speed, 2), "video_fps": FPS,
+                "done": self.closed or status != "running", "seconds_left": 0.0 if status != "running" else left})
 
 
 def _reason(error: BaseException) -> str:
