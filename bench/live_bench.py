@@ -35,6 +35,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -221,7 +222,9 @@ class Gpu:
     def peaks(cls) -> dict:
         if not cls.on:
             return dict(peak_gib=0.0, peak_reserved_gib=0.0)
-        return dict(peak_gib=torch.cuda.max_memory_allocated() / GIB, peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+        # allocator: "native" or "cudaMallocAsync" (ComfyUI's default; PYTORCH_CUDA_ALLOC_CONF picks it)
+        return dict(peak_gib=torch.cuda.max_memory_allocated() / GIB, peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB,
+                    allocator=torch.cuda.get_allocator_backend())
 
 
 class Phases:
@@ -343,7 +346,9 @@ def main():
     parser.add_argument("--cases", default="live-fp8-384,live-fp8-704")
     parser.add_argument("--ttff-cold", default="", help="a case to run again in a fresh process")
     parser.add_argument("--out", default="live_rows.json")
-    parser.add_argument("--command", default=" ".join(sys.argv), help="recorded in every row")
+    allocator = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    parser.add_argument("--command", default=(f"PYTORCH_CUDA_ALLOC_CONF={allocator} " if allocator else "") +
+                        "python " + " ".join(sys.argv), help="recorded in every row")
     parser.add_argument("--phases", default="", help="cases to run again with the time to the first frame split "
                         "into phases (synchronised marks; separate rows, mode + '-phases')")
     parser.add_argument("--profile", default="", help="cases to run again under torch.profiler over 3 steady blocks "
@@ -400,7 +405,9 @@ def add_row(rows: list, case: dict, args, measure):
     try:
         row = measure()
     except Exception as error:
-        row = dict(case, error=f"{type(error).__name__}: {error}"[:500])
+        ours = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_tb(error.__traceback__)
+                if str(REPO) in f.filename]
+        row = dict(case, error=f"{type(error).__name__}: {error}"[:500], error_at=" <- ".join(reversed(ours[-4:])))
     row["command"] = args.command
     rows.append(row)
     print(json.dumps(row), flush=True)

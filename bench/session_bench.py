@@ -8,7 +8,9 @@ chunks through the route's request handling, every chunk and every frame message
 - steady_fps: video frames written per second while the page speaks (25 when generation keeps up);
 - keeps_pace: the speech waiting for generation (the session's waiting_s) stayed under 1 s;
 - memory: GPU memory allocated in the first and the last minute (flat: no growth with length),
-  the process's resident memory at the start and the end of speaking.
+  the process's resident memory at the start and the end of speaking;
+- beside --out, <case>_timeline.json: every session message while the page speaks (time, frames
+  written, latency, speech waiting for generation, generation speed).
 
     python bench/session_bench.py --models /tmp/la_models --out $OUT/session.json \\
         --cases session-fp8-384,session-fp8-704-stepgpu --seconds 60
@@ -23,6 +25,7 @@ page, the messages it sends), which is all the node asks of ComfyUI's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -121,6 +124,14 @@ def latencies(page: Page, since: float = -1e18, until: float = 1e18) -> list[flo
     return out
 
 
+def timeline(page: Page) -> list:
+    """Every session message while the page speaks: [s since the first chunk, frames written,
+    latency_s, waiting_s, speed_fps] (where the latency comes from, second by second)."""
+    first_t = page.sent[0][0]
+    return [[round(t - first_t, 3), d.get("frames"), d["session"].get("latency_s"), d["session"].get("waiting_s"),
+             d["session"].get("speed_fps")] for t, d in page.messages if "session" in d and t >= first_t]
+
+
 def summarise(page: Page, memory: MemoryWatch, rss: tuple, case: dict, seconds: float) -> dict:
     speaking = [(t, d["frames"]) for t, d in page.messages if d.get("frames") and t <= page.done_speaking]
     (t0, f0), (t1, f1) = speaking[0], speaking[-1]
@@ -145,7 +156,7 @@ def summarise(page: Page, memory: MemoryWatch, rss: tuple, case: dict, seconds: 
                 rss_start_gib=rss[0], rss_end_gib=rss[1], **lb.Gpu.peaks())
 
 
-def run_case(pack, case: dict, inputs: dict, speech: np.ndarray, tiny: bool) -> dict:
+def run_case(pack, case: dict, inputs: dict, speech: np.ndarray, tiny: bool, timeline_path=None) -> dict:
     page = Page(pack, speech)
     sys.modules["server"] = types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=page))
     nodes = pack.nodes
@@ -165,6 +176,8 @@ def run_case(pack, case: dict, inputs: dict, speech: np.ndarray, tiny: bool) -> 
     finally:
         memory.stopped = True
         del sys.modules["server"]
+    if timeline_path is not None:
+        Path(timeline_path).write_text(json.dumps(timeline(page)))
     return summarise(page, memory, (rss_start, rss_gib()), case, len(speech) / RATE)
 
 
@@ -198,7 +211,8 @@ def main():
     rows = []
     for name in (args.cases or ("session-fp32-128" if args.tiny else "session-fp8-384")).split(","):
         case = parse_case(name)
-        lb.add_row(rows, case, args, lambda: run_case(pack, case, inputs, speech, args.tiny))
+        timeline_path = Path(args.out).with_name(f"{name}_timeline.json")
+        lb.add_row(rows, case, args, lambda: run_case(pack, case, inputs, speech, args.tiny, timeline_path))
     lb.print_table(rows, ["latency p50 s", "p95 s", "first / last minute p50 s", "steady FPS", "keeps pace",
                           "GiB first / last minute"], lambda r: [
         f"{r['latency_p50_s']:.2f}", f"{r['latency_p95_s']:.2f}",

@@ -313,15 +313,19 @@ class Wav2Vec2Encoder:
         """[T] mono 16 kHz samples (raw; normalised here) -> [layers + 1, T50, hidden] fp32 CPU."""
         return self.run(normalise(_checked(torch.as_tensor(waveform_16k).float().cpu())))
 
-    def run(self, normalised: torch.Tensor) -> torch.Tensor:
-        """[T] normalised samples (T >= 400) -> [layers + 1, feature_count(T), hidden] fp32 CPU."""
-        with torch.no_grad(), (nullcontext() if self.owned else computing_in(self.model, self.dtype)):
+    def run(self, normalised: torch.Tensor, stream: "torch.cuda.Stream | None" = None) -> torch.Tensor:
+        """[T] normalised samples (T >= 400) -> [layers + 1, feature_count(T), hidden] fp32 CPU.
+        `stream`: a CUDA stream of its own to run on (the caller knows the weights are ready for
+        it): reading the result back then waits for this run only, not for work queued before it
+        on the current stream (a live session's DiT tick)."""
+        with torch.no_grad(), (nullcontext() if self.owned else computing_in(self.model, self.dtype)), \
+                (torch.cuda.stream(stream) if stream is not None else nullcontext()):
             out = self.model(normalised[None].to(self.device, self.dtype), output_hidden_states=True)
-        # The last state is taken after the encoder's final layer norm, as transformers 4.x
-        # (the original pins <= 4.51.3) and ComfyUI return it; transformers 5 puts the
-        # state before that norm in hidden_states[-1], so it comes from last_hidden_state.
-        states = (*out.hidden_states[:-1], out.last_hidden_state)
-        return torch.cat(states).float().cpu()
+            # The last state is taken after the encoder's final layer norm, as transformers 4.x
+            # (the original pins <= 4.51.3) and ComfyUI return it; transformers 5 puts the
+            # state before that norm in hidden_states[-1], so it comes from last_hidden_state.
+            states = (*out.hidden_states[:-1], out.last_hidden_state)
+            return torch.cat(states).float().cpu()
 
 
 def _meta_model(sd: dict, config: dict | None):

@@ -108,6 +108,20 @@ class StreamingAudioEncoder:
         self.running, self.stats_end = RunningStats(), 0
         self.next_block, self.finished, self.speech_frames = 0, False, 0
         self._last_plan = (None, None)
+        self.cuda_stream = None  # after warm_up on a GPU: the CUDA stream wav2vec2 runs on
+
+    def warm_up(self):
+        """wav2vec2 once on silence at the windows of the first block and of a block with its whole
+        left context, before any speech: the GPU's first-use costs (kernel loading) are paid here,
+        not by the first spoken block. On a GPU the runs after it go on a stream of their own
+        (Wav2Vec2Encoder.run): its weights are ready for it once this run is done. The stream's
+        state is untouched."""
+        steady = math.ceil(self.left * VIDEO_FPS / FEATURE_RATE / self.block_frames) + 1
+        for block in (0, steady):
+            _, lo, hi = self._new_plan(block)
+            self.encoder.run(torch.zeros(HOP * (hi - lo) + RECEPTIVE_FIELD))  # its .cpu() waits for the run
+        if self.encoder.device.type == "cuda":
+            self.cuda_stream = torch.cuda.Stream(self.encoder.device)
 
     # ---- the plan of block b: which 30 Hz features, which 50 Hz frames, which audio ----
     def _covered_t30(self) -> int:
@@ -182,7 +196,7 @@ class StreamingAudioEncoder:
         indices, lo, hi = self._plan(block)
         covered = indices < count_30hz(self.t50) if self.finished else np.ones(len(indices), dtype=bool)
         end = HOP * hi + RECEPTIVE_FIELD
-        states = self.encoder.run(self._normalised(HOP * lo, end))
+        states = self.encoder.run(self._normalised(HOP * lo, end), self.cuda_stream)
         if states.shape[1] != hi - lo + 1:
             raise RuntimeError(f"wav2vec2 gave {states.shape[1]} frames, expected {hi - lo + 1}")
         features = lerp_frames(states, positions_30hz(indices[covered], self.grid_t50), lo, hi)  # [layers, m, C]

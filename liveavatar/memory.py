@@ -6,7 +6,9 @@ switch to the refreshed sink when the pipelined schedule overlaps them), text/au
 the activations of a tick (by the block's phases, below), the caller's working memory (the VAE
 decoding alongside, an audio encoder: `reserve_bytes`) and an allocator reserve; and the pinned
 host memory of offloaded blocks. Against a limit per GPU (`memory_cap_gib`, else the free
-memory) it picks, fastest first, the first setting that fits:
+memory) it picks, fastest first, the first setting that fits. A cap stands for a card of that
+size: tensors of other models in the process (allocated on that GPU and not the model's own)
+count against it. The settings, in order:
 1. the fewest offloaded blocks (an `Offload` placement; more blocks cross the host link per tick);
 2. then the least activation trimming: both sinks held during the switch; only one (the
    refreshed sink waits until clip 0 is done: the pipeline drains once); one attention call
@@ -201,6 +203,7 @@ class ModelSpec:
     fp8_rows: bool = False  # fp8 weights fed fp8 rows (GPU, fused kernels, fp8 products)
     fp8_dequantized: bool = False  # fp8 weights dequantised for each product on a GPU (fp8_compute)
     gather_all: bool = False  # attention copies the ring too (RunOptions.attention "gather")
+    loaded: bool = False  # the weights (and offload slots) are in GPU memory already (of_model)
 
     @classmethod
     def of_model(cls, model, steps: int) -> "ModelSpec":
@@ -223,7 +226,7 @@ class ModelSpec:
                                                  for b in model.blocks],
                          [[c.layer_device(i) for i in range(len(c.blocks))] for c in copies],
                          [sum(1 for m in step_models if m is c) for c in copies], placement, offload,
-                         model.options)
+                         model.options, loaded=True)
 
     @classmethod
     def of_config(cls, cfg, storage: str, placement, steps: int, options: RunOptions = RunOptions()) -> "ModelSpec":
@@ -264,17 +267,27 @@ class ModelSpec:
 
     @classmethod
     def _make(cls, cfg, compute_itemsize, fp8, main, weights, blocks, layer_devices, copy_steps, placement, offload,
-              options: RunOptions):
+              options: RunOptions, loaded: bool = False):
+        layer_devices = [[_indexed(d) for d in per_copy] for per_copy in layer_devices]
+        weights = {_indexed(d): v for d, v in weights.items()}
         devices = list(dict.fromkeys(d for per_copy in layer_devices for d in per_copy))
         for d in devices:
             weights.setdefault(d, 0)
-        main = torch.device(main)
+        main = _indexed(main)
         gpu = main.type != "cpu"
         fp8_products = fp8 and gpu and options.fp8_compute == "auto"  # assumed to work, as the kernels are
         return cls(cfg, compute_itemsize, fp8, gpu, devices, weights, blocks, layer_devices, copy_steps,
                    bool(placement and placement.micro_batches), offload, main,
                    fp8_rows=fp8_products and options.kernels != "off", fp8_dequantized=fp8 and gpu and not fp8_products,
-                   gather_all=options.attention == "gather")
+                   gather_all=options.attention == "gather", loaded=loaded)
+
+
+def _indexed(device) -> torch.device:
+    """'cuda' and 'cuda:0' name one GPU: the plan keys its parts by the indexed name, as tensors report it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _tensors(module) -> list:
@@ -408,16 +421,20 @@ def _limits(layout: ModelSpec, memory_cap_gib: float | None) -> dict:
     memory (plus the model's own weights already there); CPU devices have no limit unless capped."""
     limits = {}
     for d in layout.devices:
-        available = None
+        available = others = None
         if d.type == "cuda":
-            available = free_bytes(d) + layout.weights.get(d, 0) + _slot_bytes(layout, d)
+            own = layout.weights.get(d, 0) + _slot_bytes(layout, d) if layout.loaded else 0
+            available = free_bytes(d) + own
+            others = max(0, torch.cuda.memory_allocated(d) - own)
         if memory_cap_gib:
-            cap = int(memory_cap_gib * GIB)
+            cap, source = int(memory_cap_gib * GIB), f"memory_cap_gib {memory_cap_gib:g}"
+            if others:  # the cap stands for the whole card: other models' tensors in this process count
+                cap -= others
+                source += f", less {others / GIB:.1f} GiB of other tensors (other models) on {d}"
             if available is not None and available < cap:
-                limits[d] = (available, f"memory_cap_gib {memory_cap_gib:g}, but only "
-                                        f"{available / GIB:.1f} GiB free")
+                limits[d] = (available, f"{source}, but only {available / GIB:.1f} GiB free")
             else:
-                limits[d] = (cap, f"memory_cap_gib {memory_cap_gib:g}")
+                limits[d] = (cap, source)
         elif available is not None:
             limits[d] = (available, "free memory")
     return limits
@@ -441,7 +458,7 @@ def plan_memory(model, shape: RunShape, kv_fp8: bool, memory_cap_gib: float | No
     spec = model if isinstance(model, ModelSpec) else ModelSpec.of_model(model, shape.steps)
     limits = _limits(spec, memory_cap_gib)
     if isinstance(reserve_bytes, dict):
-        reserve = {torch.device(k): v for k, v in reserve_bytes.items()}
+        reserve = {_indexed(k): v for k, v in reserve_bytes.items()}
     else:
         reserve = {spec.main: reserve_bytes}
     counts = [None]

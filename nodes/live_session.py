@@ -77,8 +77,9 @@ class LiveSession:
                  pacing: Pacing = Pacing(), lookahead_s: float = 0.5, session_id: str = "", clock=time.monotonic):
         self.stream_run, self.intake, self.view, self.clock, self.session_id = run, intake, view, clock, session_id
         self.pacing = replace(pacing, pad_frames=run.drop_first)  # the video shows all the speech
-        self.feed = LiveAudioFeed(intake, StreamingAudioEncoder(encoder, lookahead_s=lookahead_s), run.streamer,
-                                  self.pacing, on_pcm=pcm.append, clock=clock)
+        audio = StreamingAudioEncoder(encoder, lookahead_s=lookahead_s)
+        audio.warm_up()  # before the page is told to speak: the first block does not pay for it
+        self.feed = LiveAudioFeed(intake, audio, run.streamer, self.pacing, on_pcm=pcm.append, clock=clock)
         self.state, self.keeping_up = "waiting", True
         self.speed_marks: deque = deque()  # (time, frames shown)
         self.decodes, self.last_report, self.last_pace_note = None, clock(), -math.inf

@@ -10,6 +10,7 @@ import torch
 from ..liveavatar import CheckpointError, Offload, OneDevice, Sharded, StepPerGPU, load_dit
 from ..liveavatar.dit import LiveAvatarDiT
 from ..liveavatar.loading import STORAGE_DTYPES, Checkpoint, Lora, expected_tensors, set_lora_strength
+from ..liveavatar.memory import GIB
 from ..liveavatar.placement import same_device
 from ..liveavatar.sampler import VIDEO_FRAMES_PER_BLOCK, StreamSettings, warm_up
 from ..liveavatar.settings import CHOICES, RunOptions
@@ -198,10 +199,11 @@ class LiveAvatarModelLoader:
                                            "tooltip": "Attention caches (one clip per denoising step): bf16, or fp8 "
                                                       "to halve their memory. auto: fp8 (for bf16 and fp8 weights)."}),
             "memory_cap_gib": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
-                                         "tooltip": "GPU memory a run may use, per GPU (0: the free memory). Blocks "
-                                                    "are offloaded (with 'offload blocks to CPU') and activations "
-                                                    "trimmed to fit; a clear error names what to change if it "
-                                                    "cannot."}),
+                                         "tooltip": "GPU memory a run may use, per GPU, as on a card of that size: "
+                                                    "other models' tensors on the GPU count against it (0: the free "
+                                                    "memory). Blocks are offloaded (with 'offload blocks to CPU') and "
+                                                    "activations trimmed to fit; a clear error names what to change "
+                                                    "if it cannot."}),
         }, "optional": {
             "warm_up": (WARM_UP, {"default": "auto",
                                   "tooltip": "A short throw-away run right after loading, so that the first run "
@@ -227,7 +229,7 @@ class LiveAvatarModelLoader:
         weights = loaded.get(key)
         if weights is None:  # a strength change alone sets the LoRA again in the sampler, no reload
             weights = self._load_weights(model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks,
-                                         options)
+                                         options, memory_cap_gib)
             loaded[key] = weights
         weights.dit.use_options(options)  # the loaded weights, computing as asked now: no reload
         if warm_size is not None and (*warm_size, options) not in weights.warmed:  # once per size and options
@@ -239,7 +241,8 @@ class LiveAvatarModelLoader:
         return (LiveAvatarModel(weights.dit, kv_fp8, description, weights, lora_strength, memory_cap_gib or None,
                                 options),)
 
-    def _load_weights(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks, options):
+    def _load_weights(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks, options,
+                      memory_cap_gib=0.0):
         path = host.model_path("diffusion_models", model_name, "model_name")
         lora = None if lora_name == NO_LORA else host.model_path("loras", lora_name, "lora_name")
         storage = "fp8" if weight_dtype.startswith("fp8") else weight_dtype
@@ -248,6 +251,8 @@ class LiveAvatarModelLoader:
             cfg = checkpoint.config()
             where = make_placement(placement, offload_blocks, cfg)
             where.bind(cfg)  # resident_bytes asks it where every weight goes
+            check_weights_under_cap(resident_bytes(cfg, storage, where), where.device, placement, weight_dtype,
+                                    memory_cap_gib)
             # Inside ComfyUI the part on its main device is built where ComfyUI builds its own
             # diffusion models (its offload device, or the GPU when that has more room) and
             # loaded by its model management (prepare).
@@ -261,6 +266,15 @@ class LiveAvatarModelLoader:
                                       on_unload=lambda kept=weights.kept: kept.release_all(
                                           "ComfyUI unloaded the model to free memory"))
         return weights
+
+
+def check_weights_under_cap(resident: int, device, placement: str, weight_dtype: str, memory_cap_gib: float):
+    """Before loading: weights that alone exceed the cap could never run, so say what to change."""
+    if memory_cap_gib and resident > memory_cap_gib * GIB:
+        raise ValueError(f"LiveAvatar model loader: with placement '{placement}' the {weight_dtype} weights alone "
+                         f"take {resident / GIB:.1f} GiB on {device}, above memory_cap_gib {memory_cap_gib:g}. "
+                         f"Pick '{PLACEMENTS[2]}' (the run then keeps as many blocks on the GPU as fit the cap), "
+                         f"fp8_e4m3fn weights, or a higher memory_cap_gib")
 
 
 def resident_bytes(cfg, storage: str, where) -> int:

@@ -18,6 +18,7 @@ from ..liveavatar import StreamInputs, StreamSettings, Streamer
 from ..liveavatar.audio import VIDEO_FPS
 from ..liveavatar.decoding import DROPPED_FIRST_FRAMES, PRIMING_LATENTS
 from ..liveavatar.dit import FRAMES_PER_BLOCK, MOTION_VIDEO_FRAMES
+from ..liveavatar.memory import GIB, vae_decode_bytes
 from ..liveavatar.portrait import parse_area, prepare_portrait
 from ..liveavatar.sampler import VIDEO_FRAMES_PER_BLOCK, VIDEO_FRAMES_PER_LATENT, check_infer_frames, flow_schedule
 from ..liveavatar.vae import normalised_to_raw, raw_to_normalised
@@ -71,6 +72,9 @@ class StreamRun:
         from the portrait, the kept state of the run this one continues, or (without it) a new
         one from that run's last latents."""
         fresh = self.previous is None
+        if decode:  # the VAE decodes alongside the DiT: the memory plan leaves it its working memory
+            height, width = self.portrait.shape[-2:]
+            self.settings.reserve_gib = vae_decode_bytes(width, height) / GIB
         self.model.prepare(also=[vae_patcher(self.core_vae), *also] if decode or fresh else list(also))
         if decode or fresh:
             self.vae = streaming_vae(self.core_vae)

@@ -222,6 +222,25 @@ def test_stream_memory_is_bounded(input_lengths):
     assert max(kept) <= window + 1000
 
 
+def test_warm_up_runs_the_first_and_a_full_window_and_changes_nothing(input_lengths):
+    """warm_up (a live session, before the page speaks) runs wav2vec2 on silence at the window of
+    block 0 and at the longest window (whole left context), and the stream's blocks stay the
+    same bit for bit."""
+    wave = torch.from_numpy(speech_like(3.0, seed=3))
+    options = dict(left_context_s=0.5, lookahead_s=0.26)
+    warmed = S.StreamingAudioEncoder(encoder(), **options)
+    warmed.warm_up()
+    assert warmed.cuda_stream is None  # on the CPU: nothing to run beside
+    first, full = input_lengths
+    input_lengths.clear()
+    blocks = [b for start in range(0, wave.numel(), 1000) for b in warmed.feed(wave[start:start + 1000])]
+    blocks += warmed.flush()
+    assert first == input_lengths[0] and full == max(input_lengths)
+    plain = S.StreamingAudioEncoder(encoder(), **options)
+    alone = [b for start in range(0, wave.numel(), 1000) for b in plain.feed(wave[start:start + 1000])] + plain.flush()
+    assert all(torch.equal(a, b) for a, b in zip(blocks, alone)) and len(blocks) == len(alone)
+
+
 def test_flush_ends_the_stream():
     wave = waveform()
     streamer = S.StreamingAudioEncoder(encoder(), **SHORT)

@@ -192,12 +192,12 @@ def test_session_decode_queue_hands_each_block_over_when_decoded_on_gpu():
 
 
 # ---- issue 19: LoRA strength and shared weights on a GPU ---------------------------------------
-def strength_model(checkpoint, storage, placement, strength, lora):
+def strength_model(checkpoint, storage, placement, strength, lora, config):
     """Built as the loader builds it inside ComfyUI: computed on the GPU, kept on the CPU (its
     offload device), then moved in (what ComfyUI's load_models_gpu does)."""
     from nodes.loader import resident_modules
     model = load_dit(checkpoint, lora=lora, lora_strength=strength, storage=storage, placement=placement,
-                     config=fixture_config(SET), offload_device="cpu")
+                     config=config, offload_device="cpu")
     for module in resident_modules(model, placement):
         module.to(placement.device)
     return model
@@ -205,24 +205,26 @@ def strength_model(checkpoint, storage, placement, strength, lora):
 
 @pytest.mark.parametrize("storage", ["bf16", "fp8"])
 @pytest.mark.parametrize("where", ["one GPU", "offload", "per GPU"])
-def test_strength_changes_bit_for_bit_on_gpu(checkpoint, storage, where):
+def test_strength_changes_bit_for_bit_on_gpu(storage, where, tmp_path):
     import random
     from conftest import load_manifest
     from liveavatar.loading import Checkpoint, Lora, set_lora_strength
     if where == "per GPU" and torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    lora_set = fixture_sets("lora_merge")[0].values[0]
+    lora_set = fixture_sets("lora_merge")[0].values[0]  # its base: the dit_streaming weights of its own folder
     lora = Lora.read(lora_set / "lora.safetensors", alpha=load_manifest(lora_set, "lora_merge")["alpha"])
-    layers = fixture_config(SET).num_layers
+    checkpoint = write_checkpoint(fixture_weights(lora_set), tmp_path / "dit.safetensors")
+    config = fixture_config(lora_set)
+    layers = config.num_layers
     place = {"one GPU": lambda: OneDevice("cuda"), "offload": lambda: Offload("cuda", blocks=1, num_layers=layers),
              "per GPU": lambda: StepPerGPU(["cuda:0", "cuda:1"])}[where]
     opened = Checkpoint.open(checkpoint)
-    model = strength_model(opened, storage, place(), 1.0, lora)
+    model = strength_model(opened, storage, place(), 1.0, lora, config)
     rng = random.Random(0)
     strengths = [rng.uniform(0.0, 2.0) for _ in range(41)]
     for strength in strengths:
         set_lora_strength(model, opened, lora, strength)
-    fresh = strength_model(opened, storage, place(), strengths[-1], lora)
+    fresh = strength_model(opened, storage, place(), strengths[-1], lora, config)
     for copy, same in zip(model.copies(), fresh.copies()):
         mine, theirs = copy.state_dict(), same.state_dict()
         differ = [n for n in theirs if not torch.equal(mine[n].cpu().reshape(-1).view(torch.uint8),
@@ -286,3 +288,48 @@ def test_prompt_padding_kept_once_on_gpu():
     want = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(0, 1) for t in (q, *full)))
     got = attention.attend_repeated_last(q, k, v, 492, Kernels())
     assert relative_l2(got.float(), want.transpose(0, 1)) < 1e-2
+
+
+def test_other_tensors_on_the_gpu_count_against_the_cap(checkpoint):
+    """memory_cap_gib stands for the whole card: tensors of other models in the process (wav2vec2,
+    the VAE, ...) leave the run that much less; the model's own weights are not counted twice."""
+    from liveavatar.memory import GIB, RunShape, plan_memory
+    model = load_dit(checkpoint, storage="bf16", placement=OneDevice("cuda"), config=fixture_config(SET))
+    inputs, settings = fixture_inputs(SET), fixture_settings(SET)
+    shape = RunShape(*inputs.ref_latent.shape[-2:], settings.infer_frames, settings.steps,
+                     text_tokens=inputs.text.shape[0] + 1)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    alone = plan_memory(model, shape, False, memory_cap_gib=4.0).devices[0].limit
+    other = torch.empty(GIB // 4, dtype=torch.uint8, device="cuda")
+    beside = plan_memory(model, shape, False, memory_cap_gib=4.0).devices[0].limit
+    own = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    assert alone == 4 * GIB - (before - own)
+    assert alone - beside == other.numel()
+
+
+def test_streaming_audio_after_warm_up_runs_on_its_own_stream_on_gpu():
+    """After warm_up a live session's wav2vec2 runs on a CUDA stream of its own, so reading its
+    features back does not wait for the DiT work queued on the current stream; the features are
+    those of a stream without it (same kernels, another stream)."""
+    from conftest import load_manifest, load_tensors
+    from liveavatar.audio import Wav2Vec2Encoder
+    from liveavatar.audio_stream import StreamingAudioEncoder
+    from liveavatar.testing import speech_like
+    audio_set = fixture_sets("audio")[0].values[0]
+    encoder = Wav2Vec2Encoder.from_state_dict(load_tensors(audio_set, "audio", prefix="weights."),
+                                              load_manifest(audio_set, "audio")["config"], device="cuda")
+    wave = torch.from_numpy(speech_like(3.0, seed=3))
+    runs = {}
+    for warm in (True, False):
+        stream = StreamingAudioEncoder(encoder, left_context_s=0.5, lookahead_s=0.26)
+        if warm:
+            stream.warm_up()
+            assert stream.cuda_stream is not None and stream.cuda_stream != torch.cuda.current_stream()
+        busy = torch.randn(4096, 4096, device="cuda")
+        for _ in range(20):  # queued on the current stream while the audio is encoded
+            busy = busy @ busy / 64
+        runs[warm] = [b for start in range(0, wave.numel(), 1600) for b in stream.feed(wave[start:start + 1600])]
+        runs[warm] += stream.flush()
+    assert len(runs[True]) == len(runs[False])
+    assert all(relative_l2(a, b) < 1e-6 for a, b in zip(runs[True], runs[False]))

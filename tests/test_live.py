@@ -171,3 +171,29 @@ def test_warm_up_on_load_leaves_the_model_as_it_was(tiny_graph, monkeypatch):
         loader.load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto", warm_up="999*1")
     with pytest.raises(ValueError, match="memory_cap_gib must be"):
         loader.load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto", memory_cap_gib=float("nan"))
+    # weights that alone exceed the cap: said before loading, naming the placement that fits
+    with pytest.raises(ValueError, match="weights alone take .* above memory_cap_gib 0.001. Pick 'offload blocks"):
+        LiveAvatarModelLoader().load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto",
+                                     memory_cap_gib=0.001)
+
+
+def test_live_video_leaves_the_vae_decode_its_memory_and_the_sampler_does_not(tiny_graph, monkeypatch):
+    """Live Video decodes alongside the DiT: its memory plan reserves the streaming decode's working
+    memory on the main device (memory.vae_decode_bytes at the portrait's size); the Sampler node,
+    whose decode comes later in another node, reserves nothing."""
+    from liveavatar import sampler
+    from liveavatar.memory import vae_decode_bytes
+    inputs, audio, _, _ = tiny_graph
+    reserves = []
+
+    def recording_plan(model, shape, kv_fp8, cap=None, reserve_bytes=0, *args, **kwargs):
+        plan = plan_memory(model, shape, kv_fp8, cap, reserve_bytes, *args, **kwargs)
+        reserves.append((reserve_bytes, plan.devices[0].parts.get("caller (VAE, audio)", 0)))
+        return plan
+
+    plan_memory = sampler.plan_memory
+    monkeypatch.setattr(sampler, "plan_memory", recording_plan)
+    LiveAvatarLiveVideo().generate(**inputs, audio=audio, filename_prefix="live", return_frames=False)
+    LiveAvatarSampler().sample(**inputs)
+    expected = vae_decode_bytes(inputs["width"], inputs["height"])
+    assert reserves == [(expected, expected), (0, 0)]
