@@ -21,7 +21,7 @@ from .continuation import with_lead_in
 from .decode import FrameCollector, video_to_images
 from .live_mp4 import MIME_TYPE, MIME_TYPE_NO_AUDIO, FragmentedMp4Writer
 from .sampler import CONTINUE_INPUTS, LiveAvatarSampler
-from .stream_run import FPS, StreamRun
+from .stream_run import FPS, StreamRun, portrait_memo
 from .video_writer import prepare_audio
 
 LIVE_EVENT = "liveavatar.live"  # websocket message the extension in web/js/live_view.js listens to
@@ -55,7 +55,8 @@ class LiveAvatarLiveVideo:
                  sample_steps, seed, audio, filename_prefix, return_frames=True, continue_from=None, keep_state=False):
         # Input checks before the long work: the run's inputs, the file to write, the speech to mux.
         run = StreamRun("LiveAvatar Live Video", model, positive, image, vae, audio_features, size, width, height,
-                        infer_frames, num_clip, sample_steps, seed, continue_from, keep_state)
+                        infer_frames, num_clip, sample_steps, seed, continue_from, keep_state,
+                        portraits=portrait_memo(self))
         path = host.save_path(filename_prefix, "mp4")
         join_notes = []
         if run.previous is not None:  # the speech at the join: see continuation.with_lead_in

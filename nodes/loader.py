@@ -271,10 +271,11 @@ class LiveAvatarModelLoader:
 def check_weights_under_cap(resident: int, device, placement: str, weight_dtype: str, memory_cap_gib: float):
     """Before loading: weights that alone exceed the cap could never run, so say what to change."""
     if memory_cap_gib and resident > memory_cap_gib * GIB:
+        offload = ("raise offload_blocks (up to 40)" if placement == PLACEMENTS[2] else f"pick '{PLACEMENTS[2]}'") + \
+            " (the run then keeps as many blocks on the GPU as fit the cap)"
         raise ValueError(f"LiveAvatar model loader: with placement '{placement}' the {weight_dtype} weights alone "
-                         f"take {resident / GIB:.1f} GiB on {device}, above memory_cap_gib {memory_cap_gib:g}. "
-                         f"Pick '{PLACEMENTS[2]}' (the run then keeps as many blocks on the GPU as fit the cap), "
-                         f"fp8_e4m3fn weights, or a higher memory_cap_gib")
+                         f"take {resident / GIB:.1f} GiB on {device}, above memory_cap_gib {memory_cap_gib:g}. To "
+                         f"fit: {offload}, fp8_e4m3fn weights, or a higher memory_cap_gib")
 
 
 def resident_bytes(cfg, storage: str, where) -> int:

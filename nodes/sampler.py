@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .stream_run import INFER_FRAMES, SIZE_PRESETS, StreamRun, run_stream  # noqa: F401 (run_stream: tests)
+from .stream_run import INFER_FRAMES, SIZE_PRESETS, StreamRun, portrait_memo, run_stream  # noqa: F401 (run_stream: tests)
 
 
 class LiveAvatarSampler:
@@ -44,7 +44,8 @@ class LiveAvatarSampler:
     def sample(self, model, positive, image, vae, audio_features, size, width, height, infer_frames, num_clip,
                sample_steps, seed, continue_from=None, keep_state=False):
         run = StreamRun("LiveAvatar Sampler", model, positive, image, vae, audio_features, size, width, height,
-                        infer_frames, num_clip, sample_steps, seed, continue_from, keep_state).start()
+                        infer_frames, num_clip, sample_steps, seed, continue_from, keep_state,
+                        portraits=portrait_memo(self)).start()
         latents = torch.cat([block.latents.float().cpu() for block in run.blocks(preview=True)], dim=1)
         return {"ui": run.ui(), "result": (run.output(latents),)}
 

@@ -14,7 +14,7 @@ from .live import LiveView
 from .live_session import LivePcm, LiveSession
 from .sampler import LiveAvatarSampler
 from .session_route import ROUTE, registry_of
-from .stream_run import StreamRun
+from .stream_run import StreamRun, portrait_memo
 from .vae_adapter import audio_encoder as engine_audio_encoder, audio_encoder_layout, audio_encoder_patcher
 
 SESSION_EVENT = "liveavatar.session"  # websocket messages web/js/session.js listens to
@@ -78,7 +78,7 @@ class LiveAvatarSession:
         check_lookahead(lookahead_s)
         check_audio_encoder(audio_encoder, model.dit.cfg)
         run = StreamRun(LABEL, model, positive, image, vae, None, size, width, height, infer_frames, 0, sample_steps,
-                        seed, live=True)
+                        seed, live=True, portraits=portrait_memo(self))
         path = host.save_path(filename_prefix, "mp4")
         registry = registry_of(host.prompt_server())
         if registry is None:

@@ -10,6 +10,7 @@ one, the block loop with progress and cancel, the cleanup, and the LATENT it ret
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Iterator
 
 import torch
@@ -36,6 +37,29 @@ SIZE_PRESETS = ["384*256", "688*368", "704*384", "720*400", "custom"]
 INFER_FRAMES = {"default": 48, "min": VIDEO_FRAMES_PER_BLOCK, "max": 240, "step": VIDEO_FRAMES_PER_BLOCK}
 
 
+class PortraitMemo:
+    """A node's last portrait encoding, kept on the node object between runs (as ComfyUI's
+    LoraLoader keeps its last file): a run with the same VAE and the same portrait pixels (after
+    the crop to the size) takes the latents again instead of encoding 73 still frames once more
+    (the largest part of the time to the first frame at 704*384). Kept in CPU memory."""
+
+    def __init__(self):
+        self.pixels, self.vae, self.latents = None, lambda: None, None
+
+    def encode(self, core_vae, vae, portrait: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = digest(portrait)
+        if self.latents is not None and self.pixels == pixels and self.vae() is core_vae:
+            return tuple(t.to(vae.device) for t in self.latents)
+        latents = encode_portrait(vae, portrait)
+        self.pixels, self.vae, self.latents = pixels, weakref.ref(core_vae), tuple(t.cpu() for t in latents)
+        return latents
+
+
+def portrait_memo(node) -> PortraitMemo:
+    """The PortraitMemo a node object keeps between runs."""
+    return node.__dict__.setdefault("portrait_memo", PortraitMemo())
+
+
 class StreamRun:
     """A Sampler or Live Video run (see module docstring). After start(): `streamer`, `mode`
     (None for a first part, "exact" or "approximate" for a continuation), `notes` (what the
@@ -43,9 +67,10 @@ class StreamRun:
     latents the decoder starts from) and `video_frames` (frames of this part that carry speech)."""
 
     def __init__(self, label, model, positive, image, vae, audio_features, size, width, height, infer_frames,
-                 num_clip, sample_steps, seed, continue_from=None, keep_state=False, live=False):
+                 num_clip, sample_steps, seed, continue_from=None, keep_state=False, live=False, portraits=None):
         cfg = model.dit.cfg
         self.label, self.model, self.core_vae, self.keep, self.live = label, model, vae, keep_state, live
+        self.portraits = portraits or PortraitMemo()  # the node's last portrait encoding (portrait_memo)
         self.text = text_embeddings(positive, cfg.text_len)
         check_infer_frames(infer_frames)
         flow_schedule(sample_steps)  # the steps' range
@@ -79,7 +104,7 @@ class StreamRun:
         if decode or fresh:
             self.vae = streaming_vae(self.core_vae)
         if fresh:
-            ref_latent, motion_latents = encode_portrait(self.vae, self.portrait)
+            ref_latent, motion_latents = self.portraits.encode(self.core_vae, self.vae, self.portrait)
             self.streamer = self._new_stream(ref_latent, motion_latents)
             self.priming = motion_latents
         else:

@@ -172,9 +172,12 @@ def test_warm_up_on_load_leaves_the_model_as_it_was(tiny_graph, monkeypatch):
     with pytest.raises(ValueError, match="memory_cap_gib must be"):
         loader.load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto", memory_cap_gib=float("nan"))
     # weights that alone exceed the cap: said before loading, naming the placement that fits
-    with pytest.raises(ValueError, match="weights alone take .* above memory_cap_gib 0.001. Pick 'offload blocks"):
+    with pytest.raises(ValueError, match="weights alone take .* above memory_cap_gib 0.001. To fit: pick 'offload bl"):
         LiveAvatarModelLoader().load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "one GPU", 0, "auto",
                                      memory_cap_gib=0.001)
+    with pytest.raises(ValueError, match="To fit: raise offload_blocks"):
+        LiveAvatarModelLoader().load("dit.safetensors", "lora.safetensors", 1.0, "fp32", "offload blocks to CPU", 0,
+                                     "auto", memory_cap_gib=0.001)
 
 
 def test_live_video_leaves_the_vae_decode_its_memory_and_the_sampler_does_not(tiny_graph, monkeypatch):
@@ -197,3 +200,25 @@ def test_live_video_leaves_the_vae_decode_its_memory_and_the_sampler_does_not(ti
     LiveAvatarSampler().sample(**inputs)
     expected = vae_decode_bytes(inputs["width"], inputs["height"])
     assert reserves == [(expected, expected), (0, 0)]
+
+
+def test_a_node_encodes_the_same_portrait_once(tiny_graph, monkeypatch):
+    """A node object keeps its last portrait encoding: the same VAE and portrait again take its
+    latents (the run's output unchanged); another node object, or another portrait, encode."""
+    inputs, _, _, _ = tiny_graph
+    vae = inputs["vae"]
+    calls = []
+    memoised, real = vae.encode_portrait, WanVAE.encode_portrait.__get__(vae)  # (the fixture's memo: one portrait)
+
+    def counted(portrait, on_step=None):
+        calls.append(portrait.shape)
+        return (memoised if len(calls) < 3 else real)(portrait, on_step)
+    monkeypatch.setattr(vae, "encode_portrait", counted)
+    node = LiveAvatarSampler()
+    first = node.sample(**inputs)["result"][0]["samples"]
+    again = node.sample(**inputs)["result"][0]["samples"]
+    assert len(calls) == 1 and torch.equal(first, again)
+    LiveAvatarSampler().sample(**inputs)
+    assert len(calls) == 2
+    node.sample(**dict(inputs, image=inputs["image"].flip(2)))
+    assert len(calls) == 3
