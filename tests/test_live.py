@@ -187,14 +187,13 @@ def test_live_video_leaves_the_vae_decode_its_memory_and_the_sampler_does_not(ti
     from liveavatar import sampler
     from liveavatar.memory import vae_decode_bytes
     inputs, audio, _, _ = tiny_graph
-    reserves = []
+    reserves, plan_memory = [], sampler.plan_memory
 
     def recording_plan(model, shape, kv_fp8, cap=None, reserve_bytes=0, *args, **kwargs):
         plan = plan_memory(model, shape, kv_fp8, cap, reserve_bytes, *args, **kwargs)
         reserves.append((reserve_bytes, plan.devices[0].parts.get("caller (VAE, audio)", 0)))
         return plan
 
-    plan_memory = sampler.plan_memory
     monkeypatch.setattr(sampler, "plan_memory", recording_plan)
     LiveAvatarLiveVideo().generate(**inputs, audio=audio, filename_prefix="live", return_frames=False)
     LiveAvatarSampler().sample(**inputs)
