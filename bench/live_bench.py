@@ -346,9 +346,7 @@ def main():
     parser.add_argument("--cases", default="live-fp8-384,live-fp8-704")
     parser.add_argument("--ttff-cold", default="", help="a case to run again in a fresh process")
     parser.add_argument("--out", default="live_rows.json")
-    allocator = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
-    parser.add_argument("--command", default=(f"PYTORCH_CUDA_ALLOC_CONF={allocator} " if allocator else "") +
-                        "python " + " ".join(sys.argv), help="recorded in every row")
+    parser.add_argument("--command", default=command_line(), help="recorded in every row")
     parser.add_argument("--phases", default="", help="cases to run again with the time to the first frame split "
                         "into phases (synchronised marks; separate rows, mode + '-phases')")
     parser.add_argument("--profile", default="", help="cases to run again under torch.profiler over 3 steady blocks "
@@ -397,6 +395,12 @@ def main():
         f"{r['steady_fps']:.1f}", f"{r['ttff_s']:.2f}", f"{r['peak_gib']:.1f}", r["memory_cap_gib"] or "-",
         f"{r.get('copied_gb_per_tick', 0):.1f}", f"{r.get('modelled_fps_25gbps', 0):.1f}",
         f"{r.get('modelled_fps_50gbps', 0):.1f}"])
+
+
+def command_line() -> str:
+    """This process's command as a row records it, with the allocator setting it ran under."""
+    allocator = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    return (f"PYTORCH_CUDA_ALLOC_CONF={allocator} " if allocator else "") + "python " + " ".join(sys.argv)
 
 
 def add_row(rows: list, case: dict, args, measure):

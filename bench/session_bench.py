@@ -187,7 +187,7 @@ def main():
     parser.add_argument("--cases", default=None, help="default: session-fp8-384 (--tiny: session-fp32-128)")
     parser.add_argument("--seconds", type=float, default=30.0, help="speech the page speaks, in real time")
     parser.add_argument("--out", default="session_rows.json")
-    parser.add_argument("--command", default=" ".join(sys.argv), help="recorded in every row")
+    parser.add_argument("--command", default=lb.command_line(), help="recorded in every row")
     parser.add_argument("--tiny", action="store_true", help="test-size models on the CPU: a smoke run of this script")
     args = parser.parse_args()
     models = Path(args.models) / ("tiny" if args.tiny else "")

@@ -44,7 +44,7 @@ class PortraitMemo:
     (the largest part of the time to the first frame at 704*384). Kept in CPU memory."""
 
     def __init__(self):
-        self.pixels, self.vae, self.latents = None, lambda: None, None
+        self.pixels, self.vae, self.latents = None, None, None  # vae: a weak reference, set with the latents
 
     def encode(self, core_vae, vae, portrait: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = digest(portrait)
