@@ -7,8 +7,9 @@ chunks through the route's request handling, every chunk and every frame message
   p50 of the first and the last minute (drift);
 - steady_fps: video frames written per second while the page speaks (25 when generation keeps up);
 - keeps_pace: the speech waiting for generation (the session's waiting_s) stayed under 1 s;
-- memory: GPU memory allocated in the first and the last minute (flat: no growth with length),
-  the process's resident memory at the start and the end of speaking;
+- memory: GPU memory allocated and the process's resident memory, the most of each in the first
+  and in the last minute (flat: no growth with length), and resident memory at the start and
+  the end of speaking;
 - beside --out, <case>_timeline.json: every session message while the page speaks (time, frames
   written, latency, speech waiting for generation, generation speed).
 
@@ -91,7 +92,8 @@ class Page:
 
 
 class MemoryWatch(threading.Thread):
-    """GPU memory allocated, sampled every 0.5 s: (time, bytes)."""
+    """GPU memory allocated and the process's resident memory, sampled every 0.5 s:
+    (time, GPU bytes, resident GiB)."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -99,8 +101,12 @@ class MemoryWatch(threading.Thread):
 
     def run(self):
         while not self.stopped:
-            self.samples.append((time.perf_counter(), torch.cuda.memory_allocated() if lb.Gpu.on else 0))
+            self.samples.append((time.perf_counter(), torch.cuda.memory_allocated() if lb.Gpu.on else 0, rss_gib()))
             time.sleep(0.5)
+
+    def peak(self, start: float, end: float, resident: bool = False) -> float:
+        """The most GPU memory allocated (or resident memory) between two times, in GiB."""
+        return max([rss if resident else gpu / lb.GIB for t, gpu, rss in self.samples if start <= t < end] or [0])
 
 
 def rss_gib() -> float:
@@ -142,7 +148,6 @@ def summarise(page: Page, memory: MemoryWatch, rss: tuple, case: dict, seconds: 
     waiting = [d["session"]["waiting_s"] for t, d in page.messages if "session" in d and d["session"].get("waiting_s")
                is not None and t > first_t + seconds / 2]
     last = page.messages[-1][1]
-    mem = lambda a, b: max([m for t, m in memory.samples if a <= t < b] or [0]) / lb.GIB  # noqa: E731
     return dict(case, gpus=torch.cuda.device_count() if "step per GPU" in case["placement"] else 1, seconds=seconds,
                 latency_p50_s=float(np.percentile(lat, 50)), latency_p95_s=float(np.percentile(lat, 95)),
                 latency_first_p50_s=float(np.median(early)) if early else None,
@@ -151,8 +156,10 @@ def summarise(page: Page, memory: MemoryWatch, rss: tuple, case: dict, seconds: 
                 keeps_pace=max(waiting, default=0.0) < 1.0, waiting_max_s=max(waiting, default=0.0),
                 frames=last.get("frames"), silence_s=last["session"]["silence_s"],
                 dropped_s=last["session"]["dropped_s"], refused=len(page.refused),
-                memory_first_min_gib=mem(first_t, first_t + minute),
-                memory_last_min_gib=mem(page.done_speaking - minute, page.done_speaking + 1),
+                memory_first_min_gib=memory.peak(first_t, first_t + minute),
+                memory_last_min_gib=memory.peak(page.done_speaking - minute, page.done_speaking + 1),
+                rss_first_min_gib=memory.peak(first_t, first_t + minute, resident=True),
+                rss_last_min_gib=memory.peak(page.done_speaking - minute, page.done_speaking + 1, resident=True),
                 rss_start_gib=rss[0], rss_end_gib=rss[1], **lb.Gpu.peaks())
 
 
@@ -214,10 +221,11 @@ def main():
         timeline_path = Path(args.out).with_name(f"{name}_timeline.json")
         lb.add_row(rows, case, args, lambda: run_case(pack, case, inputs, speech, args.tiny, timeline_path))
     lb.print_table(rows, ["latency p50 s", "p95 s", "first / last minute p50 s", "steady FPS", "keeps pace",
-                          "GiB first / last minute"], lambda r: [
+                          "GiB first / last minute", "resident GiB first / last minute"], lambda r: [
         f"{r['latency_p50_s']:.2f}", f"{r['latency_p95_s']:.2f}",
         f"{r['latency_first_p50_s']:.2f} / {r['latency_last_p50_s']:.2f}", f"{r['steady_fps']:.1f}", r["keeps_pace"],
-        f"{r['memory_first_min_gib']:.1f} / {r['memory_last_min_gib']:.1f}"])
+        f"{r['memory_first_min_gib']:.2f} / {r['memory_last_min_gib']:.2f}",
+        f"{r['rss_first_min_gib']:.2f} / {r['rss_last_min_gib']:.2f}"])
 
 
 if __name__ == "__main__":

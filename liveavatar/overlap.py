@@ -11,6 +11,7 @@ would make the host wait for the tick the sampler has just queued).
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -76,6 +77,35 @@ class DecodeQueue:
             out.append(_collect(block, frames, done) if done is not None else (block, frames))
             self.pending.popleft()
         return out
+
+
+def latents_on_cpu(blocks: Iterable) -> Iterator:
+    """The blocks (sampler.Block) with their latents replaced by float32 CPU copies. On CUDA each
+    copy is queued on a side stream of the latents' GPU once the block is ready and handed over
+    once the next block has been queued (the first at once), so the host never waits for the
+    tick it has just queued (a plain `.cpu()` would: the GPU then idles while the host queues the
+    next tick). Elsewhere the copy is made in line."""
+    sides: dict = {}
+
+    def start(block):
+        device = block.latents.device
+        if device.type != "cuda":
+            return block.latents.float().cpu(), None
+        if device not in sides:
+            sides[device] = torch.cuda.Stream(device)
+        return _queue_decode(block, _fp32, device, sides[device])
+
+    def finish(block, queued):
+        latents, done = queued
+        if done is not None:
+            done.synchronize()
+        return replace(block, latents=latents)
+
+    return one_behind(blocks, start, finish, first_at_once=True)
+
+
+def _fp32(latents: torch.Tensor) -> torch.Tensor:
+    return latents.float()
 
 
 def one_behind(items: Iterable, start: Callable, finish: Callable, first_at_once: bool = False) -> Iterator:

@@ -111,6 +111,10 @@ class CausalConv3d(nn.Conv3d):
             x = torch.cat([previous.to(x), x], dim=2)
             time_pad -= previous.shape[2]
         x = F.pad(x, self.space_pad + (time_pad, 0))
+        return self.convolve(x)
+
+    def convolve(self, x):
+        """The convolution of the padded input: conv3d, or on the CPU by time taps."""
         return self._conv_by_time_taps(x) if x.device.type == "cpu" else super().forward(x)
 
     def _conv_by_time_taps(self, x):

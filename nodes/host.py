@@ -375,12 +375,17 @@ class Progress:
 
 
 def latent_previewer():
-    """A function: latents [16, F, h, w] -> ComfyUI preview tuple (cheap latent->RGB
-    projection of the first frame), or None outside ComfyUI / with previews off."""
+    """A function: latents [16, F, h, w] (any device) -> ComfyUI preview tuple of the first
+    frame, or None outside ComfyUI / with previews off. The cheap latent->RGB projection runs
+    where the latents are (the sampler hands it CPU copies); a network previewer (TAESD) on
+    ComfyUI's device."""
     latent_preview, formats = _comfy("latent_preview"), _comfy("comfy.latent_formats")
     if latent_preview is None or formats is None:
         return None
     previewer = latent_preview.get_previewer(torch_device(), formats.Wan21())
     if previewer is None:
         return None
-    return lambda latents: previewer.decode_latent_to_preview_image("JPEG", latents[None, :, :1].float())
+    projection = getattr(latent_preview, "Latent2RGBPreviewer", ())
+    device = None if isinstance(previewer, projection) else torch_device()
+    return lambda latents: previewer.decode_latent_to_preview_image(
+        "JPEG", latents[None, :, :1].to(device or latents.device, torch.float32))

@@ -46,7 +46,7 @@ class LiveAvatarSampler:
         run = StreamRun("LiveAvatar Sampler", model, positive, image, vae, audio_features, size, width, height,
                         infer_frames, num_clip, sample_steps, seed, continue_from, keep_state,
                         portraits=portrait_memo(self)).start()
-        latents = torch.cat([block.latents.float().cpu() for block in run.blocks(preview=True)], dim=1)
+        latents = torch.cat([block.latents for block in run.blocks(on_cpu=True)], dim=1)
         return {"ui": run.ui(), "result": (run.output(latents),)}
 
 

@@ -4,7 +4,7 @@ one, the block loop with progress and cancel, the cleanup, and the LATENT it ret
 
     run = StreamRun("LiveAvatar Sampler", model, positive, ...)   # checks only
     run.start(decode=False)                                       # models loaded, stream set up
-    latents = torch.cat([b.latents.cpu() for b in run.blocks()], dim=1)
+    latents = torch.cat([b.latents for b in run.blocks(on_cpu=True)], dim=1)  # copied alongside, previewed
     return run.output(latents)                                    # LATENT (+ what the UI shows)
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..liveavatar.audio import VIDEO_FPS
 from ..liveavatar.decoding import DROPPED_FIRST_FRAMES, PRIMING_LATENTS
 from ..liveavatar.dit import FRAMES_PER_BLOCK, MOTION_VIDEO_FRAMES
 from ..liveavatar.memory import GIB, vae_decode_bytes
+from ..liveavatar.overlap import latents_on_cpu
 from ..liveavatar.portrait import parse_area, prepare_portrait
 from ..liveavatar.sampler import VIDEO_FRAMES_PER_BLOCK, VIDEO_FRAMES_PER_LATENT, check_infer_frames, flow_schedule
 from ..liveavatar.vae import normalised_to_raw, raw_to_normalised
@@ -145,11 +146,11 @@ class StreamRun:
                           f"could not be used: {why}")
 
     # ---- the loop ----------------------------------------------------------------------
-    def blocks(self, preview: bool = False, on_audio=None, progress_steps: int | None = None) -> Iterator:
-        """The stream's clean blocks (progress, cancel, cleanup: stream_blocks); once all are
-        out, the state is kept if asked (its handle goes into the LATENT). A live stream asks
-        `on_audio` for its audio (Streamer.blocks)."""
-        yield from stream_blocks(self.streamer, self.label, keep=self.keep, preview=preview, on_audio=on_audio,
+    def blocks(self, on_cpu: bool = False, on_audio=None, progress_steps: int | None = None) -> Iterator:
+        """The stream's clean blocks (progress, cancel, cleanup, `on_cpu`: stream_blocks); once
+        all are out, the state is kept if asked (its handle goes into the LATENT). A live stream
+        asks `on_audio` for its audio (Streamer.blocks)."""
+        yield from stream_blocks(self.streamer, self.label, keep=self.keep, on_cpu=on_cpu, on_audio=on_audio,
                                  progress_steps=progress_steps)
         if self.keep:
             self.handle = self.model.weights.kept.keep(self.streamer, self.key)
@@ -222,16 +223,18 @@ def approximate_history(previous: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return reference, latents[:, -MOTION_LATENTS:]
 
 
-def stream_blocks(streamer: Streamer, label: str, keep: bool = False, preview: bool = False, on_audio=None,
+def stream_blocks(streamer: Streamer, label: str, keep: bool = False, on_cpu: bool = False, on_audio=None,
                   progress_steps: int | None = None) -> Iterator:
-    """Yield `streamer.blocks(on_audio=on_audio)`, ticking the progress bar every block-step (with
-    a latent preview per block if asked), stopping cleanly on cancel; the caches are freed either
-    way (unless kept for a continuation after a complete run), and ComfyUI's cached memory is
-    returned. Close the generator (or run it to the end) to clean up at once. The bar's length:
-    the run's block-steps, or `progress_steps` (a live stream's, whose length is not known)."""
+    """Yield `streamer.blocks(on_audio=on_audio)`, ticking the progress bar every block-step,
+    stopping cleanly on cancel; the caches are freed either way (unless kept for a continuation
+    after a complete run), and ComfyUI's cached memory is returned. Close the generator (or run
+    it to the end) to clean up at once. The bar's length: the run's block-steps, or
+    `progress_steps` (a live stream's, whose length is not known). `on_cpu`: each block comes
+    with its latents as a float32 CPU copy made alongside the next tick (overlap.latents_on_cpu:
+    one block behind, the first at once) and a latent preview of it on the bar."""
     progress = host.Progress(progress_steps if progress_steps is not None
                              else streamer.total_block_steps - streamer.block_steps_done, label)
-    previewer = host.latent_previewer() if preview else None
+    previewer = host.latent_previewer() if on_cpu else None
 
     def on_step():
         host.check_interrupted()
@@ -239,7 +242,8 @@ def stream_blocks(streamer: Streamer, label: str, keep: bool = False, preview: b
 
     done = False
     try:
-        for block in streamer.blocks(on_step, on_audio):
+        blocks = streamer.blocks(on_step, on_audio)
+        for block in latents_on_cpu(blocks) if on_cpu else blocks:
             if previewer is not None:
                 progress.show(previewer(block.latents))
             yield block
@@ -254,5 +258,4 @@ def stream_blocks(streamer: Streamer, label: str, keep: bool = False, preview: b
 def run_stream(streamer: Streamer, keep: bool = False) -> torch.Tensor:
     """The clean latent blocks of a whole run of `streamer`, concatenated in time on the CPU:
     [16, frames, h, w] (see stream_blocks)."""
-    return torch.cat([b.latents.float().cpu() for b in stream_blocks(streamer, "LiveAvatar sampling", keep,
-                                                                      preview=True)], dim=1)
+    return torch.cat([b.latents for b in stream_blocks(streamer, "LiveAvatar sampling", keep, on_cpu=True)], dim=1)

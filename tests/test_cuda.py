@@ -162,6 +162,25 @@ def test_decode_alongside_gives_the_inline_frames():
         assert torch.equal(frames, want) and torch.equal(clean, block.latents.cpu())
 
 
+def test_latents_reach_the_cpu_one_block_behind_on_gpu():
+    """The Sampler node's copies: each block's latents in pinned CPU memory, equal to a plain
+    .cpu(), handed over only once the next block was asked for (the first at once)."""
+    from liveavatar.overlap import latents_on_cpu
+    from liveavatar.sampler import Block
+    latents = torch.randn(3, 16, 3, 8, 8, device="cuda", dtype=torch.bfloat16)
+    asked = []
+
+    def blocks():
+        for i in range(3):
+            asked.append(i)
+            yield Block(0, i, latents[i] * 1)  # a fresh tensor per block, as the sampler's
+
+    for block in latents_on_cpu(blocks()):
+        assert asked[-1] == min(block.index + 1, 2) if block.index else asked == [0]
+        assert block.latents.device.type == "cpu" and block.latents.is_pinned()
+        assert torch.equal(block.latents, latents[block.index].float().cpu())
+
+
 def test_session_decode_queue_hands_each_block_over_when_decoded_on_gpu():
     """A live session's DecodeQueue on CUDA: the inline frames, in order; a block's frames come out
     without the next block (ready(wait=False) once its side-stream decode is done)."""

@@ -69,6 +69,49 @@ def test_cancel_between_block_steps_frees_caches_and_keeps_model_usable(monkeypa
     assert torch.equal(again, reference)
 
 
+def test_sampler_previews_each_block_from_its_cpu_copy(monkeypatch):
+    """The sampler's blocks reach the preview and the LATENT as float32 CPU copies (made alongside
+    the next tick on a GPU: overlap.latents_on_cpu), one preview per block, in order."""
+    set_dir = fixture_sets("dit_streaming")[0].values[0]
+    model, inputs, settings = fixture_model(set_dir), fixture_inputs(set_dir), fixture_settings(set_dir)
+    previewed = []
+    monkeypatch.setattr(host, "latent_previewer", lambda: previewed.append)
+    latents = run_stream(Streamer(model, inputs, settings))
+    reference = torch.cat(list(stream_clips(model, inputs, settings)), dim=1).float()
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in previewed)
+    assert torch.equal(torch.cat(previewed, dim=1), reference) and torch.equal(latents, reference)
+
+
+def test_latent_preview_gets_the_first_frame_where_the_previewer_runs(monkeypatch):
+    """ComfyUI's latent->RGB projection takes the sampler's CPU copies as they are; another
+    previewer (TAESD: a network on ComfyUI's device) gets them on that device. Both get the
+    first latent frame as [1, 16, 1, h, w] float32, with the "JPEG" format."""
+    import sys
+    import types
+    seen = []
+
+    class Latent2RGBPreviewer:
+        def decode_latent_to_preview_image(self, preview_format, x0):
+            seen.append(("projection", preview_format, x0))
+
+    class TAESDPreviewerImpl:
+        def decode_latent_to_preview_image(self, preview_format, x0):
+            seen.append(("network", preview_format, x0))
+
+    latents = torch.randn(16, 3, 4, 6, dtype=torch.float64)
+    for previewer in (Latent2RGBPreviewer(), TAESDPreviewerImpl()):
+        module = types.SimpleNamespace(Latent2RGBPreviewer=Latent2RGBPreviewer,
+                                       get_previewer=lambda device, latent_format, p=previewer: p)
+        monkeypatch.setitem(sys.modules, "latent_preview", module)
+        monkeypatch.setitem(sys.modules, "comfy.latent_formats", types.SimpleNamespace(Wan21=object))
+        monkeypatch.setattr(host, "torch_device", lambda: torch.device("meta"))
+        host.latent_previewer()(latents)
+    (kind, fmt, x0), (kind2, fmt2, x1) = seen
+    assert (kind, fmt, x0.device.type, x0.dtype) == ("projection", "JPEG", "cpu", torch.float32)
+    assert torch.equal(x0, latents[None, :, :1].float())
+    assert (kind2, fmt2, x1.device.type, tuple(x1.shape)) == ("network", "JPEG", "meta", (1, 16, 1, 4, 6))
+
+
 def test_loader_reports_a_non_s2v_file_clearly(tmp_path, monkeypatch):
     folder = tmp_path / "diffusion_models"
     folder.mkdir()
