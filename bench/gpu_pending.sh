@@ -15,6 +15,9 @@
 #             the 10-minute session: longer than one call, so the first call starts it in the
 #             background and returns; the second (made within the machine's idle release) waits
 #             for it and keeps its rows
+# Most telling first: `vae` (where the decode's time goes: the Live Video node's largest gap to
+# its floor, docs/benchmarks.md) and `session`, then `cuda` and `graph`; several steps may share a
+# call (`bash bench/gpu_pending.sh vae session`) while they fit its 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}
