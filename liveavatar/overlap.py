@@ -84,7 +84,7 @@ def latents_on_cpu(blocks: Iterable) -> Iterator:
     copy is queued on a side stream of the latents' GPU once the block is ready and handed over
     once the next block has been queued (the first at once), so the host never waits for the
     tick it has just queued (a plain `.cpu()` would: the GPU then idles while the host queues the
-    next tick). Elsewhere the copy is made in line."""
+    next tick). Elsewhere the copy is made in line, handed over in the same order."""
     sides: dict = {}
 
     def start(block):
@@ -93,7 +93,7 @@ def latents_on_cpu(blocks: Iterable) -> Iterator:
             return block.latents.float().cpu(), None
         if device not in sides:
             sides[device] = torch.cuda.Stream(device)
-        return _queue_decode(block, _fp32, device, sides[device])
+        return _queue_decode(block, torch.Tensor.float, device, sides[device])
 
     def finish(block, queued):
         latents, done = queued
@@ -102,10 +102,6 @@ def latents_on_cpu(blocks: Iterable) -> Iterator:
         return replace(block, latents=latents)
 
     return one_behind(blocks, start, finish, first_at_once=True)
-
-
-def _fp32(latents: torch.Tensor) -> torch.Tensor:
-    return latents.float()
 
 
 def one_behind(items: Iterable, start: Callable, finish: Callable, first_at_once: bool = False) -> Iterator:
