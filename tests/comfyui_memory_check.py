@@ -11,7 +11,8 @@ and a wav2vec2-base-size audio encoder with ComfyUI's own audio-encoder loader; 
 load both models for a run, account them, offload ours partially and fully, load it back;
 check that unloading drops the kept streaming states; change the LoRA strength and compare
 the weights bit for bit with a fresh load; check that our streaming VAE and wav2vec2 are the
-core objects' own parameters (no copy) and compute what our own copies compute.
+core objects' own parameters (no copy) and compute what our own copies compute; preview CPU
+latents through ComfyUI's own latent->RGB previewer, as the sampler does.
 """
 import importlib.util
 import sys
@@ -187,6 +188,31 @@ def check_audio_encoder(mm):
           "the core's weights stayed as ComfyUI stores them (nothing cast or copied in place)")
 
 
+def check_latent_preview():
+    """The sampler's latent preview through ComfyUI's own previewer (latent->RGB projection, as
+    `--preview-method latent2rgb` picks it), fed the CPU copies the sampler hands over."""
+    import numpy as np
+    import torch
+    from comfy.cli_args import LatentPreviewMethod, args
+    import comfy.latent_formats
+    import latent_preview
+    host = pack_module("nodes.host")
+    method, args.preview_method = args.preview_method, LatentPreviewMethod.Latent2RGB
+    try:
+        preview = host.latent_previewer()
+        latents = torch.randn(16, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+        kind, image, size = preview(latents)
+    finally:
+        args.preview_method = method
+    wan = comfy.latent_formats.Wan21()
+    rgb = latents[:, 0].permute(1, 2, 0) @ torch.tensor(wan.latent_rgb_factors) + torch.tensor(wan.latent_rgb_factors_bias)
+    expected = ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).numpy()
+    got = np.asarray(image)
+    check(kind == "JPEG" and size == latent_preview.MAX_PREVIEW_RESOLUTION and got.shape == (4, 6, 3)
+          and np.abs(got.astype(int) - expected.astype(int)).max() <= 1,
+          "the sampler's CPU latents preview through ComfyUI's latent->RGB previewer (the first frame, Wan2.1 factors)")
+
+
 def main():
     mm, folder_paths, comfy_nodes = import_comfy()
     pack = import_pack()
@@ -198,6 +224,7 @@ def main():
     model = check_dit(mm, folder_paths, loader_module, pack, root)
     check_vae(mm, comfy_nodes, model)
     check_audio_encoder(mm)
+    check_latent_preview()
     print("ALL OK")
 
 
