@@ -23,6 +23,11 @@ cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}
 models=/tmp/la_models
 mkdir -p "$out"
+# wheels the GPU machine lacks (PyAV for the session's mp4), carried in .whl/ (device README)
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 run_step() {
   case "$1" in
@@ -38,7 +43,8 @@ run_step() {
         --cases live-sd-fp8-384-warm,live-fp8-384-warm,live-sd-fp8-704-warm,live-fp8-704-warm ;;
     long-start)
       mkdir -p /tmp/long_session
-      nohup python bench/session_bench.py --models "$models" --out /tmp/long_session/session_10min.json \
+      # its own process session: the device tool ends a call's other processes when the call returns
+      setsid nohup python bench/session_bench.py --models "$models" --out /tmp/long_session/session_10min.json \
         --cases session-fp8-384-warm --seconds 600 >/tmp/long_session/log.txt 2>&1 &
       echo "started pid $!; collect with: bash bench/gpu_pending.sh long-collect" ;;
     long-collect)

@@ -1,20 +1,24 @@
-"""Streaming VAE decode variants on the GPU: what makes a block's decode (3 latents, 12 frames)
-cheaper, with each variant's frames checked against the baseline.
+"""The streaming VAE decode on the GPU, as the engine runs it and with each of its choices
+undone, every variant's frames checked against the engine's.
 
-    python bench/vae_check.py --sizes 384*256,704*384 --out $OUT/vae.json
+    python bench/vae_check.py --sizes 384*256,704*384 --out $OUT/vae.json [--before old_vae.py]
 
-Variants: `latent` (one latent per decoder pass, as the original), `block` (the 3 latents of a
-block in one pass: the causal caches make it the same function), each with cuDNN's autotuner
-(`cudnn.benchmark`) off/on, and the causal 3-D convolutions as
-- `conv3d` (the engine's GPU path) in contiguous or channels-last-3d memory format,
-- `taps`: one conv2d per time tap, summed (the engine's CPU path),
-- `folded`: the time taps folded into the input channels, one channels-last conv2d with a
-  reduction 3x as deep (x.unfold over time; the weight [out, in, 3, kh, kw] read as
-  [out, in*3, kh, kw], a view),
-each checked against the first variant; the work of a block (TFLOP, from torch's flop counter)
-gives each variant's TFLOP/s; a torch.profiler table of one block's decode per convolution
-variant (GPU time by op); and the portrait encode (the time to the first frame's largest part
-after the model's first block) with each convolution.
+Variants of one block's decode (3 latents, 12 frames, after the stream's first latent):
+- `engine`: activations channels-last, a block's latents in one decoder pass, each RMSNorm and
+  the SiLU after it in one Triton pass;
+- `contiguous`: activations and weights in PyTorch's default layout (cuDNN then transposes
+  around every convolution);
+- `per latent`: one latent per decoder pass (the original's loop);
+- `unfused norms`: the RMSNorm + SiLU pairs step by step in PyTorch instead of one Triton pass;
+- `before`: the engine's vae.py of an earlier commit (`git show REV:liveavatar/vae.py >
+  old_vae.py`), when given, with the same weights.
+TFLOP/s from torch's flop counter over a block; a torch.profiler table of the engine's decode
+(GPU time by op); the portrait encode (the largest part of the time to the first frame after
+the model's first block) in each layout and in `before`.
+
+Measured before on an H100 (docs/benchmarks.md, "The streaming VAE decode"): cuDNN's autotuner
+(`cudnn.benchmark`) changed nothing; one conv2d per time tap and the time taps folded into the
+channels of one conv2d were both slower than cuDNN's conv3d.
 """
 from __future__ import annotations
 
@@ -26,88 +30,75 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from liveavatar.vae import CausalConv3d, TimeCache, VideoVAE, WanVAE  # noqa: E402
+from liveavatar import vae as vae_module  # noqa: E402
+from liveavatar.kernels import Kernels  # noqa: E402
+from liveavatar.vae import VideoVAE, WanVAE  # noqa: E402
 
-ENGINE_CONVOLVE = CausalConv3d.convolve
-FOLDED_WEIGHTS: dict = {}  # id(conv) -> its weight as [out, in * taps, kh, kw], channels-last
-
-
-def convolve_by_taps(conv, x):
-    return conv._conv_by_time_taps(x)
-
-
-def convolve_folded(conv, x):
-    """conv3d of the padded x [B, C, T, H, W] as one conv2d over frames whose channels are the
-    kt consecutive input frames (channel c * kt + k = frame t + k's channel c)."""
-    taps, stride = conv.kernel_size[0], conv.stride[0]
-    b, c, _, h, w = x.shape
-    windows = x.unfold(2, taps, stride)  # [B, C, T_out, H, W, taps]
-    frames = windows.shape[2]
-    stacked = windows.permute(0, 2, 3, 4, 1, 5).reshape(b * frames, h, w, c * taps).permute(0, 3, 1, 2)
-    if id(conv) not in FOLDED_WEIGHTS:
-        out_ch, _, _, kh, kw = conv.weight.shape
-        FOLDED_WEIGHTS[id(conv)] = conv.weight.reshape(out_ch, c * taps, kh, kw).contiguous(
-            memory_format=torch.channels_last)
-    y = F.conv2d(stacked, FOLDED_WEIGHTS[id(conv)], conv.bias, conv.stride[1:])
-    return rearrange(y, "(b t) c h w -> b c t h w", t=frames)
+def load_before(path: str):
+    """An earlier vae.py, imported as a module of this pack (its relative imports resolve)."""
+    import importlib.util
+    import liveavatar
+    spec = importlib.util.spec_from_file_location("liveavatar.vae_before", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = liveavatar.__name__
+    spec.loader.exec_module(module)
+    return module
 
 
-CONVOLUTIONS = {"conv3d": ENGINE_CONVOLVE, "taps": convolve_by_taps, "folded": convolve_folded}
-
-
-def decode_stream(vae: WanVAE, latents: torch.Tensor, per_pass: int, memory_format) -> list[torch.Tensor]:
-    """Priming latent alone, then `per_pass` latents per decoder pass; frames of every pass."""
-    net, cache = vae.net, TimeCache()
-    x = net.conv2(vae.denormalise(latents))
-    x = x.contiguous(memory_format=memory_format)
-    outs, start = [], 0
-    with torch.no_grad():
-        while start < x.shape[2]:
-            size = 1 if start == 0 else per_pass
-            cache.rewind()
-            outs.append(net.decoder(x[:, :, start:start + size], cache))
-            start += size
-    return outs
-
-
-def set_format(net, memory_format):
-    """Conv3d weights in the memory format (2-D convs and norms keep theirs)."""
-    for module in net.modules():
+def set_layout(vae, layout):
+    """Activations and conv weights in `layout` (the engine picks channels-last on a GPU)."""
+    vae.layout = layout
+    for module in vae.net.modules():
         if isinstance(module, torch.nn.Conv3d):
-            module.weight.data = module.weight.data.contiguous(memory_format=memory_format)
+            module.weight.data = module.weight.data.contiguous(memory_format=layout)
 
 
-def time_variant(vae, latents, per_pass, memory_format, repeats=5):
-    times = []
-    out = None
+def set_kernels(vae, kernels):
+    """The VAE's norms (+ SiLU) through these kernels (Kernels("off"): PyTorch step by step)."""
+    for norm in vae.net.modules():
+        if isinstance(norm, vae_module.RMSNorm):
+            norm.kernels = kernels
+
+
+def decode_stream(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The stream's first latent, then one block (3 latents) per call, as Live Video decodes."""
+    decoder = vae.stream_decoder()
+    chunks = [latents[:, :1]] + [latents[:, i:i + 3] for i in range(1, latents.shape[1], 3)]
+    return torch.cat([decoder.decode(chunk, clamp=False) for chunk in chunks], dim=1)
+
+
+def time_decode(vae, latents, repeats=5):
+    times, frames = [], None
     for _ in range(repeats):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = decode_stream(vae, latents, per_pass, memory_format)
+        frames = decode_stream(vae, latents)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:]), torch.cat(out, dim=2).float()
+    return statistics.median(times[1:]), frames
 
 
-VARIANTS = (("conv3d", "contiguous", torch.contiguous_format), ("conv3d", "channels_last_3d", torch.channels_last_3d),
-            ("taps", "contiguous", torch.contiguous_format), ("folded", "contiguous", torch.contiguous_format))
+def decode_variants(vae, before):
+    """(name, vae, setup, undo) for each variant; setup/undo switch one engine choice."""
+    per_pass, layout = vae_module.LATENTS_PER_PASS, vae.layout
+    yield "engine", vae, lambda: None, lambda: None
+    yield "contiguous", vae, lambda: set_layout(vae, torch.contiguous_format), lambda: set_layout(vae, layout)
+    yield "per latent", vae, lambda: setattr(vae_module, "LATENTS_PER_PASS", 1), \
+        lambda: setattr(vae_module, "LATENTS_PER_PASS", per_pass)
+    yield "unfused norms", vae, lambda: set_kernels(vae, Kernels("off")), lambda: set_kernels(vae, vae.kernels)
+    if before is not None:
+        yield "before", before, lambda: None, lambda: None
 
 
 def block_tflop(vae, latents) -> float:
-    """TFLOP of one block's decode (3 latents after the priming latent), by torch's flop counter."""
+    """TFLOP of one block's decode (3 latents after the stream's first), by torch's flop counter."""
     from torch.utils.flop_counter import FlopCounterMode
-    net, cache = vae.net, TimeCache()
-    x = net.conv2(vae.denormalise(latents[:, :4]))
-    with torch.no_grad():
-        net.decoder(x[:, :, :1], cache)
-        with FlopCounterMode(display=False) as counter:
-            for i in range(1, 4):
-                cache.rewind()
-                net.decoder(x[:, :, i:i + 1], cache)
+    decoder = vae.stream_decoder()
+    decoder.decode(latents[:, :1])
+    with FlopCounterMode(display=False) as counter:
+        decoder.decode(latents[:, 1:4])
     return counter.get_total_flops() / 1e12
 
 
@@ -120,87 +111,97 @@ def portrait_tflop(vae, image) -> float:
 
 
 def profile_block(vae, latents) -> str:
-    """GPU time by op of a stream's decode (the priming latent and two blocks), after one
+    """GPU time by op of a stream's decode (its first latent and two blocks), after one
     unprofiled decode of the same (kernels chosen, memory cached)."""
     from torch.profiler import ProfilerActivity, profile
-    decode_stream(vae, latents[:, :7], 3, torch.contiguous_format)
+    decode_stream(vae, latents[:, :7])
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        decode_stream(vae, latents[:, :7], 3, torch.contiguous_format)
+        decode_stream(vae, latents[:, :7])
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=14)
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=16)
+
+
+def relative_l2(got, want) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def measure_decodes(vae, before, size, latents, blocks, tflop):
+    rows, reference = [], None
+    for name, model, setup, undo in decode_variants(vae, before):
+        setup()
+        torch.cuda.reset_peak_memory_stats()
+        seconds, frames = time_decode(model, latents)
+        undo()
+        reference = frames if reference is None else reference
+        rows.append(dict(size=size, variant=name, s_per_block=seconds / blocks, tflop_per_block=tflop,
+                         tflops=tflop / (seconds / blocks), rel_l2_vs_engine=relative_l2(frames, reference),
+                         peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def measure_encodes(vae, before, size, image):
+    rows, reference = [], None
+    encode_tflop = portrait_tflop(vae, image)
+    variants = [(n, m, s, u) for n, m, s, u in decode_variants(vae, before) if n != "per latent"]
+    for name, model, setup, undo in variants:
+        setup()
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            motion = model.encode_portrait(image)[1]
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        undo()
+        reference = motion if reference is None else reference
+        seconds = statistics.median(times[1:])
+        rows.append(dict(size=size, variant=name, portrait_encode_s=seconds, first_s=times[0],
+                         tflops=encode_tflop / seconds, rel_l2_vs_engine=relative_l2(motion, reference)))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def print_table(rows):
+    print("\n| size | variant | s per block / portrait encode | TFLOP/s | rel L2 vs engine | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "s_per_block" in r:
+            print(f"| {r['size']} | {r['variant']} | {r['s_per_block']:.4f} | {r['tflops']:.0f} | "
+                  f"{r['rel_l2_vs_engine']:.1e} | {r['peak_gib']:.1f} |")
+        else:
+            print(f"| {r['size']} | {r['variant']}, portrait encode | {r['portrait_encode_s']:.3f} s "
+                  f"(first {r['first_s']:.2f} s) | {r['tflops']:.0f} | {r['rel_l2_vs_engine']:.1e} | |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="384*256,704*384")
-    parser.add_argument("--blocks", type=int, default=4, help="blocks of 3 latents after the priming latent")
+    parser.add_argument("--blocks", type=int, default=4, help="blocks of 3 latents after the stream's first latent")
+    parser.add_argument("--before", help="an earlier liveavatar/vae.py to time beside the engine's")
+    parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", default="vae_check.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     with torch.device("cuda"):
-        vae = WanVAE(VideoVAE(), "cuda", torch.bfloat16)
+        net = VideoVAE()
+    vae = WanVAE(net, "cuda", torch.bfloat16)
+    before = None
+    if args.before:
+        old = load_before(args.before)
+        before = old.WanVAE.from_state_dict(vae.net.state_dict(), "cuda", torch.bfloat16)
     rows = []
     for size in args.sizes.split(","):
         width, height = (int(v) for v in size.split("*"))
         latents = torch.randn(16, 1 + 3 * args.blocks, height // 8, width // 8, device="cuda")
-        tflop = block_tflop(vae, latents)
-        baseline = None
-        for benchmark in (False, True):
-            torch.backends.cudnn.benchmark = benchmark
-            for per_pass in (1, 3):
-                for conv, name, fmt in VARIANTS:
-                    set_format(vae.net, fmt)
-                    CausalConv3d.convolve = CONVOLUTIONS[conv]
-                    torch.cuda.reset_peak_memory_stats()
-                    seconds, frames = time_variant(vae, latents, per_pass, fmt)
-                    baseline = frames if baseline is None else baseline
-                    error = ((frames - baseline).norm() / baseline.norm()).item()
-                    row = dict(size=size, cudnn_benchmark=benchmark, latents_per_pass=per_pass, convolution=conv,
-                               memory_format=name, s_per_block=seconds / args.blocks, tflop_per_block=tflop,
-                               tflops=tflop / (seconds / args.blocks), rel_l2_vs_baseline=error,
-                               peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-        for conv in CONVOLUTIONS:
-            CausalConv3d.convolve = CONVOLUTIONS[conv]
-            print(f"\n{size}, {conv}, cudnn.benchmark on: GPU time of one block's decode by op", flush=True)
+        rows += measure_decodes(vae, before, size, latents, args.blocks, block_tflop(vae, latents))
+        if not args.no_profile:
+            print(f"\n{size}, engine: GPU time of a stream's first latent and two blocks by op", flush=True)
             print(profile_block(vae, latents), flush=True)
-        CausalConv3d.convolve = ENGINE_CONVOLVE
-        set_format(vae.net, torch.contiguous_format)
-        image = torch.rand(3, 1, height, width, device="cuda") * 2 - 1
-        encode_tflop = portrait_tflop(vae, image)
-        reference = None
-        for benchmark in (False, True):
-            torch.backends.cudnn.benchmark = benchmark
-            for conv in CONVOLUTIONS:
-                CausalConv3d.convolve = CONVOLUTIONS[conv]
-                times = []
-                for _ in range(3):
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    motion = vae.encode_portrait(image)[1]
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-                reference = motion if reference is None else reference
-                seconds = statistics.median(times[1:])
-                rows.append(dict(size=size, cudnn_benchmark=benchmark, convolution=conv, portrait_encode_s=seconds,
-                                 first_s=times[0], tflops=encode_tflop / seconds,
-                                 rel_l2_vs_baseline=((motion - reference).norm() / reference.norm()).item()))
-                print(json.dumps(rows[-1]), flush=True)
-        CausalConv3d.convolve = ENGINE_CONVOLVE
+        rows += measure_encodes(vae, before, size, torch.rand(3, 1, height, width, device="cuda") * 2 - 1)
     Path(args.out).write_text(json.dumps(rows, indent=1))
-    print("\n| size | cudnn.benchmark | latents/pass | convolution | format | s per block | TFLOP/s | rel L2 | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "s_per_block" in r:
-            print(f"| {r['size']} | {r['cudnn_benchmark']} | {r['latents_per_pass']} | {r['convolution']} | "
-                  f"{r['memory_format']} | {r['s_per_block']:.4f} | {r['tflops']:.0f} | {r['rel_l2_vs_baseline']:.1e} | "
-                  f"{r['peak_gib']:.1f} |")
-        else:
-            print(f"| {r['size']} | {r['cudnn_benchmark']} | portrait encode | {r['convolution']} | | "
-                  f"{r['portrait_encode_s']:.3f} s (first {r['first_s']:.2f} s) | {r['tflops']:.0f} | "
-                  f"{r['rel_l2_vs_baseline']:.1e} | |")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,13 @@ def rms_norm_reference(x, weight, eps: float):
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight.to(x.dtype)
 
 
+def channel_norm_reference(x, gamma, scale: float, silu: bool = False):
+    """The Wan VAE's RMSNorm of x [B, C, ...] over C: L2-normalised, times scale (sqrt(C)) and
+    gamma (broadcast over C); then SiLU when asked. In x's dtype, step by step."""
+    y = F.normalize(x, dim=1) * scale * gamma
+    return F.silu(y) if silu else y
+
+
 def rms_norm_rope_reference(x, weight, eps: float, cos, sin, heads: int, out=None, out_scales=None):
     """rms_norm_reference, then RoPE per head. x [N, dim] -> [N, heads, dim/heads]."""
     normed = rms_norm_reference(x, weight, eps)
@@ -357,6 +364,20 @@ class Kernels:
                 self.backend.rms_norm(_rows(x), weight, out.view(-1, x.shape[-1]), eps)
             return out
         return rms_norm_reference(x, weight, eps)
+
+    def channel_norm(self, x, gamma, scale: float, silu: bool = False):
+        """channel_norm_reference in one pass on the GPU, for channels-last x [B, C, ...] (the
+        VAE's activations there): fp32 statistics and arithmetic, rounded once."""
+        channels = x.shape[1]
+        rows_view = x.movedim(1, -1)
+        if (self.active_for(x) and rows_view.is_contiguous() and gamma.numel() == channels
+                and x.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+            out = torch.empty_like(x)  # same strides: channels-last too
+            with _on_device_of(x):
+                self.backend.channel_norm(rows_view.view(-1, channels), gamma.reshape(-1).contiguous(),
+                                          out.movedim(1, -1).view(-1, channels), scale, silu)
+            return out
+        return channel_norm_reference(x, gamma, scale, silu)
 
     def rms_norm_rope(self, x, weight, eps: float, cos, sin, heads: int, out=None, out_scales=None):
         """q/k RMSNorm over the whole dim + RoPE: x [N, dim] (the projection output), weight [dim],

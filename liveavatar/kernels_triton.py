@@ -1,9 +1,9 @@
 """Triton kernels behind liveavatar.kernels (imported only when a kernel is first used, so
 importing the pack never imports or compiles Triton).
 
-Every kernel handles one row (token) per program with the whole row in registers: rows are
-5120 (model dim) or 13824 (FFN) wide, so one load and one store per element is the whole
-memory traffic. Statistics and arithmetic are fp32. Casts to bf16 / fp8 ask for
+Every DiT kernel handles one row (token) per program with the whole row in registers: rows
+are 5120 (model dim) or 13824 (FFN) wide, so one load and one store per element is the whole
+memory traffic (the VAE's channel norm takes several of its short rows per program). Statistics and arithmetic are fp32. Casts to bf16 / fp8 ask for
 round-to-nearest-even explicitly: that is the GPU's default, and it makes Triton's CPU
 interpreter (used by the tests) round like PyTorch instead of truncating.
 """
@@ -134,6 +134,33 @@ def _quantize_rows_kernel(x_ptr, q_ptr, q_scale_ptr, dim, x_row_stride,
     tl.store(q_ptr + row.to(tl.int64) * dim + offs, (x / row_scale).to(tl.float8e4nv, fp_downcast_rounding="rtne"),
              mask=mask)
     tl.store(q_scale_ptr + row, row_scale)
+
+
+@triton.jit
+def _channel_norm_kernel(x_ptr, gamma_ptr, out_ptr, rows, dim, scale,
+                         SILU: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """The VAE's RMSNorm over ROWS rows of channels (channels-last activations): x / max(|x|,
+    1e-12) * scale * gamma, then SiLU when asked; the channels are few (96-384), so one program
+    takes several rows."""
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+    channel = tl.arange(0, BLOCK)[None, :]
+    mask = (row < rows) & (channel < dim)
+    x = tl.load(x_ptr + row * dim + channel, mask=mask, other=0.0).to(tl.float32)
+    norm = tl.sqrt(tl.sum(x * x, axis=1))[:, None]
+    gamma = tl.load(gamma_ptr + channel, mask=channel < dim, other=0.0).to(tl.float32)
+    y = x / tl.maximum(norm, 1e-12) * scale * gamma
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(out_ptr + row * dim + channel, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+
+def channel_norm(x2, gamma, out2, scale: float, silu: bool):
+    """x2/out2 [rows, channels] contiguous, gamma [channels] contiguous."""
+    rows, dim = x2.shape
+    block = triton.next_power_of_2(dim)
+    per_program = max(1, 2048 // block)
+    _channel_norm_kernel[(triton.cdiv(rows, per_program),)](x2, gamma, out2, rows, dim, scale, SILU=silu, BLOCK=block,
+                                                            ROWS=per_program, num_warps=4)
 
 
 def _row_launch(dim: int) -> dict:

@@ -6,7 +6,8 @@ the same names (comfy/ldm/wan/vae.py mirrors the original), so one loader reads 
 Time is causal: every temporal convolution sees the current chunk plus the last two input
 frames of the previous chunk (its *cache*), zero frames before the first chunk. The encoder
 takes video in chunks of 1, then 4 frames (video frames 1 + 4k -> latents 1 + k); the
-decoder takes one latent at a time (latent 0 -> 1 frame, every later latent -> 4 frames).
+decoder takes a stream's first latent alone, then up to 3 per pass (latent 0 -> 1 frame,
+every later latent -> 4 frames).
 Carrying the caches between calls makes a stream of decode calls equal to one full decode,
 with memory independent of video length.
 
@@ -37,6 +38,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .kernels import Kernels, channel_norm_reference
+from .settings import RunOptions
 from .shared_weights import bind_parameters, computing_in, placement_of
 from .weights import read_state_dict
 
@@ -47,6 +50,7 @@ LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 LATENT_CHANNELS = len(LATENT_MEAN)  # 16
 CACHE_FRAMES = 2  # a 3-tap causal time kernel needs the last two input frames
+LATENTS_PER_PASS = 3  # a streamed block's latents in one decoder pass: fewer, larger kernels
 MOTION_FRAMES = 73  # video frames of FramePack motion history -> 19 latents
 ENCODE_CHUNK = 4
 PORTRAIT_ENCODE_STEPS = 1 + 1 + (MOTION_FRAMES - 1) // ENCODE_CHUNK  # chunks: the portrait, then 1 + 18 motion
@@ -98,24 +102,29 @@ class TimeCache:
 
 class CausalConv3d(nn.Conv3d):
     """Conv3d padded only in the past along time (2 * pad frames), spatially symmetric.
-    `previous` frames (from the last chunk) replace that much of the zero padding."""
+    `previous` frames (from the last chunk) replace that much of the zero time padding. The
+    spatial padding is the convolution's own (no padded copy of the input)."""
 
     def __init__(self, chan_in, chan_out, kernel, stride=1, padding=0):
         super().__init__(chan_in, chan_out, kernel, stride=stride)
         pad = (padding,) * 3 if isinstance(padding, int) else padding
-        self.time_pad, self.space_pad = 2 * pad[0], (pad[2], pad[2], pad[1], pad[1])
+        self.time_pad, self.space_padding = 2 * pad[0], (pad[1], pad[2])
 
     def forward(self, x, previous=None):
+        parts = [x]
         time_pad = self.time_pad
         if previous is not None:
-            x = torch.cat([previous.to(x), x], dim=2)
+            parts.insert(0, previous.to(x))
             time_pad -= previous.shape[2]
-        x = F.pad(x, self.space_pad + (time_pad, 0))
-        return self.convolve(x)
+        if time_pad:
+            parts.insert(0, _zero_frames(x, time_pad))
+        return self.convolve(torch.cat(parts, dim=2) if len(parts) > 1 else x)
 
     def convolve(self, x):
-        """The convolution of the padded input: conv3d, or on the CPU by time taps."""
-        return self._conv_by_time_taps(x) if x.device.type == "cpu" else super().forward(x)
+        """The convolution of x padded in time: conv3d, or on the CPU by time taps."""
+        if x.device.type == "cpu":
+            return self._conv_by_time_taps(x).contiguous(memory_format=_layout_of(x))
+        return F.conv3d(x, self.weight, self.bias, self.stride, (0, *self.space_padding))
 
     def _conv_by_time_taps(self, x):
         """Same result as conv3d, as one conv2d per temporal tap over all output frames:
@@ -125,10 +134,21 @@ class CausalConv3d(nn.Conv3d):
         out = None
         for k in range(taps):
             window = x[:, :, k:k + (frames - 1) * stride + 1:stride]
-            y = F.conv2d(rearrange(window, "b c t h w -> (b t) c h w"), self.weight[:, :, k], None, self.stride[1:])
+            y = F.conv2d(rearrange(window, "b c t h w -> (b t) c h w"), self.weight[:, :, k], None, self.stride[1:],
+                         self.space_padding)
             out = y if out is None else out + y
         out = out + self.bias.view(1, -1, 1, 1)
         return rearrange(out, "(b t) c h w -> b c t h w", t=frames)
+
+
+def _layout_of(x):
+    return torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
+
+
+def _zero_frames(x, frames: int):
+    """`frames` zero frames like x's, in x's memory layout (a cat stays channels-last only when
+    all its parts are)."""
+    return x.new_zeros(x.shape[0], x.shape[1], frames, *x.shape[3:]).contiguous(memory_format=_layout_of(x))
 
 
 def cached(conv: CausalConv3d, x, cache: TimeCache):
@@ -145,15 +165,19 @@ def cached(conv: CausalConv3d, x, cache: TimeCache):
 
 
 class RMSNorm(nn.Module):
-    """L2-normalise over channels, times sqrt(C) and a learned gain (`gamma`)."""
+    """L2-normalise over channels, times sqrt(C) and a learned gain (`gamma`); with `silu`, the
+    SiLU that follows it in every use, fused when the VAE's kernels run (`kernels`, set by WanVAE)."""
 
     def __init__(self, dim: int, images: bool = True):
         super().__init__()
         self.scale = dim ** 0.5
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+        self.kernels = None
 
-    def forward(self, x):
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+    def forward(self, x, silu: bool = False):
+        if self.kernels is not None:
+            return self.kernels.channel_norm(x, self.gamma, self.scale, silu)
+        return channel_norm_reference(x, self.gamma, self.scale, silu)
 
 
 class Resample(nn.Module):
@@ -175,11 +199,10 @@ class Resample(nn.Module):
     def forward(self, x, cache: TimeCache):
         if self.mode == "upsample3d":
             x = self._upsample_time(x, cache)
-        frames = x.shape[2]
+        frames, layout = x.shape[2], _layout_of(x)
         x = rearrange(x, "b c t h w -> (b t) c h w")
-        x = self.resample[1](self.resample[0](x.float()).to(x.dtype)) if self.mode.startswith("upsample") \
-            else self.resample(x)
-        x = rearrange(x, "(b t) c h w -> b c t h w", t=frames)
+        x = self.resample(x)  # nearest-neighbour upsampling copies values: exact in bf16 too
+        x = rearrange(x, "(b t) c h w -> b c t h w", t=frames).contiguous(memory_format=layout)
         if self.mode == "downsample3d":
             x = self._downsample_time(x, cache)
         return x
@@ -197,7 +220,12 @@ class Resample(nn.Module):
             keep = torch.cat([before, keep], dim=2)
         cache.store(keep)
         y = self.time_conv(x, None if previous is FIRST_CHUNK else previous)
-        return rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
+        if _layout_of(y) == torch.contiguous_format:
+            return rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
+        # the same, written channels-last in one copy: memory [b, t, two, h, w, c]
+        b, _, t, h, w = y.shape
+        pairs = y.unflatten(1, (2, -1)).permute(0, 3, 1, 4, 5, 2).contiguous()
+        return pairs.view(b, 2 * t, h, w, -1).permute(0, 4, 1, 2, 3)
 
     def _downsample_time(self, x, cache):
         """Frames 1+4k -> 1+2k: the first chunk passes through; later chunks are convolved
@@ -218,10 +246,7 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x, cache):
-        h = self.shortcut(x)
-        for layer in self.residual:
-            x = cached(layer, x, cache) if isinstance(layer, CausalConv3d) else layer(x)
-        return x + h
+        return _run(self.residual, x, cache) + self.shortcut(x)
 
 
 class AttentionBlock(nn.Module):
@@ -242,11 +267,18 @@ class AttentionBlock(nn.Module):
 
 
 def _run(layers, x, cache):
-    for layer in layers:
+    """x through the layers in order: causal convs with their time caches, an RMSNorm and the
+    SiLU after it as one step."""
+    layers = list(layers)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.SiLU) and i and isinstance(layers[i - 1], RMSNorm):
+            continue  # applied with the norm
         if isinstance(layer, CausalConv3d):
             x = cached(layer, x, cache)
         elif isinstance(layer, (ResidualBlock, Resample)):
             x = layer(x, cache)
+        elif isinstance(layer, RMSNorm):
+            x = layer(x, silu=i + 1 < len(layers) and isinstance(layers[i + 1], nn.SiLU))
         else:
             x = layer(x)
     return x
@@ -320,15 +352,19 @@ class VideoVAE(nn.Module):
         return mu
 
     def decode_frames(self, z, cache: TimeCache, on_step=None):
-        """Unnormalised latents [B, z, t, h, w] -> video frames, one latent at a time;
-        `on_step()` runs after every latent (progress; raise from it to cancel)."""
+        """Unnormalised latents [B, z, t, h, w] -> video frames. A stream's first latent is
+        decoded alone (it gives 1 frame), later ones up to LATENTS_PER_PASS per decoder pass
+        (the causal caches make the passes' size invisible in the result). `on_step()` runs
+        once per latent, after its pass (progress; raise from it to cancel)."""
         x = self.conv2(z)
-        out = []
-        for i in range(x.shape[2]):
+        out, start = [], 0
+        while start < x.shape[2]:
+            size = 1 if not cache.slots else LATENTS_PER_PASS
             cache.rewind()
-            out.append(self.decoder(x[:, :, i:i + 1], cache))
-            if on_step:
+            out.append(self.decoder(x[:, :, start:start + size], cache))
+            for _ in range(min(size, x.shape[2] - start) if on_step else 0):
                 on_step()
+            start += size
         return torch.cat(out, dim=2)
 
 
@@ -405,13 +441,25 @@ class WanVAE:
     their owner keeps them)."""
 
     def __init__(self, net: VideoVAE, device="cpu", dtype=torch.float32, mean=LATENT_MEAN, std=LATENT_STD,
-                 owned: bool = True):
+                 owned: bool = True, kernels: Kernels | None = None):
         if len(mean) != net.z_dim or len(std) != net.z_dim:
             raise ValueError(f"latent mean/std need {net.z_dim} values (one per latent channel), got {len(mean)}/{len(std)}")
         self.net = (net.to(device=device, dtype=dtype).requires_grad_(False) if owned else net).eval()
         self.device, self.dtype, self.owned = torch.device(device), dtype, owned
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
+        # On a GPU activations run channels-last ([B, T, H, W, C] in memory): cuDNN's convolutions
+        # take that layout natively (no layout transposes around each one), ~7-17% faster per block.
+        self.layout = torch.channels_last_3d if self.device.type == "cuda" else torch.contiguous_format
+        # the fused norm + SiLU (on a GPU, unless LIVEAVATAR_KERNELS=off)
+        self.kernels = kernels if kernels is not None else Kernels(RunOptions.from_env().kernels)
+        for norm in self.net.modules():
+            if isinstance(norm, RMSNorm):
+                norm.kernels = self.kernels
+        if owned and self.layout == torch.channels_last_3d:
+            for conv in self.net.modules():
+                if isinstance(conv, nn.Conv3d):
+                    conv.weight = nn.Parameter(conv.weight.contiguous(memory_format=self.layout), requires_grad=False)
 
     @classmethod
     def from_state_dict(cls, sd: dict, device="cpu", dtype=torch.float32, config: dict | None = None,
@@ -452,7 +500,8 @@ class WanVAE:
 
     def denormalise(self, latents):
         """[z, t, h, w] -> [1, z, t, h, w] in the compute dtype."""
-        return (latents.to(self.device).float() * self.std + self.mean).unsqueeze(0).to(self.dtype)
+        raw = (latents.to(self.device).float() * self.std + self.mean).unsqueeze(0)
+        return raw.to(self.dtype).contiguous(memory_format=self.layout)
 
     # ---- input checks -------------------------------------------------------------------
     def check_latents(self, latents):
@@ -479,7 +528,8 @@ class WanVAE:
         self.check_video(video)
         with torch.no_grad():
             with self._computing():
-                mu = self.net.encode_chunks(video.unsqueeze(0).to(self.device, self.dtype), TimeCache(), on_step)
+                video = video.unsqueeze(0).to(self.device, self.dtype).contiguous(memory_format=self.layout)
+                mu = self.net.encode_chunks(video, TimeCache(), on_step)
         return self.normalise(mu[0])
 
     def decode(self, latents: torch.Tensor, clamp: bool = True, on_step=None) -> torch.Tensor:

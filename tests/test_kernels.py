@@ -143,6 +143,32 @@ def test_rms_norm_kernel_is_wan_rmsnorm(fx, dtype):
         assert_within_bf16_step(got, want)
 
 
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_channel_norm_kernel_is_the_vae_rmsnorm_and_silu(fx, dtype, silu):
+    """The VAE's norm on channels-last activations [B, C, T, H, W] (C = 12: masked lanes, rows
+    spread over programs): x / |x| over C * sqrt(C) * gamma (then SiLU) in double precision,
+    rounded once to x's dtype; the layout of x kept."""
+    x = (randn(2, 12, 3, 5, 7) * 4).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    gamma = randn(12, 1, 1, 1, seed=1).to(dtype)
+    exact = x.double() / x.double().norm(dim=1, keepdim=True) * 12 ** 0.5 * gamma.double()
+    if silu:
+        exact = exact * torch.sigmoid(exact)
+    got = fx.channel_norm(x, gamma, 12 ** 0.5, silu)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, exact.float(), rtol=1e-5, atol=1e-5)
+    else:
+        assert_within_bf16_step(got, exact.to(dtype))
+
+
+def test_channel_norm_takes_the_reference_for_other_layouts(fx):
+    """Activations not channels-last (the CPU's layout) go through the step-by-step reference."""
+    x, gamma = randn(1, 12, 2, 4, 4), randn(12, 1, 1, 1, seed=1)
+    got = fx.channel_norm(x, gamma, 12 ** 0.5, True)
+    assert torch.equal(got, kernels.channel_norm_reference(x, gamma, 12 ** 0.5, True))
+
+
 def test_rms_norm_rope_writes_into_a_ring_slice(fx):
     heads, head_dim = 2, 32
     x, weight = randn(8, heads * head_dim, dtype=torch.bfloat16), randn(heads * head_dim, seed=1)

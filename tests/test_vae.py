@@ -1,11 +1,15 @@
 """Wan2.1 VAE against the original's fixtures, file layouts, errors, streaming memory.
 
 Config, sizes and tolerance come from each fixture set's vae.json."""
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from conftest import fixture_sets, load_manifest, load_tensors, relative_l2
+from liveavatar import vae as vae_module
+from liveavatar.kernels import Kernels
 from liveavatar.vae import (LATENT_MEAN, LATENT_STD, MOTION_FRAMES, VideoVAE, WanVAE, config_from_state_dict,
                             normalised_to_raw, raw_to_normalised)
 
@@ -44,6 +48,14 @@ def fixture_vae(set_dir, state_dict=None, **kwargs) -> WanVAE:
                                   config=manifest(set_dir)["config"], **latent_stats(set_dir), **kwargs)
 
 
+def fused_kernels() -> Kernels:
+    """Kernels switched on: compiled on a GPU, Triton's interpreter on the CPU (conftest)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and Triton's interpreter not selected (see conftest.py)")
+    return Kernels("on")
+
+
 def test_shipped_constants_are_wan21s():
     for set_dir in SETS:
         stats = latent_stats(set_dir.values[0])
@@ -78,6 +90,22 @@ def test_parity_vae_stream_decode_one_then_threes(set_dir):
     assert relative_l2(stream, outputs(set_dir)["decoded"]) < tolerance(set_dir)
     decoder.reset()  # a new stream starts over with a single-frame latent
     assert relative_l2(decoder.decode(latents[:, :1], clamp=False), outputs(set_dir)["decoded"][:, :1]) < tolerance(set_dir)
+
+
+@pytest.mark.parametrize("latents_per_pass", [1, 2, 3])
+@pytest.mark.parametrize("set_dir", SETS)
+def test_parity_vae_channels_last_and_any_pass_size(set_dir, latents_per_pass, monkeypatch):
+    """The GPU's way (activations channels-last, a block's latents in one decoder pass, the
+    norms + SiLU fused: Triton's interpreter runs the kernel here), run on the CPU: the same
+    encode and decode as the fixture, whatever the pass size."""
+    monkeypatch.setattr(vae_module, "LATENTS_PER_PASS", latents_per_pass)
+    vae = fixture_vae(set_dir, kernels=fused_kernels())
+    vae.layout = torch.channels_last_3d
+    latents = vae.encode(inputs(set_dir)["video"])
+    assert relative_l2(latents, outputs(set_dir)["latents"]) < tolerance(set_dir)
+    decoded = vae.decode(outputs(set_dir)["latents"], clamp=False)
+    assert decoded.shape == outputs(set_dir)["decoded"].shape
+    assert relative_l2(decoded, outputs(set_dir)["decoded"]) < tolerance(set_dir)
 
 
 @pytest.mark.parametrize("set_dir", SETS)
