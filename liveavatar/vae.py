@@ -53,6 +53,7 @@ CACHE_FRAMES = 2  # a 3-tap causal time kernel needs the last two input frames
 LATENTS_PER_PASS = 3  # a streamed block's latents in one decoder pass: fewer, larger kernels
 MOTION_FRAMES = 73  # video frames of FramePack motion history -> 19 latents
 ENCODE_CHUNK = 4
+CHUNKS_PER_PASS = 3  # encoder chunks in one pass (12 frames), as the decoder takes a block's latents
 PORTRAIT_ENCODE_STEPS = 1 + 1 + (MOTION_FRAMES - 1) // ENCODE_CHUNK  # chunks: the portrait, then 1 + 18 motion
 FIRST_CHUNK = "first chunk"  # marker: an upsample3d site that has seen only the first chunk
 
@@ -338,16 +339,19 @@ class VideoVAE(nn.Module):
         self.decoder = Decoder3d(dim, z_dim, dim_mult, num_res_blocks, tuple(temporal_downsample)[::-1])
 
     def encode_chunks(self, video, cache: TimeCache, on_step=None):
-        """Video [B, 3, T, H, W] -> latent mean [B, z, 1 + (T-1)/4, h, w], chunks of 1 then 4.
-        `on_step()` runs after every chunk (progress; raise from it to cancel)."""
-        starts = [0] + list(range(1, video.shape[2], ENCODE_CHUNK))
-        out = []
-        for start in starts:
+        """Video [B, 3, T, H, W] -> latent mean [B, z, 1 + (T-1)/4, h, w]: the first frame alone,
+        then chunks of 4 frames, up to CHUNKS_PER_PASS of them per encoder pass (the causal caches
+        make the passes' size invisible in the result). `on_step()` runs once per chunk, after
+        its pass (progress; raise from it to cancel)."""
+        per_pass = ENCODE_CHUNK * CHUNKS_PER_PASS
+        out, start = [], 0
+        while start < video.shape[2]:
+            end = 1 if start == 0 else min(start + per_pass, video.shape[2])
             cache.rewind()
-            end = 1 if start == 0 else start + ENCODE_CHUNK
             out.append(self.encoder(video[:, :, start:end], cache))
-            if on_step:
+            for _ in range(max(1, (end - start) // ENCODE_CHUNK) if on_step else 0):
                 on_step()
+            start = end
         mu, _log_var = self.conv1(torch.cat(out, dim=2)).chunk(2, dim=1)
         return mu
 

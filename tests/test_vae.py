@@ -92,13 +92,14 @@ def test_parity_vae_stream_decode_one_then_threes(set_dir):
     assert relative_l2(decoder.decode(latents[:, :1], clamp=False), outputs(set_dir)["decoded"][:, :1]) < tolerance(set_dir)
 
 
-@pytest.mark.parametrize("latents_per_pass", [1, 2, 3])
+@pytest.mark.parametrize("latents_per_pass", [1, 2, 3])  # and encoder chunks per pass
 @pytest.mark.parametrize("set_dir", SETS)
 def test_parity_vae_channels_last_and_any_pass_size(set_dir, latents_per_pass, monkeypatch):
     """The GPU's way (activations channels-last, a block's latents in one decoder pass, the
     norms + SiLU fused: Triton's interpreter runs the kernel here), run on the CPU: the same
     encode and decode as the fixture, whatever the pass size."""
     monkeypatch.setattr(vae_module, "LATENTS_PER_PASS", latents_per_pass)
+    monkeypatch.setattr(vae_module, "CHUNKS_PER_PASS", latents_per_pass)  # the encoder's 4-frame chunks
     vae = fixture_vae(set_dir, kernels=fused_kernels())
     vae.layout = torch.channels_last_3d
     latents = vae.encode(inputs(set_dir)["video"])
