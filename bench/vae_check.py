@@ -8,13 +8,14 @@ Variants of one block's decode (3 latents, 12 frames, after the stream's first l
   the SiLU after it in one Triton pass;
 - `contiguous`: activations and weights in PyTorch's default layout (cuDNN then transposes
   around every convolution);
-- `per latent`: one latent per decoder pass (the original's loop);
+- `one per pass`: one latent per decoder pass, one 4-frame chunk per encoder pass (the
+  original's loops);
 - `unfused norms`: the RMSNorm + SiLU pairs step by step in PyTorch instead of one Triton pass;
 - `before`: the engine's vae.py of an earlier commit (`git show REV:liveavatar/vae.py >
   old_vae.py`), when given, with the same weights.
 TFLOP/s from torch's flop counter over a block; a torch.profiler table of the engine's decode
 (GPU time by op); the portrait encode (the largest part of the time to the first frame after
-the model's first block) in each layout and in `before`.
+the model's first block) in each variant.
 
 Measured before on an H100 (docs/benchmarks.md, "The streaming VAE decode"): cuDNN's autotuner
 (`cudnn.benchmark`) changed nothing; one conv2d per time tap and the time taps folded into the
@@ -82,11 +83,14 @@ def time_decode(vae, latents, repeats=5):
 
 def decode_variants(vae, before):
     """(name, vae, setup, undo) for each variant; setup/undo switch one engine choice."""
-    per_pass, layout = vae_module.LATENTS_PER_PASS, vae.layout
+    per_pass, chunks, layout = vae_module.LATENTS_PER_PASS, vae_module.CHUNKS_PER_PASS, vae.layout
+
+    def one_per_pass(latents, encoder_chunks):
+        vae_module.LATENTS_PER_PASS, vae_module.CHUNKS_PER_PASS = latents, encoder_chunks
+
     yield "engine", vae, lambda: None, lambda: None
     yield "contiguous", vae, lambda: set_layout(vae, torch.contiguous_format), lambda: set_layout(vae, layout)
-    yield "per latent", vae, lambda: setattr(vae_module, "LATENTS_PER_PASS", 1), \
-        lambda: setattr(vae_module, "LATENTS_PER_PASS", per_pass)
+    yield "one per pass", vae, lambda: one_per_pass(1, 1), lambda: one_per_pass(per_pass, chunks)
     yield "unfused norms", vae, lambda: set_kernels(vae, Kernels("off")), lambda: set_kernels(vae, vae.kernels)
     if before is not None:
         yield "before", before, lambda: None, lambda: None
@@ -144,8 +148,7 @@ def measure_decodes(vae, before, size, latents, blocks, tflop):
 def measure_encodes(vae, before, size, image):
     rows, reference = [], None
     encode_tflop = portrait_tflop(vae, image)
-    variants = [(n, m, s, u) for n, m, s, u in decode_variants(vae, before) if n != "per latent"]
-    for name, model, setup, undo in variants:
+    for name, model, setup, undo in decode_variants(vae, before):
         setup()
         times = []
         for _ in range(3):
