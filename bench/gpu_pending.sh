@@ -1,33 +1,37 @@
 #!/usr/bin/env bash
-# The GPU measurements the docs list as not yet taken, batched for one device call each
-# (docs/benchmarks.md says what each is for; every row records its own command).
+# GPU measurements batched for one device call each (docs/benchmarks.md says what each is for;
+# every row records its own command).
 #
 #   bash bench/gpu_pending.sh STEP...        results under $OUT (the device tool's folder) or ./gpu_out
 #
-# Steps (each fits one 600 s call on one H100/H200 with the 14B random checkpoint already
-# written to /tmp/la_models, which the first step that needs it writes, ~2 min):
+# The machine lacks PyAV and librosa: carry .whl/ holding the av and soxr wheels for Python 3.12
+# (device README: `pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl av soxr`).
+#
+# Steps (each fits one 600 s call on one H100/H200; the first step that needs the 14B random
+# checkpoint writes it to /tmp/la_models, ~2 min):
 #   cuda      tests/test_cuda.py and tests/test_kernels.py (the CUDA-only tests)
-#   session   a 40 s live session at 384*256 (latency p50/p95 after the warm-up and own-stream fixes)
-#   vae       the streaming VAE decode's convolution variants and their profiles (bench/vae_check.py)
-#   graph     Sampler -> Decode beside Live Video, 384*256 and 704*384 (the sampler's latents copied
-#             alongside instead of read on the DiT's stream)
+#   vae       the streaming VAE decode and portrait encode, the engine against each of its choices
+#             undone (bench/vae_check.py)
+#   live      the Live Video node's rows at 384*256 and 704*384, 4 and 3 steps
+#   session   a 40 s live session at 384*256 (latency p50/p95)
+#   graph     Sampler -> Decode beside Live Video, 384*256 and 704*384
 #   long-start / long-collect
-#             the 10-minute session: longer than one call, so the first call starts it in the
-#             background and returns; the second (made within the machine's idle release) waits
-#             for it and keeps its rows
-# Most telling first: `vae` (where the decode's time goes: the Live Video node's largest gap to
-# its floor, docs/benchmarks.md) and `session`, then `cuda` and `graph`; several steps may share a
-# call (`bash bench/gpu_pending.sh vae session`) while they fit its 600 s.
+#             the 10-minute session (not yet run): longer than one call, so the first call starts
+#             it in the background and returns; the second, made at once (within the machine's
+#             30 s idle release), waits for it and keeps its rows. ~14 min of device time with
+#             the checkpoint's writing: a session's whole budget is 30 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}
 models=/tmp/la_models
 mkdir -p "$out"
-# wheels the GPU machine lacks (PyAV for the session's mp4), carried in .whl/ (device README)
+# wheels the GPU machine lacks, carried in .whl/ (device README): PyAV (the mp4s) and soxr (for
+# bench/device_shims/librosa, used when librosa itself does not import there)
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+python3 -c "import librosa" 2>/dev/null || export PYTHONPATH=$PWD/bench/device_shims${PYTHONPATH:+:$PYTHONPATH}
 
 run_step() {
   case "$1" in
@@ -38,6 +42,9 @@ run_step() {
         --cases session-fp8-384-warm --seconds 40 ;;
     vae)
       python bench/vae_check.py --sizes '384*256,704*384' --out "$out/vae.json" ;;
+    live)
+      python bench/live_bench.py --models "$models" --out "$out/live.json" \
+        --cases live-fp8-384-warm,live-fp8-704-warm,live-fp8-384-s3-warm,live-fp8-704-s3-warm ;;
     graph)
       python bench/live_bench.py --models "$models" --out "$out/graph.json" \
         --cases live-sd-fp8-384-warm,live-fp8-384-warm,live-sd-fp8-704-warm,live-fp8-704-warm ;;

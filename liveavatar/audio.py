@@ -92,12 +92,12 @@ def load_audio(source, notes: list | None = None) -> torch.Tensor:
 
 
 def _comfy_audio_to_16k(audio: dict, notes: list) -> torch.Tensor:
-    import librosa
     channels, rate = comfy_audio_waveform(audio, notes)
     mono, note = mono_mix(channels)  # librosa.load also averages channels first
     notes += [note] if note else []
     mono = mono.cpu().numpy()
     if rate != SAMPLE_RATE and mono.size:
+        import librosa  # only to resample (16 kHz audio needs none)
         mono = librosa.resample(mono, orig_sr=rate, target_sr=SAMPLE_RATE)
     return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
 
@@ -189,6 +189,7 @@ def _read_audio_file(path: Path) -> torch.Tensor:
         raise ValueError(f"cannot decode audio file {path} ({error}); use wav, flac, mp3 or ogg") from None
     mono = samples.mean(0)
     if rate != SAMPLE_RATE and mono.size:
+        import librosa  # only to resample (16 kHz audio needs none)
         mono = librosa.resample(mono, orig_sr=rate, target_sr=SAMPLE_RATE)
     return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
 
