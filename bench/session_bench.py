@@ -154,6 +154,7 @@ def summarise(page: Page, memory: MemoryWatch, rss: tuple, case: dict, seconds: 
                 latency_last_p50_s=float(np.median(late)) if late else None,
                 steady_fps=(f1 - f0) / max(t1 - t0, 1e-9), first_frames_s=t0 - first_t,
                 keeps_pace=max(waiting, default=0.0) < 1.0, waiting_max_s=max(waiting, default=0.0),
+                sampling_p50_s=last["session"].get("sampling_p50_s"), decode_p50_s=last["session"].get("decode_p50_s"),
                 frames=last.get("frames"), silence_s=last["session"]["silence_s"],
                 dropped_s=last["session"]["dropped_s"], refused=len(page.refused),
                 memory_first_min_gib=memory.peak(first_t, first_t + minute),
@@ -220,10 +221,12 @@ def main():
         case = parse_case(name)
         timeline_path = Path(args.out).with_name(f"{name}_timeline.json")
         lb.add_row(rows, case, args, lambda: run_case(pack, case, inputs, speech, args.tiny, timeline_path))
-    lb.print_table(rows, ["latency p50 s", "p95 s", "first / last minute p50 s", "steady FPS", "keeps pace",
-                          "GiB first / last minute", "resident GiB first / last minute"], lambda r: [
+    lb.print_table(rows, ["latency p50 s", "p95 s", "first / last minute p50 s", "sampling / decode p50 s",
+                          "steady FPS", "keeps pace", "GiB first / last minute", "resident GiB first / last minute"],
+                   lambda r: [
         f"{r['latency_p50_s']:.2f}", f"{r['latency_p95_s']:.2f}",
-        f"{r['latency_first_p50_s']:.2f} / {r['latency_last_p50_s']:.2f}", f"{r['steady_fps']:.1f}", r["keeps_pace"],
+        f"{r['latency_first_p50_s']:.2f} / {r['latency_last_p50_s']:.2f}",
+        f"{r['sampling_p50_s']} / {r['decode_p50_s']}", f"{r['steady_fps']:.1f}", r["keeps_pace"],
         f"{r['memory_first_min_gib']:.2f} / {r['memory_last_min_gib']:.2f}",
         f"{r['rss_first_min_gib']:.2f} / {r['rss_last_min_gib']:.2f}"])
 

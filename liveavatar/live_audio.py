@@ -214,6 +214,7 @@ class LiveAudioFeed:
         self.pending: deque = deque()  # timeline pieces not encoded yet
         self.ended = None  # why the audio ended
         self.latency = LatencyMeter()
+        self.stages = BlockStages()
         self._block_shape = None
 
     def __call__(self, wait: bool = False):
@@ -306,6 +307,7 @@ class LiveAudioFeed:
     def _append(self, block: torch.Tensor):
         self._block_shape = tuple(block.shape)
         self.streamer.append_audio(block)
+        self.stages.mark(self.appended_frames // block.shape[-1], "features", self.clock())
         self.appended_frames += block.shape[-1]
 
 
@@ -331,3 +333,34 @@ class LatencyMeter:
         values = np.array(self.recent)
         return {"latency_s": round(float(values[-1]), 3), "latency_p50_s": round(float(np.percentile(values, 50)), 3),
                 "latency_p95_s": round(float(np.percentile(values, 95)), 3)}
+
+
+class BlockStages:
+    """Where a session's latency goes, block by block: when a block's features were appended to
+    the stream ("features"), when the sampler handed the block over ("clean": its last step queued
+    on the GPU, not necessarily run) and when its frames were written ("shown"); medians of the
+    stages over the last `window` blocks shown."""
+
+    STAGES = ("features", "clean", "shown")
+
+    def __init__(self, window: int = 50):
+        self.open: dict = {}  # block -> {stage: time} until it is shown
+        self.done: deque = deque(maxlen=window)
+
+    def mark(self, block: int, stage: str, now: float):
+        times = self.open.setdefault(block, {})
+        times[stage] = now
+        if stage == "shown":
+            del self.open[block]
+            if len(times) == len(self.STAGES):
+                self.done.append(times)
+
+    def summary(self) -> dict:
+        """Median seconds from features in to the hand-over (the host queueing the block's steps,
+        and waiting for the GPU where it must) and from the hand-over to frames written (the GPU
+        finishing the steps, the decode, the copy to the CPU)."""
+        if not self.done:
+            return {"sampling_p50_s": None, "decode_p50_s": None}
+        sampling = [t["clean"] - t["features"] for t in self.done]
+        decode = [t["shown"] - t["clean"] for t in self.done]
+        return {"sampling_p50_s": round(float(np.median(sampling)), 3), "decode_p50_s": round(float(np.median(decode)), 3)}

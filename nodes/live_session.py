@@ -93,6 +93,7 @@ class LiveSession:
         blocks = run.blocks(on_audio=self._on_audio, progress_steps=self._progress_steps())
         try:
             for block in blocks:
+                self.feed.stages.mark(self._block_number(block), "clean", self.clock())
                 self.decodes.put(block)
                 self._show(self.decodes.ready())
             self._show(self.decodes.ready(wait=True))
@@ -118,13 +119,17 @@ class LiveSession:
             self.view.update()
 
     def _show(self, decoded):
-        for _, video in decoded:
+        for block, video in decoded:
             frames = video_to_images(video)
             if self.feed.ended is not None:  # the last blocks: the video ends with the speech
                 frames = frames[:max(0, self.feed.speech_frames - self.view.frames)]
             if len(frames):
                 self.view.append(frames)
                 self._check_pace()
+            self.feed.stages.mark(self._block_number(block), "shown", self.clock())
+
+    def _block_number(self, block) -> int:
+        return block.clip * self.stream_run.streamer.blocks_per_clip + block.index
 
     def _rescue(self):
         """Stopped by an error or a cancel: the blocks already decoding still reach the file."""
@@ -146,7 +151,8 @@ class LiveSession:
             "id": self.session_id, "state": self.state, "ended": feed.ended, "max_seconds": self.pacing.max_seconds,
             "audio_s": round(feed.fed / SAMPLE_RATE, 3), "silence_s": round(feed.silence / SAMPLE_RATE, 3),
             "dropped_s": round(feed.dropped / SAMPLE_RATE, 3), "waiting_s": round(self.waiting_s(), 3),
-            "keeping_up": self.keeping_up, "speed_fps": self.speed_fps(), **feed.latency.summary()}}
+            "keeping_up": self.keeping_up, "speed_fps": self.speed_fps(), **feed.latency.summary(),
+            **feed.stages.summary()}}
 
     def waiting_s(self) -> float:
         """Speech received and not yet being generated: in the intake, not encoded yet, or encoded

@@ -10,7 +10,8 @@ import torch
 
 from liveavatar.audio import Wav2Vec2Encoder
 from liveavatar.audio_stream import StreamingAudioEncoder
-from liveavatar.live_audio import (ChunkRefused, IntakeLimits, LatencyMeter, LiveAudioFeed, Pacing, PcmIntake)
+from liveavatar.live_audio import (BlockStages, ChunkRefused, IntakeLimits, LatencyMeter, LiveAudioFeed, Pacing,
+                                   PcmIntake)
 from liveavatar.testing import speech_like, write_tiny_wav2vec2
 
 RATE = 16000
@@ -240,3 +241,20 @@ def test_session_latency_is_arrival_to_the_frame_of_the_chunks_last_sample():
     meter.shown(25, 11.3)
     assert [round(v, 3) for v in meter.recent] == [1.0, 1.1, 0.8]
     assert meter.summary() == {"latency_s": 0.8, "latency_p50_s": 1.0, "latency_p95_s": 1.09}
+
+
+def test_session_block_stages_are_medians_over_the_blocks_shown():
+    stages = BlockStages(window=2)
+    stages.mark(0, "features", 0.0)
+    stages.mark(0, "clean", 0.3)
+    assert stages.summary() == {"sampling_p50_s": None, "decode_p50_s": None}  # nothing shown yet
+    stages.mark(0, "shown", 0.5)
+    for block, (features, clean, shown) in enumerate([(0.5, 0.9, 1.0), (1.0, 1.2, 1.6)], start=1):
+        stages.mark(block, "features", features)
+        stages.mark(block, "clean", clean)
+        stages.mark(block, "shown", shown)
+    # the last two blocks (window 2): sampling 0.4 and 0.2, decode 0.1 and 0.4
+    assert stages.summary() == {"sampling_p50_s": 0.3, "decode_p50_s": 0.25}
+    stages.mark(3, "clean", 2.0)
+    stages.mark(3, "shown", 2.1)  # a block without its features time (the zeros after the speech) counts for nothing
+    assert stages.summary() == {"sampling_p50_s": 0.3, "decode_p50_s": 0.25} and not stages.open
