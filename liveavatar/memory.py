@@ -44,7 +44,7 @@ GIB = 2 ** 30
 ALLOCATOR_RESERVE = (GIB // 2, 0.03)  # fixed + share of the limit: library workspaces, the allocator's rounding
 FRAMES_PER_BLOCK = 3
 MOTION_LATENTS = (1, 2, 16)  # FramePack buckets (dit.MOTION_BUCKETS): 1x, 2x, 4x patches
-VAE_DECODE_GIB = (0.33, 9.9e-6)  # streaming decode peak ~ a + b * pixels, from docs/benchmarks.md (Wan2.1 VAE, bf16)
+VAE_DECODE_GIB = (0.0, 1.48e-5)  # streaming decode peak ~ a + b * pixels, from docs/benchmarks.md (Wan2.1 VAE, bf16)
 
 
 class MemoryPlanError(ValueError):
@@ -352,8 +352,9 @@ def activation_bytes(shape: RunShape, cfg, items: int, trim: Trim, ring_copied: 
 
 def vae_decode_bytes(width: int, height: int) -> int:
     """Working memory of the streaming VAE decode of one block alongside the DiT (Live Video):
-    measured peaks 1.3 GiB at 384*256 and 3.0 GiB at 704*384 (bench.py, Wan2.1 VAE in bf16,
-    weights included), as a + b * pixels."""
+    measured peaks 1.3 GiB at 384*256 and 3.0 GiB at 704*384 decoding a latent per pass (bench.py,
+    Wan2.1 VAE in bf16, weights included), +0.1 and +1.0 GiB since a block's 3 latents share a pass
+    (vae_check.py), as a + b * pixels through those two points (1.45 / 4.0 GiB)."""
     a, b = VAE_DECODE_GIB
     return int((a + b * width * height) * GIB)
 
