@@ -31,7 +31,7 @@ class VideoDecoder:
     motion_latents: the sampler's 19 motion latents [16, 19, h, w] (normalised); without
     them the stream starts cold at the first latent (1 frame), as a plain VAE decode.
     spoken_frames: video frames carrying speech; later frames are not returned.
-    on_step: called after every latent the VAE decodes (progress; raise from it to cancel).
+    on_step: called once per latent the VAE decodes, after its pass (progress; raise from it to cancel).
     drop_first: frames dropped after the priming: LiveAvatar's 3 after the portrait; 0 when
     the priming latents are the end of the video this one continues (its next frames follow)."""
 

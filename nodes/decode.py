@@ -135,7 +135,7 @@ class FrameCollector:
 def stream_frames(vae, latents: torch.Tensor, motion_latents=None, max_frames=None, continues=False):
     """Yield the frames LiveAvatar shows [N, H, W, 3] in 0..1 (CPU), a block of 3 latents at a
     time (priming, dropping and trimming: liveavatar.decoding.VideoDecoder). Progress and
-    cancel run after every latent the VAE decodes, the priming's included."""
+    cancel run once per latent the VAE decodes (after its pass), the priming's included."""
     def on_step():
         host.check_interrupted()
         progress.step()
