@@ -193,7 +193,9 @@ def main():
     before = None
     if args.before:
         old = load_before(args.before)
-        before = old.WanVAE.from_state_dict(vae.net.state_dict(), "cuda", torch.bfloat16)
+        # the same weights in PyTorch's default layout, as the earlier code loaded them
+        weights = {name: t.contiguous() for name, t in vae.net.state_dict().items()}
+        before = old.WanVAE.from_state_dict(weights, "cuda", torch.bfloat16)
     rows = []
     for size in args.sizes.split(","):
         width, height = (int(v) for v in size.split("*"))
