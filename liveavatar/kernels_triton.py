@@ -3,7 +3,8 @@ importing the pack never imports or compiles Triton).
 
 Every DiT kernel handles one row (token) per program with the whole row in registers: rows
 are 5120 (model dim) or 13824 (FFN) wide, so one load and one store per element is the whole
-memory traffic (the VAE's channel norm takes several of its short rows per program). Statistics and arithmetic are fp32. Casts to bf16 / fp8 ask for
+memory traffic (the VAE's channel norm takes several of its short rows per program).
+Statistics and arithmetic are fp32. Casts to bf16 / fp8 ask for
 round-to-nearest-even explicitly: that is the GPU's default, and it makes Triton's CPU
 interpreter (used by the tests) round like PyTorch instead of truncating.
 """
