@@ -570,6 +570,13 @@ class Kernels:
         with _on_device_of(x):
             backend.merge_attention(outs[0], lses[0], outs[1], lses[1], merged)
         yield "merge_attention", merged, merge_attention_reference(list(zip(outs, lses))), 1e-2
+        video = rand(1, 96, 2, 6, 5, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+        gamma = rand(96, 1, 1, 1, dtype=torch.bfloat16)
+        normed = torch.empty_like(video)
+        with _on_device_of(x):
+            backend.channel_norm(video.movedim(1, -1).reshape(-1, 96), gamma.reshape(-1).contiguous(),
+                                 normed.movedim(1, -1).view(-1, 96), 96 ** 0.5, True)
+        yield ("channel_norm", normed, channel_norm_reference(video.float(), gamma.float(), 96 ** 0.5, silu=True), 1e-2)
 
 
 # ---- fp8 matrix product with per-row activation scales -----------------------------------
