@@ -48,21 +48,6 @@ def load_before(path: str):
     return module
 
 
-def set_layout(vae, layout):
-    """Activations and conv weights in `layout` (the engine picks channels-last on a GPU)."""
-    vae.layout = layout
-    for module in vae.net.modules():
-        if isinstance(module, torch.nn.Conv3d):
-            module.weight.data = module.weight.data.contiguous(memory_format=layout)
-
-
-def set_kernels(vae, kernels):
-    """The VAE's norms (+ SiLU) through these kernels (Kernels("off"): PyTorch step by step)."""
-    for norm in vae.net.modules():
-        if isinstance(norm, vae_module.RMSNorm):
-            norm.kernels = kernels
-
-
 def decode_stream(vae, latents: torch.Tensor) -> torch.Tensor:
     """The stream's first latent, then one block (3 latents) per call, as Live Video decodes."""
     decoder = vae.stream_decoder()
@@ -83,15 +68,15 @@ def time_decode(vae, latents, repeats=5):
 
 def decode_variants(vae, before):
     """(name, vae, setup, undo) for each variant; setup/undo switch one engine choice."""
-    per_pass, chunks, layout = vae_module.LATENTS_PER_PASS, vae_module.CHUNKS_PER_PASS, vae.layout
+    per_pass, chunks, layout, fused = vae_module.LATENTS_PER_PASS, vae_module.CHUNKS_PER_PASS, vae.layout, vae.kernels
 
     def one_per_pass(latents, encoder_chunks):
         vae_module.LATENTS_PER_PASS, vae_module.CHUNKS_PER_PASS = latents, encoder_chunks
 
     yield "engine", vae, lambda: None, lambda: None
-    yield "contiguous", vae, lambda: set_layout(vae, torch.contiguous_format), lambda: set_layout(vae, layout)
+    yield "contiguous", vae, lambda: vae.set_layout(torch.contiguous_format), lambda: vae.set_layout(layout)
     yield "one per pass", vae, lambda: one_per_pass(1, 1), lambda: one_per_pass(per_pass, chunks)
-    yield "unfused norms", vae, lambda: set_kernels(vae, Kernels("off")), lambda: set_kernels(vae, vae.kernels)
+    yield "unfused norms", vae, lambda: vae.use_kernels(Kernels("off")), lambda: vae.use_kernels(fused)
     if before is not None:
         yield "before", before, lambda: None, lambda: None
 

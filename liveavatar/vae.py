@@ -454,16 +454,26 @@ class WanVAE:
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
         # On a GPU activations run channels-last ([B, T, H, W, C] in memory): cuDNN's convolutions
         # take that layout natively (no layout transposes around each one), ~7-17% faster per block.
-        self.layout = torch.channels_last_3d if self.device.type == "cuda" else torch.contiguous_format
+        self.set_layout(torch.channels_last_3d if self.device.type == "cuda" else torch.contiguous_format)
         # the fused norm + SiLU (on a GPU, unless LIVEAVATAR_KERNELS=off)
-        self.kernels = kernels if kernels is not None else Kernels(RunOptions.from_env().kernels)
+        self.use_kernels(kernels if kernels is not None else Kernels(RunOptions.from_env().kernels))
+
+    def set_layout(self, layout):
+        """Activations in `layout`; the conv weights too where this VAE owns them (another
+        owner's stay as they are: cuDNN then converts them, small beside the activations)."""
+        self.layout = layout
+        if not self.owned:
+            return
+        for conv in self.net.modules():
+            if isinstance(conv, nn.Conv3d) and not conv.weight.is_contiguous(memory_format=layout):
+                conv.weight = nn.Parameter(conv.weight.contiguous(memory_format=layout), requires_grad=False)
+
+    def use_kernels(self, kernels: Kernels):
+        """The norms (+ SiLU) through these kernels (Kernels("off"): PyTorch step by step)."""
+        self.kernels = kernels
         for norm in self.net.modules():
             if isinstance(norm, RMSNorm):
-                norm.kernels = self.kernels
-        if owned and self.layout == torch.channels_last_3d:
-            for conv in self.net.modules():
-                if isinstance(conv, nn.Conv3d):
-                    conv.weight = nn.Parameter(conv.weight.contiguous(memory_format=self.layout), requires_grad=False)
+                norm.kernels = kernels
 
     @classmethod
     def from_state_dict(cls, sd: dict, device="cpu", dtype=torch.float32, config: dict | None = None,

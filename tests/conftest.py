@@ -55,6 +55,16 @@ if not torch.cuda.is_available():
 _alias_pack_modules()
 
 
+def kernels_switched_on():
+    """A Kernels with mode "on": compiled on a GPU; without one, run by Triton's interpreter
+    (selected above); the test skips where neither is there."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and Triton's interpreter not selected (see conftest.py)")
+    from liveavatar.kernels import Kernels
+    return Kernels("on")
+
+
 def _set_dirs(root: Path):
     if not root.is_dir():
         return

@@ -4,12 +4,11 @@ On a GPU the compiled Triton kernels run; on CPU Triton's interpreter runs them 
 selects it). Without Triton those tests skip; the reference paths are tested either way.
 Shapes are small (interpreter speed) with a non-power-of-two dim so the masking is exercised.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import kernels_switched_on
 from liveavatar import kernels, layers, rope
 from liveavatar.kernels import Kernels
 from liveavatar.layers import Linear, RMSNorm
@@ -26,11 +25,8 @@ def fx(monkeypatch):
     """A Kernels switched on: compiled on a GPU; on CPU run by Triton's interpreter (conftest
     selects it before triton is imported), with per-row fp8 matmuls taken as available so the
     fp8 producers hand out Fp8Rows."""
-    pytest.importorskip("triton")
-    fused = Kernels("on")
+    fused = kernels_switched_on()
     if DEVICE == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("no GPU and Triton's interpreter not selected (see conftest.py)")
         fused.probes[("row-wise fp8", torch.device("cpu"))] = True
         exact_interpreter_casts(monkeypatch)
     assert fused.active_for(torch.zeros(1, device=DEVICE)), fused.status()

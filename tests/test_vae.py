@@ -1,15 +1,12 @@
 """Wan2.1 VAE against the original's fixtures, file layouts, errors, streaming memory.
 
 Config, sizes and tolerance come from each fixture set's vae.json."""
-import os
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import fixture_sets, load_manifest, load_tensors, relative_l2
+from conftest import fixture_sets, kernels_switched_on, load_manifest, load_tensors, relative_l2
 from liveavatar import vae as vae_module
-from liveavatar.kernels import Kernels
 from liveavatar.vae import (LATENT_MEAN, LATENT_STD, MOTION_FRAMES, VideoVAE, WanVAE, config_from_state_dict,
                             normalised_to_raw, raw_to_normalised)
 
@@ -46,14 +43,6 @@ def latent_stats(set_dir) -> dict:
 def fixture_vae(set_dir, state_dict=None, **kwargs) -> WanVAE:
     return WanVAE.from_state_dict(weights(set_dir) if state_dict is None else state_dict,
                                   config=manifest(set_dir)["config"], **latent_stats(set_dir), **kwargs)
-
-
-def fused_kernels() -> Kernels:
-    """Kernels switched on: compiled on a GPU, Triton's interpreter on the CPU (conftest)."""
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and Triton's interpreter not selected (see conftest.py)")
-    return Kernels("on")
 
 
 def test_shipped_constants_are_wan21s():
@@ -100,8 +89,8 @@ def test_parity_vae_channels_last_and_any_pass_size(set_dir, latents_per_pass, m
     encode and decode as the fixture, whatever the pass size."""
     monkeypatch.setattr(vae_module, "LATENTS_PER_PASS", latents_per_pass)
     monkeypatch.setattr(vae_module, "CHUNKS_PER_PASS", latents_per_pass)  # the encoder's 4-frame chunks
-    vae = fixture_vae(set_dir, kernels=fused_kernels())
-    vae.layout = torch.channels_last_3d
+    vae = fixture_vae(set_dir, kernels=kernels_switched_on())
+    vae.set_layout(torch.channels_last_3d)
     latents = vae.encode(inputs(set_dir)["video"])
     assert relative_l2(latents, outputs(set_dir)["latents"]) < tolerance(set_dir)
     decoded = vae.decode(outputs(set_dir)["latents"], clamp=False)
