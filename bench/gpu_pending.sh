@@ -13,13 +13,19 @@
 #   vae       the streaming VAE decode and portrait encode, the engine against each of its choices
 #             undone (bench/vae_check.py)
 #   live      the Live Video node's rows at 384*256 and 704*384, 4 and 3 steps
-#   session   a 40 s live session at 384*256 (latency p50/p95)
+#   session   a 40 s live session at 384*256 (latency p50/p95, where it goes), lookahead 0.5 and 0.25 s
+#             (SESSION_CASES=name,... picks other cases)
+#   session-profile
+#             a 30 s session at 384*256 with 5 of its blocks traced (torch.profiler): where a session's
+#             ticks lose time against the Live Video node's
+#   again     the TTFF of a user's next run (the same Live Video node, a new seed: the portrait's
+#             encoding kept), 384*256 and 704*384
 #   graph     Sampler -> Decode beside Live Video, 384*256 and 704*384
 #   long-start / long-collect
-#             the 10-minute session (not yet run): longer than one call, so the first call starts
-#             it in the background and returns; the second, made at once (within the machine's
-#             30 s idle release), waits for it and keeps its rows. ~14 min of device time with
-#             the checkpoint's writing: a session's whole budget is 30 min.
+#             the 10-minute session: longer than one call, so `long-start long-collect` starts it
+#             in the background and waits ~9 min; a second `long-collect`, made at once (within the
+#             machine's 30 s idle release), waits for the rest and keeps its rows. ~13 min of device
+#             time with the checkpoint's writing (run 2026-12-06).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}
@@ -39,12 +45,18 @@ run_step() {
       python -m pytest -q tests/test_cuda.py tests/test_kernels.py 2>&1 | tail -30 ;;
     session)
       python bench/session_bench.py --models "$models" --out "$out/session.json" \
-        --cases session-fp8-384-warm --seconds 40 ;;
+        --cases "${SESSION_CASES:-session-fp8-384-warm,session-fp8-384-la25-warm}" --seconds 40 ;;
+    session-profile)
+      python bench/session_bench.py --models "$models" --out "$out/session_profile.json" \
+        --cases session-fp8-384-warm --seconds 30 --profile "$out/profiles" ;;
     vae)
       python bench/vae_check.py --sizes '384*256,704*384' --out "$out/vae.json" ;;
     live)
       python bench/live_bench.py --models "$models" --out "$out/live.json" \
         --cases live-fp8-384-warm,live-fp8-704-warm,live-fp8-384-s3-warm,live-fp8-704-s3-warm ;;
+    again)
+      python bench/live_bench.py --models "$models" --out "$out/again.json" \
+        --cases live-fp8-384-warm-again,live-fp8-704-warm-again ;;
     graph)
       python bench/live_bench.py --models "$models" --out "$out/graph.json" \
         --cases live-sd-fp8-384-warm,live-fp8-384-warm,live-sd-fp8-704-warm,live-fp8-704-warm ;;
@@ -55,11 +67,14 @@ run_step() {
         --cases session-fp8-384-warm --seconds 600 >/tmp/long_session/log.txt 2>&1 &
       echo "started pid $!; collect with: bash bench/gpu_pending.sh long-collect" ;;
     long-collect)
-      while pgrep -f "session_bench.py.*--seconds 600" >/dev/null; do sleep 5; done
+      # at most ~9 min per call (the call limit is 10): call it again while it says "still running"
+      deadline=$((SECONDS + 540))
+      while pgrep -f "session_bench.py.*--seconds 600" >/dev/null && ((SECONDS < deadline)); do sleep 5; done
+      pgrep -f "session_bench.py.*--seconds 600" >/dev/null && echo "still running: call long-collect again"
       tail -20 /tmp/long_session/log.txt
       cp /tmp/long_session/* "$out/" ;;
     *)
-      echo "unknown step $1 (cuda, session, vae, graph, long-start, long-collect)" >&2
+      echo "unknown step $1 (cuda, vae, live, session, session-profile, again, graph, long-start, long-collect)" >&2
       return 2 ;;
   esac
 }

@@ -17,8 +17,9 @@ chunks through the route's request handling, every chunk and every frame message
         --cases session-fp8-384,session-fp8-704-stepgpu --seconds 60
     python bench/session_bench.py --tiny --seconds 8          # a smoke run on the CPU
 
-A case name is session-<weights>-<size>[-s<steps>][-stepgpu][-warm]: weights fp8 / bf16 (fp32:
---tiny), size 384 (384*256) / 704 (704*384) / 128 (custom 128*128, for --tiny), -stepgpu one
+A case name is session-<weights>-<size>[-s<steps>][-la<lookahead in 1/100 s>][-stepgpu][-warm]: weights
+fp8 / bf16 (fp32: --tiny), size 384 (384*256) / 704 (704*384) / 128 (custom 128*128, for --tiny),
+-la25 the node's lookahead_s 0.25 (default 0.5), -stepgpu one
 denoising step per GPU, -warm the loader's warm_up at the case's size. Without ComfyUI the node
 finds its server through a stand-in PromptServer (the registry on its app, the client id of the
 page, the messages it sends), which is all the node asks of ComfyUI's.
@@ -26,6 +27,7 @@ page, the messages it sends), which is all the node asks of ComfyUI's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -45,13 +47,14 @@ EVENT = "liveavatar.session"
 
 
 def parse_case(name: str) -> dict:
-    m = re.fullmatch(r"session-(fp8|bf16|fp32)-(384|704|128)(?:-s(\d))?(-stepgpu)?(-warm)?", name)
+    m = re.fullmatch(r"session-(fp8|bf16|fp32)-(384|704|128)(?:-s(\d))?(?:-la(\d+))?(-stepgpu)?(-warm)?", name)
     if not m:
         raise SystemExit(f"bad case name {name!r} (see the module docstring)")
-    weights, size, steps, stepgpu, warm = m.groups()
+    weights, size, steps, lookahead, stepgpu, warm = m.groups()
     area = {"128": "custom", **lb.SIZES}[size]
     return dict(mode=name, weight_dtype={"fp8": "fp8_e4m3fn"}.get(weights, weights), size=area,
                 placement="one denoising step per GPU" if stepgpu else "one GPU", steps=int(steps or 4),
+                lookahead_s=int(lookahead) / 100 if lookahead else 0.5,
                 warm_up=area if warm and area != "custom" else "off")
 
 
@@ -148,13 +151,15 @@ def summarise(page: Page, memory: MemoryWatch, rss: tuple, case: dict, seconds: 
     waiting = [d["session"]["waiting_s"] for t, d in page.messages if "session" in d and d["session"].get("waiting_s")
                is not None and t > first_t + seconds / 2]
     last = page.messages[-1][1]
+    # where the latency goes: the medians over the last 50 blocks shown while the page spoke
+    stages = [d["session"] for t, d in page.messages if "session" in d and t <= page.done_speaking][-1]
     return dict(case, gpus=torch.cuda.device_count() if "step per GPU" in case["placement"] else 1, seconds=seconds,
                 latency_p50_s=float(np.percentile(lat, 50)), latency_p95_s=float(np.percentile(lat, 95)),
                 latency_first_p50_s=float(np.median(early)) if early else None,
                 latency_last_p50_s=float(np.median(late)) if late else None,
                 steady_fps=(f1 - f0) / max(t1 - t0, 1e-9), first_frames_s=t0 - first_t,
                 keeps_pace=max(waiting, default=0.0) < 1.0, waiting_max_s=max(waiting, default=0.0),
-                sampling_p50_s=last["session"].get("sampling_p50_s"), decode_p50_s=last["session"].get("decode_p50_s"),
+                **{span: stages.get(span) for span in ("encode_p50_s", "sampling_p50_s", "decode_p50_s")},
                 frames=last.get("frames"), silence_s=last["session"]["silence_s"],
                 dropped_s=last["session"]["dropped_s"], refused=len(page.refused),
                 memory_first_min_gib=memory.peak(first_t, first_t + minute),
@@ -164,7 +169,8 @@ def summarise(page: Page, memory: MemoryWatch, rss: tuple, case: dict, seconds: 
                 rss_start_gib=rss[0], rss_end_gib=rss[1], **lb.Gpu.peaks())
 
 
-def run_case(pack, case: dict, inputs: dict, speech: np.ndarray, tiny: bool, timeline_path=None) -> dict:
+def run_case(pack, case: dict, inputs: dict, speech: np.ndarray, tiny: bool, timeline_path=None,
+             profile_dir: Path | None = None) -> dict:
     page = Page(pack, speech)
     sys.modules["server"] = types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=page))
     nodes = pack.nodes
@@ -175,12 +181,19 @@ def run_case(pack, case: dict, inputs: dict, speech: np.ndarray, tiny: bool, tim
     memory = MemoryWatch()
     memory.start()
     rss_start = rss_gib()
+    # --profile: a torch.profiler trace of 5 blocks from the 20th written (live_bench.ProfileWindow)
+    clock = lb.BlockClock(nodes.host) if profile_dir is not None else contextlib.nullcontext()
     try:
-        lb.call(nodes.session.LiveAvatarSession, "run_session", model=model, positive=inputs["positive"],
-                image=inputs["image"], vae=inputs["vae"], audio_encoder=inputs["wav2vec"], size=case["size"],
-                width=128, height=128, infer_frames=lb.INFER_FRAMES, sample_steps=case["steps"], seed=42,
-                max_seconds=int(len(speech) / RATE) + 60, idle="keep moving on silence",
-                filename_prefix="bench/session")
+        with clock:
+            if profile_dir is not None:
+                window = lb.ProfileWindow(clock, profile_dir, case["mode"], first=20, blocks=5)
+            lb.call(nodes.session.LiveAvatarSession, "run_session", model=model, positive=inputs["positive"],
+                    image=inputs["image"], vae=inputs["vae"], audio_encoder=inputs["wav2vec"], size=case["size"],
+                    width=128, height=128, infer_frames=lb.INFER_FRAMES, sample_steps=case["steps"], seed=42,
+                    max_seconds=int(len(speech) / RATE) + 60, idle="keep moving on silence",
+                    filename_prefix="bench/session", lookahead_s=case["lookahead_s"])
+            if profile_dir is not None:
+                window.close()  # a session shorter than the window: what was traced
     finally:
         memory.stopped = True
         del sys.modules["server"]
@@ -197,6 +210,8 @@ def main():
     parser.add_argument("--out", default="session_rows.json")
     parser.add_argument("--command", default=lb.command_line(), help="recorded in every row")
     parser.add_argument("--tiny", action="store_true", help="test-size models on the CPU: a smoke run of this script")
+    parser.add_argument("--profile", default=None, help="a folder: trace 5 blocks of each case there (the host's "
+                        "stalls, the GPU's idle time; the row's latency then includes the profiler's cost)")
     args = parser.parse_args()
     models = Path(args.models) / ("tiny" if args.tiny else "")
     os.environ["LIVEAVATAR_MODELS"] = str(models)
@@ -216,17 +231,20 @@ def main():
         lb.write_checkpoint(checkpoint, pack, config, device)
     inputs = lb.graph_inputs(pack, device, args.tiny, 1.0)
     speech = pack.liveavatar.testing.speech_like(args.seconds, seed=3)
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     rows = []
     for name in (args.cases or ("session-fp32-128" if args.tiny else "session-fp8-384")).split(","):
         case = parse_case(name)
         timeline_path = Path(args.out).with_name(f"{name}_timeline.json")
-        lb.add_row(rows, case, args, lambda: run_case(pack, case, inputs, speech, args.tiny, timeline_path))
-    lb.print_table(rows, ["latency p50 s", "p95 s", "first / last minute p50 s", "sampling / decode p50 s",
+        lb.add_row(rows, case, args, lambda: run_case(pack, case, inputs, speech, args.tiny, timeline_path,
+                                                      Path(args.profile) if args.profile else None))
+    lb.print_table(rows, ["latency p50 s", "p95 s", "first / last minute p50 s", "encode / sampling / decode p50 s",
                           "steady FPS", "keeps pace", "GiB first / last minute", "resident GiB first / last minute"],
                    lambda r: [
         f"{r['latency_p50_s']:.2f}", f"{r['latency_p95_s']:.2f}",
         f"{r['latency_first_p50_s']:.2f} / {r['latency_last_p50_s']:.2f}",
-        f"{r['sampling_p50_s']} / {r['decode_p50_s']}", f"{r['steady_fps']:.1f}", r["keeps_pace"],
+        f"{r['encode_p50_s']} / {r['sampling_p50_s']} / {r['decode_p50_s']}", f"{r['steady_fps']:.1f}", r["keeps_pace"],
         f"{r['memory_first_min_gib']:.2f} / {r['memory_last_min_gib']:.2f}",
         f"{r['rss_first_min_gib']:.2f} / {r['rss_last_min_gib']:.2f}"])
 

@@ -215,6 +215,7 @@ class LiveAudioFeed:
         self.ended = None  # why the audio ended
         self.latency = LatencyMeter()
         self.stages = BlockStages()
+        self.heard = None  # arrival of the last chunk laid on the timeline since the last block
         self._block_shape = None
 
     def __call__(self, wait: bool = False):
@@ -269,6 +270,7 @@ class LiveAudioFeed:
         if head < len(chunk.pcm):
             self._feed(chunk.pcm[head:])
             self.latency.mark(self.fed, chunk.arrived)
+            self.heard = chunk.arrived
 
     def _end_reason(self, now: float) -> str | None:
         pacing, intake = self.pacing, self.intake
@@ -307,7 +309,11 @@ class LiveAudioFeed:
     def _append(self, block: torch.Tensor):
         self._block_shape = tuple(block.shape)
         self.streamer.append_audio(block)
-        self.stages.mark(self.appended_frames // block.shape[-1], "features", self.clock())
+        block_number = self.appended_frames // block.shape[-1]
+        if self.heard is not None:  # a chunk completed this block (not silence, not the zeros at the end)
+            self.stages.mark(block_number, "heard", self.heard)
+            self.heard = None
+        self.stages.mark(block_number, "features", self.clock())
         self.appended_frames += block.shape[-1]
 
 
@@ -336,12 +342,14 @@ class LatencyMeter:
 
 
 class BlockStages:
-    """Where a session's latency goes, block by block: when a block's features were appended to
-    the stream ("features"), when the sampler handed the block over ("clean": its last step queued
-    on the GPU, not necessarily run) and when its frames were written ("shown"); medians of the
-    stages over the last `window` blocks shown."""
+    """Where a session's latency goes, block by block: when the chunk that completed a block's
+    audio (its lookahead included) came ("heard"), when the block's features were appended to the
+    stream ("features"), when the sampler handed the block over ("clean": its last step queued on
+    the GPU, not necessarily run) and when its frames were written ("shown"); medians of each
+    stage over the last `window` blocks shown that have both its ends."""
 
-    STAGES = ("features", "clean", "shown")
+    SPANS = {"encode_p50_s": ("heard", "features"), "sampling_p50_s": ("features", "clean"),
+             "decode_p50_s": ("clean", "shown")}
 
     def __init__(self, window: int = 50):
         self.open: dict = {}  # block -> {stage: time} until it is shown
@@ -351,16 +359,14 @@ class BlockStages:
         times = self.open.setdefault(block, {})
         times[stage] = now
         if stage == "shown":
-            del self.open[block]
-            if len(times) == len(self.STAGES):
-                self.done.append(times)
+            self.done.append(self.open.pop(block))
 
     def summary(self) -> dict:
-        """Median seconds from features in to the hand-over (the host queueing the block's steps,
-        and waiting for the GPU where it must) and from the hand-over to frames written (the GPU
-        finishing the steps, the decode, the copy to the CPU)."""
-        if not self.done:
-            return {"sampling_p50_s": None, "decode_p50_s": None}
-        sampling = [t["clean"] - t["features"] for t in self.done]
-        decode = [t["shown"] - t["clean"] for t in self.done]
-        return {"sampling_p50_s": round(float(np.median(sampling)), 3), "decode_p50_s": round(float(np.median(decode)), 3)}
+        """Median seconds of each span: the wait for the feed to be asked and wav2vec2's run
+        (encode), the host queueing the block's steps and waiting for the GPU where it must
+        (sampling), the GPU finishing the steps, the decode and the copy to the CPU (decode)."""
+        out = {}
+        for name, (start, end) in self.SPANS.items():
+            spans = [t[end] - t[start] for t in self.done if start in t and end in t]
+            out[name] = round(float(np.median(spans)), 3) if spans else None
+        return out

@@ -245,16 +245,18 @@ def test_session_latency_is_arrival_to_the_frame_of_the_chunks_last_sample():
 
 def test_session_block_stages_are_medians_over_the_blocks_shown():
     stages = BlockStages(window=2)
+    stages.mark(0, "heard", -0.1)
     stages.mark(0, "features", 0.0)
     stages.mark(0, "clean", 0.3)
-    assert stages.summary() == {"sampling_p50_s": None, "decode_p50_s": None}  # nothing shown yet
+    assert stages.summary() == {"encode_p50_s": None, "sampling_p50_s": None, "decode_p50_s": None}  # none shown
     stages.mark(0, "shown", 0.5)
-    for block, (features, clean, shown) in enumerate([(0.5, 0.9, 1.0), (1.0, 1.2, 1.6)], start=1):
+    for block, (heard, features, clean, shown) in enumerate([(0.4, 0.5, 0.9, 1.0), (0.7, 1.0, 1.2, 1.6)], start=1):
+        stages.mark(block, "heard", heard)
         stages.mark(block, "features", features)
         stages.mark(block, "clean", clean)
         stages.mark(block, "shown", shown)
-    # the last two blocks (window 2): sampling 0.4 and 0.2, decode 0.1 and 0.4
-    assert stages.summary() == {"sampling_p50_s": 0.3, "decode_p50_s": 0.25}
+    # the last two blocks (window 2): encode 0.1 and 0.3, sampling 0.4 and 0.2, decode 0.1 and 0.4
+    assert stages.summary() == {"encode_p50_s": 0.2, "sampling_p50_s": 0.3, "decode_p50_s": 0.25}
     stages.mark(3, "clean", 2.0)
-    stages.mark(3, "shown", 2.1)  # a block without its features time (the zeros after the speech) counts for nothing
-    assert stages.summary() == {"sampling_p50_s": 0.3, "decode_p50_s": 0.25} and not stages.open
+    stages.mark(3, "shown", 2.1)  # the zeros after the speech: no audio heard, no features; its decode counts
+    assert stages.summary() == {"encode_p50_s": 0.3, "sampling_p50_s": 0.2, "decode_p50_s": 0.25} and not stages.open
