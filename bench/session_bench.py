@@ -27,7 +27,6 @@ page, the messages it sends), which is all the node asks of ComfyUI's.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -182,17 +181,16 @@ def run_case(pack, case: dict, inputs: dict, speech: np.ndarray, tiny: bool, tim
     memory.start()
     rss_start = rss_gib()
     # --profile: a torch.profiler trace of 5 blocks from the 20th written (live_bench.ProfileWindow)
-    clock = lb.BlockClock(nodes.host) if profile_dir is not None else contextlib.nullcontext()
+    clock = lb.BlockClock(nodes.host)
+    window = lb.ProfileWindow(clock, profile_dir, case["mode"], first=20, blocks=5) if profile_dir is not None else None
     try:
         with clock:
-            if profile_dir is not None:
-                window = lb.ProfileWindow(clock, profile_dir, case["mode"], first=20, blocks=5)
             lb.call(nodes.session.LiveAvatarSession, "run_session", model=model, positive=inputs["positive"],
                     image=inputs["image"], vae=inputs["vae"], audio_encoder=inputs["wav2vec"], size=case["size"],
                     width=128, height=128, infer_frames=lb.INFER_FRAMES, sample_steps=case["steps"], seed=42,
                     max_seconds=int(len(speech) / RATE) + 60, idle="keep moving on silence",
                     filename_prefix="bench/session", lookahead_s=case["lookahead_s"])
-            if profile_dir is not None:
+            if window is not None:
                 window.close()  # a session shorter than the window: what was traced
     finally:
         memory.stopped = True

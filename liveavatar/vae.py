@@ -349,8 +349,9 @@ class VideoVAE(nn.Module):
             end = 1 if start == 0 else min(start + per_pass, video.shape[2])
             cache.rewind()
             out.append(self.encoder(video[:, :, start:end], cache))
-            for _ in range(max(1, (end - start) // ENCODE_CHUNK) if on_step else 0):
-                on_step()
+            if on_step:
+                for _ in range(max(1, (end - start) // ENCODE_CHUNK)):  # the pass's chunks (the first frame: 1)
+                    on_step()
             start = end
         mu, _log_var = self.conv1(torch.cat(out, dim=2)).chunk(2, dim=1)
         return mu
@@ -366,8 +367,9 @@ class VideoVAE(nn.Module):
             size = 1 if not cache.slots else LATENTS_PER_PASS
             cache.rewind()
             out.append(self.decoder(x[:, :, start:start + size], cache))
-            for _ in range(min(size, x.shape[2] - start) if on_step else 0):
-                on_step()
+            if on_step:
+                for _ in range(min(size, x.shape[2] - start)):  # the pass's latents
+                    on_step()
             start += size
         return torch.cat(out, dim=2)
 
