@@ -18,6 +18,8 @@
 #   session-profile
 #             a 30 s session at 384*256 with 5 of its blocks traced (torch.profiler): where a session's
 #             ticks lose time against the Live Video node's
+#   graphs    CUDA graphs on and off (-nog): a 40 s session at 384*256 and Live Video at both sizes, each
+#             row with the generation thread's spans (bench/host_spans.py: ticks by size, host and GPU ms)
 #   again     the TTFF of a user's next run (the same Live Video node, a new seed: the portrait's
 #             encoding kept), 384*256 and 704*384
 #   graph     Sampler -> Decode beside Live Video, 384*256 and 704*384
@@ -49,6 +51,11 @@ run_step() {
     session-profile)
       python bench/session_bench.py --models "$models" --out "$out/session_profile.json" \
         --cases session-fp8-384-warm --seconds 30 --profile "$out/profiles" ;;
+    graphs)
+      python bench/session_bench.py --models "$models" --out "$out/session_graphs.json" --spans \
+        --cases session-fp8-384-warm,session-fp8-384-nog-warm --seconds 40
+      python bench/live_bench.py --models "$models" --out "$out/live_graphs.json" --spans \
+        --cases live-fp8-384-warm,live-fp8-384-nog-warm,live-fp8-704-warm,live-fp8-704-nog-warm ;;
     vae)
       python bench/vae_check.py --sizes '384*256,704*384' --out "$out/vae.json" ;;
     live)
@@ -74,7 +81,7 @@ run_step() {
       tail -20 /tmp/long_session/log.txt
       cp /tmp/long_session/* "$out/" ;;
     *)
-      echo "unknown step $1 (cuda, vae, live, session, session-profile, again, graph, long-start, long-collect)" >&2
+      echo "unknown step $1 (cuda, graphs, vae, live, session, session-profile, again, graph, long-start, long-collect)" >&2
       return 2 ;;
   esac
 }

@@ -15,9 +15,9 @@ written once to --models (bf16 rows load the same file upcast). Per case it repo
     python bench/live_bench.py --models /tmp/la_models --out $OUT/live.json \
         --cases live-fp8-704,live-fp8-384 [--ttff-cold live-fp8-384]
 
-A case name is live[-sd]-<weights>-<size>[-s<steps>][-cap<GiB>][-off<blocks>][-stepgpu][-nok][-gather][-deq][-warm]:
-`-sd` runs Sampler -> Decode instead of Live Video; `-nok`, `-gather`, `-deq` set the loader's kernels off,
-attention gather, fp8_compute dequantize (otherwise auto); `-warm` sets the loader's warm_up to the case's
+A case name is live[-sd]-<weights>-<size>[-s<steps>][-cap<GiB>][-off<blocks>][-stepgpu][-nok][-gather][-deq][-nog][-warm]:
+`-sd` runs Sampler -> Decode instead of Live Video; `-nok`, `-gather`, `-deq`, `-nog` set the loader's kernels off,
+attention gather, fp8_compute dequantize, cuda_graphs off (otherwise auto); `-warm` sets the loader's warm_up to the case's
 size (otherwise off: the loader time then holds no warm-up); `-again` reports the second run of the same Live
 Video node object with a new seed (the node keeps its portrait's encoding: a user's next run), the first
 run's TTFF as ttff_first_run_s. The first Live Video call of a process also pays
@@ -41,6 +41,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from host_spans import HostSpans
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
@@ -116,10 +118,10 @@ def graph_inputs(pack, device, tiny: bool, seconds: float):
 # ---- cases ----------------------------------------------------------------------------------
 def parse_case(name: str) -> dict:
     m = re.fullmatch(r"live(-sd)?-(fp8|bf16)-(384|704)(?:-s(\d))?(?:-cap(\d+(?:\.\d+)?))?(?:-off(\d+))?(-stepgpu)?"
-                     r"(-nok)?(-gather)?(-deq)?(-warm)?(-again)?", name)
+                     r"(-nok)?(-gather)?(-deq)?(-nog)?(-warm)?(-again)?", name)
     if not m:
         raise SystemExit(f"bad case name {name!r} (see the module docstring)")
-    sd, weights, size, steps, cap, off, stepgpu, nok, gather, deq, warm, again = m.groups()
+    sd, weights, size, steps, cap, off, stepgpu, nok, gather, deq, nog, warm, again = m.groups()
     if sd and again:
         raise SystemExit(f"{name}: -again times the Live Video node's next run (not Sampler -> Decode)")
     placement = "one denoising step per GPU" if stepgpu else ("offload blocks to CPU" if off else "one GPU")
@@ -127,7 +129,7 @@ def parse_case(name: str) -> dict:
                 size=SIZES[size], steps=int(steps or 4), memory_cap_gib=float(cap) if cap else 0.0,
                 offload_blocks=int(off or 0), placement=placement, warm_up=SIZES[size] if warm else "off",
                 kernels="off" if nok else "auto", attention="gather" if gather else "auto",
-                fp8_compute="dequantize" if deq else "auto", again=bool(again))
+                fp8_compute="dequantize" if deq else "auto", cuda_graphs="off" if nog else "auto", again=bool(again))
 
 
 def call(node, function: str, instance=None, **values):
@@ -175,6 +177,7 @@ class ProfileWindow:
     def __init__(self, clock: "BlockClock", out_dir: Path, name: str, first: int = 5, blocks: int = 3):
         self.clock, self.out_dir, self.name, self.first, self.blocks = clock, out_dir, name, first, blocks
         self.prof = None
+        out_dir.mkdir(parents=True, exist_ok=True)
         original = clock.on_mark
         clock.on_mark = lambda count: (original(count), self.at(count))
 
@@ -278,7 +281,7 @@ class Phases:
 
 
 def run_case(pack, case: dict, inputs: dict, model_name: str, phases: bool = False,
-             profile_dir: Path | None = None) -> dict:
+             profile_dir: Path | None = None, spans: bool = False) -> dict:
     nodes, host = pack.nodes, pack.nodes.host
     cap = case["memory_cap_gib"]
     Gpu.start(cap)
@@ -287,7 +290,7 @@ def run_case(pack, case: dict, inputs: dict, model_name: str, phases: bool = Fal
                     lora_strength=1.0, weight_dtype=case["weight_dtype"], placement=case["placement"],
                     offload_blocks=case["offload_blocks"], kv_cache="auto", memory_cap_gib=cap,
                     warm_up=case["warm_up"], kernels=case["kernels"], attention=case["attention"],
-                    fp8_compute=case["fp8_compute"])
+                    fp8_compute=case["fp8_compute"], cuda_graphs=case["cuda_graphs"])
     load_s = time.perf_counter() - start
     features, _, frames = call(nodes.audio.LiveAvatarAudioEncode, "encode", audio=inputs["audio"],
                                audio_encoder=inputs["wav2vec"], infer_frames=INFER_FRAMES)
@@ -305,13 +308,17 @@ def run_case(pack, case: dict, inputs: dict, model_name: str, phases: bool = Fal
     Gpu.sync()
     node_start = time.perf_counter()
     if case["graph"] == "live video":
-        with BlockClock(host) as clock, (Phases(nodes.stream_run) if phases else contextlib.nullcontext()) as phase:
+        host_spans = HostSpans(pack)
+        with BlockClock(host) as clock, (Phases(nodes.stream_run) if phases else contextlib.nullcontext()) as phase, \
+                (host_spans if spans else contextlib.nullcontext()):
             window = ProfileWindow(clock, profile_dir, case["mode"]) if profile_dir is not None else None
             call(nodes.live.LiveAvatarLiveVideo, "generate", instance=node, filename_prefix="bench/live", **common)
             if window is not None:
                 window.close()  # a run shorter than the window: what was traced
         marks = clock.marks
         timeline.update(phase.relative(node_start) if phases else {})
+        if spans:  # after the first block (the steady run)
+            timeline["spans"] = host_spans.summary(marks[0][0])
     else:  # Sampler -> Decode: blocks reach the viewer only when the decode node writes them
         (latents,) = call(nodes.sampler.LiveAvatarSampler, "sample", **common)
         sampled = time.perf_counter()
@@ -366,6 +373,8 @@ def main():
     parser.add_argument("--profile-dir", default=".")
     parser.add_argument("--seconds", type=float, default=SPEECH_S, help="speech length")
     parser.add_argument("--tiny", action="store_true", help="test-size models on the CPU: a smoke run of this script")
+    parser.add_argument("--spans", action="store_true", help="time the generation thread's work (ticks by size, "
+                        "frames out; bench/host_spans.py) into each Live Video row's 'spans'")
     args = parser.parse_args()
     models = Path(args.models)
     os.environ["LIVEAVATAR_MODELS"] = str(models)
@@ -393,7 +402,8 @@ def main():
         if extra:
             case["mode"] += f"-{extra}"
         add_row(rows, case, args, lambda: run_case(pack, case, inputs, CHECKPOINT, phases=extra == "phases",
-                                                   profile_dir=Path(args.profile_dir) if extra == "profiled" else None))
+                                                   profile_dir=Path(args.profile_dir) if extra == "profiled" else None,
+                                                   spans=args.spans and not extra))
     if args.ttff_cold:
         cold = Path(args.out).with_suffix(".cold.json")
         subprocess.run([sys.executable, __file__, "--models", str(models), "--cases", args.ttff_cold,

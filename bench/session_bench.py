@@ -17,16 +17,17 @@ chunks through the route's request handling, every chunk and every frame message
         --cases session-fp8-384,session-fp8-704-stepgpu --seconds 60
     python bench/session_bench.py --tiny --seconds 8          # a smoke run on the CPU
 
-A case name is session-<weights>-<size>[-s<steps>][-la<lookahead in 1/100 s>][-stepgpu][-warm]: weights
+A case name is session-<weights>-<size>[-s<steps>][-la<lookahead in 1/100 s>][-stepgpu][-nog][-warm]: weights
 fp8 / bf16 (fp32: --tiny), size 384 (384*256) / 704 (704*384) / 128 (custom 128*128, for --tiny),
 -la25 the node's lookahead_s 0.25 (default 0.5), -stepgpu one
-denoising step per GPU, -warm the loader's warm_up at the case's size. Without ComfyUI the node
+denoising step per GPU, -nog the loader's cuda_graphs off, -warm the loader's warm_up at the case's size. Without ComfyUI the node
 finds its server through a stand-in PromptServer (the registry on its app, the client id of the
 page, the messages it sends), which is all the node asks of ComfyUI's.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -40,21 +41,22 @@ import numpy as np
 import torch
 
 import live_bench as lb
+from host_spans import HostSpans
 
 RATE, FPS, CHUNK = 16000, 25, 1600
 EVENT = "liveavatar.session"
 
 
 def parse_case(name: str) -> dict:
-    m = re.fullmatch(r"session-(fp8|bf16|fp32)-(384|704|128)(?:-s(\d))?(?:-la(\d+))?(-stepgpu)?(-warm)?", name)
+    m = re.fullmatch(r"session-(fp8|bf16|fp32)-(384|704|128)(?:-s(\d))?(?:-la(\d+))?(-stepgpu)?(-nog)?(-warm)?", name)
     if not m:
         raise SystemExit(f"bad case name {name!r} (see the module docstring)")
-    weights, size, steps, lookahead, stepgpu, warm = m.groups()
+    weights, size, steps, lookahead, stepgpu, nog, warm = m.groups()
     area = {"128": "custom", **lb.SIZES}[size]
     return dict(mode=name, weight_dtype={"fp8": "fp8_e4m3fn"}.get(weights, weights), size=area,
                 placement="one denoising step per GPU" if stepgpu else "one GPU", steps=int(steps or 4),
                 lookahead_s=int(lookahead) / 100 if lookahead else 0.5,
-                warm_up=area if warm and area != "custom" else "off")
+                warm_up=area if warm and area != "custom" else "off", cuda_graphs="off" if nog else "auto")
 
 
 class Page:
@@ -169,22 +171,24 @@ def summarise(page: Page, memory: MemoryWatch, rss: tuple, case: dict, seconds: 
 
 
 def run_case(pack, case: dict, inputs: dict, speech: np.ndarray, tiny: bool, timeline_path=None,
-             profile_dir: Path | None = None) -> dict:
+             profile_dir: Path | None = None, spans: bool = False) -> dict:
     page = Page(pack, speech)
     sys.modules["server"] = types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=page))
     nodes = pack.nodes
     lb.Gpu.start(0)
     (model,) = lb.call(nodes.loader.LiveAvatarModelLoader, "load", model_name=lb.CHECKPOINT, lora_name="None",
                        lora_strength=1.0, weight_dtype=case["weight_dtype"], placement=case["placement"],
-                       offload_blocks=0, kv_cache="auto", memory_cap_gib=0.0, warm_up=case["warm_up"])
+                       offload_blocks=0, kv_cache="auto", memory_cap_gib=0.0, warm_up=case["warm_up"],
+                       cuda_graphs=case["cuda_graphs"])
     memory = MemoryWatch()
     memory.start()
     rss_start = rss_gib()
     # --profile: a torch.profiler trace of 5 blocks from the 20th written (live_bench.ProfileWindow)
     clock = lb.BlockClock(nodes.host)
     window = lb.ProfileWindow(clock, profile_dir, case["mode"], first=20, blocks=5) if profile_dir is not None else None
+    host_spans = HostSpans(pack)
     try:
-        with clock:
+        with clock, (host_spans if spans else contextlib.nullcontext()):
             lb.call(nodes.session.LiveAvatarSession, "run_session", model=model, positive=inputs["positive"],
                     image=inputs["image"], vae=inputs["vae"], audio_encoder=inputs["wav2vec"], size=case["size"],
                     width=128, height=128, infer_frames=lb.INFER_FRAMES, sample_steps=case["steps"], seed=42,
@@ -197,7 +201,10 @@ def run_case(pack, case: dict, inputs: dict, speech: np.ndarray, tiny: bool, tim
         del sys.modules["server"]
     if timeline_path is not None:
         Path(timeline_path).write_text(json.dumps(timeline(page)))
-    return summarise(page, memory, (rss_start, rss_gib()), case, len(speech) / RATE)
+    row = summarise(page, memory, (rss_start, rss_gib()), case, len(speech) / RATE)
+    if spans:  # over the speaking, the first 5 s left out (the ramp)
+        row["spans"] = host_spans.summary(page.sent[0][0] + 5, page.done_speaking)
+    return row
 
 
 def main():
@@ -210,6 +217,8 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="test-size models on the CPU: a smoke run of this script")
     parser.add_argument("--profile", default=None, help="a folder: trace 5 blocks of each case there (the host's "
                         "stalls, the GPU's idle time; the row's latency then includes the profiler's cost)")
+    parser.add_argument("--spans", action="store_true", help="time the generation thread's work (ticks by size, "
+                        "audio feed, frames out; bench/host_spans.py) into each row's 'spans'")
     args = parser.parse_args()
     models = Path(args.models) / ("tiny" if args.tiny else "")
     os.environ["LIVEAVATAR_MODELS"] = str(models)
@@ -229,14 +238,12 @@ def main():
         lb.write_checkpoint(checkpoint, pack, config, device)
     inputs = lb.graph_inputs(pack, device, args.tiny, 1.0)
     speech = pack.liveavatar.testing.speech_like(args.seconds, seed=3)
-    if args.profile:
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
     rows = []
     for name in (args.cases or ("session-fp32-128" if args.tiny else "session-fp8-384")).split(","):
         case = parse_case(name)
         timeline_path = Path(args.out).with_name(f"{name}_timeline.json")
         lb.add_row(rows, case, args, lambda: run_case(pack, case, inputs, speech, args.tiny, timeline_path,
-                                                      Path(args.profile) if args.profile else None))
+                                                      Path(args.profile) if args.profile else None, args.spans))
     lb.print_table(rows, ["latency p50 s", "p95 s", "first / last minute p50 s", "encode / sampling / decode p50 s",
                           "steady FPS", "keeps pace", "GiB first / last minute", "resident GiB first / last minute"],
                    lambda r: [

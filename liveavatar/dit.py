@@ -378,6 +378,7 @@ class LiveAvatarDiT(nn.Module):
         self.frame_packer = FramePacker(cfg)
         self.injector_index = {layer: i for i, layer in enumerate(cfg.audio_inject_layers)}
         self.placement = None  # set by liveavatar.placement; None = everything where it is
+        self.capture_stream = None  # graphs.CaptureStream: made by its first run with CUDA graphs, kept
         self.use_options(RunOptions.from_env() if options is None else options)
 
     def use_options(self, options: RunOptions) -> "LiveAvatarDiT":
@@ -511,27 +512,45 @@ class LiveAvatarDiT(nn.Module):
         and its sink (kvcache.TickKV: all items in one call where it can). `ffn_rows` /
         `attention_items` bound the activations (rows per feed-forward chunk, block-steps per
         attention call; 0 = all at once; see memory.plan_memory)."""
+        return self.run_tick(self.tick_inputs(items), [item.kv for item in items], text_kv, ffn_rows, attention_items)
+
+    def tick_inputs(self, items: list["BlockStep"]) -> "TickInputs":
+        """Everything a forward of these block-steps reads besides the weights and the caches,
+        as tensors on the model's device (what changes from one tick of a shape to the next)."""
         frames, (h, w) = items[0].latents.shape[1], items[0].latents.shape[2:]
         hp, wp = h // 2, w // 2
-        ft = hp * wp
-        x = self._patchify(torch.stack([item.latents for item in items]))
-        x = x + self.cond_encoder.bias.float() + self.trainable_cond_mask.weight[MASK_NOISY].float()
-        # cond_encoder sees LiveAvatar's all-zero pose latents, so it contributes its bias only.
         for item in items:  # the block's frame grid: the same for all its steps, built once per device
             if self.device not in item.rope_cache:
                 item.rope_cache[self.device] = rope.grid_tables(item.frame_start, frames, hp, wp, self.cfg.head_dim,
                                                                 self.device)
-        cos, sin = (torch.cat(t) for t in zip(*(item.rope_cache[self.device] for item in items)))
-        kv = TickKV([item.kv for item in items], (hp, wp), self.cfg.head_dim, self.kernels, attention_items,
-                    gather_all=self.options.attention == "gather")
-        time_emb = torch.cat([item.time_mod[0] for item in items])
-        mod = torch.cat([item.time_mod[1] for item in items])
+        # the reference tokens' grid at each block-step's rolling time (rolling sink)
+        reference = [rope.grid_tables(item.kv.ref_time, 1, hp, wp, self.cfg.head_dim, self.device) for item in items]
         tokens, global_ = (torch.cat(parts) for parts in zip(*(item.audio for item in items)))
+        ring_rows = torch.stack([item.kv.ring.group.rows(item.kv.token_start, frames * hp * wp, self.device)
+                                 for item in items])
+        return TickInputs(torch.stack([item.latents for item in items]).to(self.device),
+                          *(torch.cat(t) for t in zip(*(item.rope_cache[self.device] for item in items))),
+                          *(torch.stack(t) for t in zip(*reference)), ring_rows,
+                          torch.cat([item.time_mod[0] for item in items]), torch.cat([item.time_mod[1] for item in items]),
+                          tokens, global_)
+
+    def run_tick(self, inputs: "TickInputs", kvs: list[BlockStepKV], text_kv: list, ffn_rows: int = 0,
+                 attention_items: int = 0) -> torch.Tensor:
+        """denoise from its inputs: GPU work only (no host-to-device copy, no wait for the GPU),
+        so that a tick of a fixed shape can be captured as a CUDA graph (graphs.py)."""
+        count, _, frames, h, w = inputs.latents.shape
+        hp, wp = h // 2, w // 2
+        x = self._patchify(inputs.latents)
+        x = x + self.cond_encoder.bias.float() + self.trainable_cond_mask.weight[MASK_NOISY].float()
+        # cond_encoder sees LiveAvatar's all-zero pose latents, so it contributes its bias only.
+        kv = TickKV(kvs, list(zip(inputs.ref_cos, inputs.ref_sin)), inputs.ring_rows, self.kernels, attention_items,
+                    gather_all=self.options.attention == "gather")
         on_device = {}  # the per-forward tensors, copied once to each GPU the layers run on
 
         def inputs_on(dev):
             if dev not in on_device:
-                on_device[dev] = [_moved(t, dev) for t in (cos, sin, mod, tokens, global_)]
+                on_device[dev] = [_moved(t, dev) for t in (inputs.cos, inputs.sin, inputs.mod, inputs.audio_tokens,
+                                                             inputs.audio_global)]
             return on_device[dev]
 
         def layer(i, block, x):
@@ -542,18 +561,38 @@ class LiveAvatarDiT(nn.Module):
                 k, v = attn.k(h), attn.heads(attn.v(h))
                 kv.write(i, attn.norm_k, k, v, c, s)
                 del k, v  # in the rings now: freed before attention allocates its output
-                return kv.attend(i, q.unflatten(0, (len(items), -1))).flatten(0, 1)
+                return kv.attend(i, q.unflatten(0, (count, -1))).flatten(0, 1)
 
             x = block(x, layer_mod, self_attention, text_kv[i], ffn_rows)
             if i in self.injector_index:
                 x = self.kernels.gated_add(x, self.audio_injector(self.injector_index[i], x, layer_tokens, layer_global))
             return x
 
-        x = self._run_layers(x.view(len(items) * frames, ft, -1), layer)
-        out = self.head(x, time_emb).flatten(0, 1)
+        x = self._run_layers(x.view(count * frames, hp * wp, -1), layer)
+        out = self.head(x, inputs.time_emb).flatten(0, 1)
         p = self.cfg.patch_size
-        return rearrange(out, "(b f h w) (p q r c) -> b c (f p) (h q) (w r)", b=len(items), f=frames, h=hp, w=wp,
+        return rearrange(out, "(b f h w) (p q r c) -> b c (f p) (h q) (w r)", b=count, f=frames, h=hp, w=wp,
                          p=p[0], q=p[1], r=p[2])
+
+
+@dataclass
+class TickInputs:
+    """What one forward of B block-steps (F latent frames of ft tokens each) reads besides the
+    weights and the caches, on the model's device."""
+
+    latents: torch.Tensor  # [B, 16, F, h, w] at each block-step's noise level
+    cos: torch.Tensor  # [B*F*ft, 1, head_dim/2] RoPE of the blocks' token grids
+    sin: torch.Tensor
+    ref_cos: torch.Tensor  # [B, ft, 1, head_dim/2] RoPE of the reference tokens at each rolling time
+    ref_sin: torch.Tensor
+    ring_rows: torch.Tensor  # [B, F*ft] int64: the ring rows each block-step's tokens go to
+    time_emb: torch.Tensor  # [B*F, dim] timestep embedding
+    mod: torch.Tensor  # [B*F, 6, dim] its six modulation vectors
+    audio_tokens: torch.Tensor  # [B*F, k, dim]
+    audio_global: torch.Tensor  # [B*F, dim]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
 
 
 @dataclass

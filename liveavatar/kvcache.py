@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import attention, rope
+from . import attention
 from .attention import KV
 from .kernels import Kernels
 
@@ -42,6 +42,11 @@ def _stored(x: torch.Tensor, fp8: bool, kernels: Kernels) -> tuple[torch.Tensor,
     scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     kernels.write_tokens(x, data, scales)
     return data, scales
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    """fp8 tokens as bytes (index_copy_ takes no float8)."""
+    return x.view(torch.uint8) if x.dtype == FP8 else x
 
 
 def _nbytes(*tensors) -> int:
@@ -124,17 +129,29 @@ class StepRings:
             return None, None
         return self.key_scales[layer][index, rows], self.value_scales[layer][index, rows]
 
-    def write(self, layer: int, index: int, token_start: int, norm_k, k, v, cos, sin, kernels: Kernels) -> int:
-        """A block's keys (k [n, dim] straight from the projection: normed and roped into the ring
-        in one pass) and values [n, H, D] at token_start (mod ring_len); returns how many ring
-        tokens are valid now."""
-        n = k.shape[0]
-        slot = token_start % self.ring_len
-        rows = slice(slot, slot + n)
-        k_scales, v_scales = self._scales(layer, index, rows)
-        ring_k = self.keys[layer][index, rows]
-        norm_k.forward_rope(k, cos, sin, ring_k.shape[1], out=ring_k, out_scales=k_scales)
-        kernels.write_tokens(v, self.values[layer][index, rows], v_scales)
+    def rows(self, token_start: int, count: int, device) -> torch.Tensor:
+        """The ring rows of tokens token_start .. + count ([count] int64 on `device`, made there)."""
+        return torch.arange(count, device=device) + token_start % self.ring_len
+
+    def write(self, layer: int, index: int, token_start: int, rows: torch.Tensor, norm_k, k, v, cos, sin,
+              kernels: Kernels) -> int:
+        """A block's keys (k [n, dim] straight from the projection: normed and roped in one pass)
+        and values [n, H, D] into ring rows `rows` ([n] on the ring's device: token_start + i
+        modulo ring_len, a tensor so that a tick replayed as a CUDA graph writes where its block
+        goes); returns how many ring tokens are valid now."""
+        n, ring_k, ring_v = k.shape[0], self.keys[layer][index], self.values[layer][index]
+        new_k = torch.empty((n, *ring_k.shape[1:]), dtype=ring_k.dtype, device=k.device)
+        k_scales = torch.empty(n, device=k.device) if self.fp8 else None
+        norm_k.forward_rope(k, cos, sin, ring_k.shape[1], out=new_k, out_scales=k_scales)
+        _bytes(ring_k).index_copy_(0, rows, _bytes(new_k))
+        if self.fp8:
+            new_v, v_scales = torch.empty(v.shape, dtype=FP8, device=v.device), torch.empty(n, device=v.device)
+            kernels.write_tokens(v, new_v, v_scales)
+            _bytes(ring_v).index_copy_(0, rows, _bytes(new_v))
+            self.key_scales[layer][index].index_copy_(0, rows, k_scales)
+            self.value_scales[layer][index].index_copy_(0, rows, v_scales)
+        else:
+            ring_v.index_copy_(0, rows, v)
         return self.ring_len if token_start >= self.ring_len else token_start + n
 
     def segment(self, layer: int, index, valid: int) -> KV:
@@ -168,29 +185,31 @@ class BlockStepKV:
 
 class TickKV:
     """The caches as one forward of B block-steps sees them (the DiT's whole interface to them).
-    `attention_items` caps the block-steps per attention call (0: no cap) to bound the buffer
-    an attention call copies into; `kernels` and `gather_all` are the model's (its Kernels and
-    RunOptions.attention == "gather")."""
+    `ref_tables`: per item the RoPE tables (cos, sin) of the reference tokens at its rolling
+    position; `ring_rows` [B, n]: the ring rows each item's tokens go to (StepRings.rows); both
+    on the model's device. `attention_items` caps the block-steps per attention call (0: no cap)
+    to bound the buffer an attention call copies into; `kernels` and `gather_all` are the
+    model's (its Kernels and RunOptions.attention == "gather")."""
 
-    def __init__(self, items: list[BlockStepKV], grid: tuple[int, int], head_dim: int, kernels: Kernels,
+    def __init__(self, items: list[BlockStepKV], ref_tables: list, ring_rows: torch.Tensor, kernels: Kernels,
                  attention_items: int = 0, gather_all: bool = False):
-        self.items, self.grid, self.head_dim = items, grid, head_dim
-        self.kernels, self.gather_all = kernels, gather_all
+        self.items, self.kernels, self.gather_all = items, kernels, gather_all
         self.attention_items = attention_items or len(items)
         self.valid = [0] * len(items)
-        self._tables = {}  # device -> per item the reference tokens' RoPE tables at its rolling position
+        self._inputs = {ring_rows.device: (ref_tables, ring_rows)}  # device -> (tables, rows) there
 
     def write(self, layer: int, norm_k, k, v, cos, sin):
         """k [B*n, dim] (projections), v [B*n, H, D], cos/sin per token: each item's rows into its ring."""
         n = k.shape[0] // len(self.items)
+        rows = self._on(k.device)[1]
         for j, item in enumerate(self.items):
-            rows = slice(j * n, (j + 1) * n)
-            self.valid[j] = item.ring.group.write(layer, item.ring.index, item.token_start, norm_k, k[rows], v[rows],
-                                                  cos[rows], sin[rows], self.kernels)
+            part = slice(j * n, (j + 1) * n)
+            self.valid[j] = item.ring.group.write(layer, item.ring.index, item.token_start, rows[j], norm_k, k[part],
+                                                  v[part], cos[part], sin[part], self.kernels)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q [B, n, H, D] (roped) -> attention over each item's sink and ring, [B, n, H, D]."""
-        tables = self._ref_tables(q.device)
+        tables = self._on(q.device)[0]
         groups = self._groups()
         out = None if len(groups) == 1 else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         for group in groups:
@@ -221,9 +240,9 @@ class TickKV:
             groups.append([j])
         return groups
 
-    def _ref_tables(self, device) -> list:
-        if device not in self._tables:
-            hp, wp = self.grid
-            self._tables[device] = [rope.grid_tables(item.ref_time, 1, hp, wp, self.head_dim, device)
-                                    for item in self.items]
-        return self._tables[device]
+    def _on(self, device) -> tuple:
+        if device not in self._inputs:  # layers sharded over GPUs: copied once per GPU
+            tables, rows = next(iter(self._inputs.values()))
+            self._inputs[device] = ([tuple(t.to(device, non_blocking=True) for t in pair) for pair in tables],
+                                    rows.to(device, non_blocking=True))
+        return self._inputs[device]

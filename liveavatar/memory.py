@@ -155,6 +155,12 @@ class MemoryPlan:
     def sink_overlap(self) -> bool:
         return self.trim.sink_overlap
 
+    def room_for_graphs(self) -> bool:
+        """Whether the main GPU holds another tick's activations beside the plan (the memory pool of
+        a run's CUDA graphs, graphs.py)."""
+        main = self.devices[0]
+        return main.limit is None or main.total + main.parts.get("tick activations", 0) <= main.limit
+
     def apply(self, model):
         """Set the placement's offloaded blocks to the plan's (between runs)."""
         placement = model.placement

@@ -19,8 +19,10 @@ import torch
 
 from .dit import FRAMES_PER_BLOCK, MOTION_BUCKETS, REFERENCE_TIME, BlockStep, LiveAvatarDiT
 from .feature_timeline import FeatureTimeline
+from .graphs import TickGraphs
 from .kvcache import BlockStepKV, SinkStore, StepRings
 from .memory import GIB, MemoryPlan, RunShape, plan_memory
+from .placement import OneDevice
 from .vae import LATENT_CHANNELS
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -204,6 +206,7 @@ class Streamer:
         self.failed = False
         self.first_clean_frame = None  # [16, 1, h, w] once block 0 is clean: the refreshed sink's reference
         self._pool = None  # threads driving several model copies, made on first use
+        self.graphs = None  # the steady ticks' CUDA graphs (TickGraphs), where they apply
         self.offsets = RollingOffset(settings.seed, settings.rolling_offset)
         _, _, h, w = inputs.ref_latent.shape
         self.latent_size = (h, w)
@@ -211,6 +214,7 @@ class Streamer:
         self.plan = self._plan_memory(model, settings, h, w)  # before any long work: a clear error if it cannot fit
         with torch.no_grad():
             self._prepare(model, inputs, settings, h * w // 4)
+        self.graphs = self._tick_graphs()
 
     def _plan_memory(self, model, settings, h: int, w: int) -> MemoryPlan:
         shape = RunShape(h, w, settings.infer_frames, len(self.timesteps), settings.pipelined, refresh=self._multi_clip(),
@@ -250,6 +254,17 @@ class Streamer:
             group = StepRings(len(steps), ring, cfg.num_heads, cfg.head_dim, layer_devices[steps[0]], dtype, self.kv_fp8)
             for step, view in zip(steps, group.views()):
                 self.caches[step] = view
+
+    def _tick_graphs(self) -> TickGraphs | None:
+        """CUDA graphs of the steady ticks (graphs.py), where they apply: one model copy on one GPU,
+        all its layers in place, room for the graphs' activations in the memory plan."""
+        model = self.model
+        if (model.options.cuda_graphs == "off" or model.device.type != "cuda" or len(self.replicas) != 1
+                or not (model.placement is None or isinstance(model.placement, OneDevice))
+                or not self.plan.room_for_graphs()):
+            return None
+        replica = self.replicas[0]
+        return TickGraphs(replica.model, replica.text_kv, self.plan.ffn_rows, self.plan.attention_items)
 
     def _steps_of(self, replica: _Replica) -> list[int]:
         return [step for step, r in enumerate(self.step_replica) if r is replica]
@@ -407,11 +422,21 @@ class Streamer:
             # Layers sharded over GPUs: one item at a time, so that while the last GPU runs
             # item j the first already runs item j+1 (the tick's block-steps pipeline through).
             batches = [[item] for item in items] if placement and placement.micro_batches else [items]
-            flows = [flow for batch in batches
-                     for flow in replica.model.denoise(batch, replica.text_kv, self.plan.ffn_rows, self.plan.attention_items)]
+            flows = [flow for batch in batches for flow in self._denoise(replica, batch)]
             for job, item, flow in zip(jobs, items, flows):
                 job.x = item.latents + self.step_sizes[job.step] * flow
                 job.step += 1
+
+    def _denoise(self, replica: _Replica, items: list[BlockStep]) -> torch.Tensor:
+        if self.graphs is not None:
+            return self.graphs.denoise(items, lasting=self._lasting(items))
+        return replica.model.denoise(items, replica.text_kv, self.plan.ffn_rows, self.plan.attention_items)
+
+    def _lasting(self, items: list[BlockStep]) -> bool:
+        """Whether a tick like this may come again (worth a CUDA graph): not while the stream
+        drains (each tick a block-step shorter), nor on the portrait's sink about to be replaced."""
+        portrait = self.replicas[0].sinks.get(0)
+        return self._more_to_start() and not (self._multi_clip() and any(i.kv.sink is portrait for i in items))
 
     def _finish(self, job: _Job, in_flight: list[_Job]) -> Block:
         clip, block = divmod(job.index, self.blocks_per_clip)
@@ -442,7 +467,9 @@ class Streamer:
 
     def _drop_portrait_sink(self):
         for replica in self.replicas:
-            replica.sinks.pop(0, None)
+            sink = replica.sinks.pop(0, None)
+            if sink is not None and self.graphs is not None:
+                self.graphs.drop_sink(sink)
 
     def extend(self, audio: torch.Tensor, num_clip: int = 0):
         """Append audio features [layers, audio_dim, frames] (padded to whole clips) for more
@@ -465,6 +492,9 @@ class Streamer:
     def close(self):
         """Drop the caches and sinks now (they hold most of the run's GPU memory)."""
         self.caches, self.replicas, self.step_replica, self._noise = [], [], [], {}
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None

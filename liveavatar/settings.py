@@ -11,10 +11,13 @@ so two models in one process can run with different options.
 - `fp8_compute`: fp8 (e4m3fn) weights on a GPU. auto: multiplied on the fp8 tensor cores
   (torch._scaled_mm) where the GPU takes it, else dequantised; dequantize: always
   dequantised to bf16 first (a plain bf16 matmul).
+- `cuda_graphs`: a run on one GPU replays its steady ticks as CUDA graphs (graphs.py). auto: on
+  for CUDA when the memory plan leaves room for the graphs' own activations; off: every tick
+  queued kernel by kernel.
 
 Environment variables only give the defaults of a model built without options
 (`RunOptions.from_env`, read when the model is built): LIVEAVATAR_KERNELS (auto/on/off, or
-1/0) and LIVEAVATAR_ATTENTION (auto/gather).
+1/0), LIVEAVATAR_ATTENTION (auto/gather) and LIVEAVATAR_CUDA_GRAPHS (auto/off).
 """
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ CHOICES = {
     "kernels": ("auto", "on", "off"),
     "attention": ("auto", "gather"),
     "fp8_compute": ("auto", "dequantize"),
+    "cuda_graphs": ("auto", "off"),
 }
-ENVIRONMENT = {"kernels": "LIVEAVATAR_KERNELS", "attention": "LIVEAVATAR_ATTENTION"}
+ENVIRONMENT = {"kernels": "LIVEAVATAR_KERNELS", "attention": "LIVEAVATAR_ATTENTION",
+               "cuda_graphs": "LIVEAVATAR_CUDA_GRAPHS"}
 _SPELLINGS = {"1": "on", "true": "on", "0": "off", "false": "off"}  # LIVEAVATAR_KERNELS=1/0 as before
 
 
@@ -35,6 +40,7 @@ class RunOptions:
     kernels: str = "auto"
     attention: str = "auto"
     fp8_compute: str = "auto"
+    cuda_graphs: str = "auto"
 
     def __post_init__(self):
         for field in fields(self):

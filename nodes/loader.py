@@ -114,16 +114,20 @@ OPTION_TOOLTIPS = {
     "fp8_compute": "With fp8 weights on a GPU. auto: multiplied on the fp8 tensor cores where the GPU has them "
                    "(RTX 40xx, H100 and newer), else dequantised; dequantize: always dequantised to bf16 first "
                    "(slower, a little closer to bf16 weights).",
+    "cuda_graphs": "On one GPU, the steady part of a run (once the first clip has filled the caches) is replayed "
+                   "as CUDA graphs: the CPU queues one graph per step instead of ~1300 kernels (faster at small "
+                   "sizes and in live sessions). auto: when the memory plan leaves room for the graphs' own "
+                   "activations; off: kernel by kernel.",
 }
 # Optional, after warm_up: a workflow saved before they existed keeps its widget values in place.
 OPTION_INPUTS = {name: (list(CHOICES[name]), {"default": "auto", "tooltip": OPTION_TOOLTIPS[name]})
-                 for name in ("kernels", "attention", "fp8_compute")}
+                 for name in ("kernels", "attention", "fp8_compute", "cuda_graphs")}
 
 
-def run_options(kernels, attention, fp8_compute) -> RunOptions:
-    """The loader's kernels / attention / fp8_compute inputs as RunOptions; a clear error otherwise."""
+def run_options(kernels, attention, fp8_compute, cuda_graphs="auto") -> RunOptions:
+    """The loader's kernels / attention / fp8_compute / cuda_graphs inputs as RunOptions; a clear error otherwise."""
     try:
-        return RunOptions(kernels=kernels, attention=attention, fp8_compute=fp8_compute)
+        return RunOptions(kernels=kernels, attention=attention, fp8_compute=fp8_compute, cuda_graphs=cuda_graphs)
     except ValueError as error:
         raise ValueError(f"LiveAvatar model loader: {error}") from None
 
@@ -214,12 +218,13 @@ class LiveAvatarModelLoader:
         }}
 
     def load(self, model_name, lora_name, lora_strength, weight_dtype, placement, offload_blocks, kv_cache,
-             compile=None, memory_cap_gib=0.0, warm_up="auto", kernels="auto", attention="auto", fp8_compute="auto"):
+             compile=None, memory_cap_gib=0.0, warm_up="auto", kernels="auto", attention="auto", fp8_compute="auto",
+             cuda_graphs="auto"):
         # compile: the old input (it changed nothing while the fused kernels ran), still taken and ignored
         lora_strength = check_lora_strength(lora_strength)  # NaN fails the range test too
         memory_cap_gib = check_memory_cap(memory_cap_gib)
         warm_size = warm_up_size(warm_up, host.torch_device())
-        options = run_options(kernels, attention, fp8_compute)
+        options = run_options(kernels, attention, fp8_compute, cuda_graphs)
         key = (model_name, lora_name, weight_dtype, placement, offload_blocks)
         # The weights this loader node has in memory, by everything but the LoRA strength, held on
         # the node object (ComfyUI keeps it between runs, as its LoraLoader keeps its file), so

@@ -76,11 +76,12 @@ def test_offloaded_fp8_computes_as_in_place_fp8(checkpoint, slots):
 
 def test_two_models_with_kernels_on_and_off_interleaved_on_gpu(checkpoint, bf16, monkeypatch):
     """A kernels-auto and a kernels-off model, blocks made alternately: each gives its blocks made
-    alone, bit for bit; the Triton kernels launch for the first model's blocks only."""
+    alone, bit for bit; the Triton kernels launch for the first model's blocks only (every tick
+    queued kernel by kernel: a replayed CUDA graph launches none from Python)."""
     from test_settings import count_launches
     from liveavatar.sampler import stream
     models = {name: load_dit(checkpoint, storage="bf16", placement=OneDevice("cuda"), config=fixture_config(SET),
-                             options=RunOptions(kernels=name)) for name in ("auto", "off")}
+                             options=RunOptions(kernels=name, cuda_graphs="off")) for name in ("auto", "off")}
     launches = count_launches(monkeypatch)
     alone = {name: [b.latents.cpu() for b in stream(m, fixture_inputs(SET), fixture_settings(SET))]
              for name, m in models.items()}
@@ -354,3 +355,35 @@ def test_streaming_audio_after_warm_up_runs_on_its_own_stream_on_gpu():
         runs[warm] += stream.flush()
     assert len(runs[True]) == len(runs[False])
     assert all(relative_l2(a, b) < 1e-6 for a, b in zip(runs[True], runs[False]))
+
+
+@pytest.mark.parametrize("storage, kv_fp8", [("bf16", False), ("fp8", True)])
+def test_cuda_graphs_give_the_run_kernel_by_kernel(checkpoint, storage, kv_fp8):
+    """6 clips on one GPU (liveavatar/graphs.py): the steady ticks captured and replayed, the
+    latents those of the same run with cuda_graphs off; the graphs' memory back after each run
+    (the first run leaves the capture stream's library workspaces, kept with the model)."""
+    import gc
+    from liveavatar.sampler import StreamSettings, Streamer
+    from test_graphs import inputs_for
+    model = load_dit(checkpoint, storage=storage, placement=OneDevice("cuda"), config=fixture_config(SET))
+    settings = StreamSettings(infer_frames=24, steps=4, seed=5, kv_fp8=kv_fp8)
+
+    def once(cuda_graphs, first=False):
+        model.use_options(RunOptions(cuda_graphs=cuda_graphs))
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        streamer = Streamer(model, inputs_for(6, 24), settings)
+        latents = torch.cat([block.latents for block in streamer.blocks()], dim=1).float().cpu()
+        replays = streamer.graphs.replays if streamer.graphs is not None else 0
+        streamer.close()
+        del streamer
+        gc.collect()
+        torch.cuda.synchronize()
+        assert first or torch.cuda.memory_allocated() == before
+        return latents, replays
+
+    once("auto", first=True)
+    graphed, replays = once("auto")
+    plain, none = once("off")
+    assert replays > 0 and none == 0
+    assert relative_l2(graphed, plain) < 1e-6

@@ -11,7 +11,7 @@ from conftest import fixture_sets, relative_l2
 from dit_fixture import fixture_config, fixture_inputs, fixture_settings, fixture_weights, stream_clips, write_checkpoint
 from liveavatar.dit import DiTConfig
 from liveavatar.loading import load_dit
-from liveavatar.memory import (GIB, TRIMS, MemoryPlanError, ModelSpec, RunShape, _estimate, kv_ring_bytes,
+from liveavatar.memory import (ALLOCATOR_RESERVE, GIB, TRIMS, MemoryPlanError, ModelSpec, RunShape, _estimate, kv_ring_bytes,
                                plan_memory, sink_bytes)
 from liveavatar.placement import Offload, OneDevice, StepPerGPU
 from liveavatar.sampler import Streamer
@@ -232,3 +232,21 @@ def test_memory_breakdown_dry_run_measures_what_the_plan_estimates(tmp_path):
         assert measured["tick activations"] > 0
     fp8, bf16 = (by_run[name]["measured"]["KV rings"] for name in ("fp8", "fp8-kvbf16"))
     assert fp8 * 128 == bf16 * (64 + 4)  # dim 64: per token 64 fp8 bytes + a 4-byte scale instead of 128 bf16 bytes
+
+
+def test_cuda_graphs_need_room_for_another_ticks_activations():
+    """A run replays its ticks as CUDA graphs (graphs.py) only when the GPU also holds their pool:
+    one more tick's activations beside the plan. 384*256, fp8, one GPU: with 80 GiB there is room;
+    under a cap that the plan fits with less than that to spare, there is not."""
+    shape = RunShape(32, 48, 48, 4)
+    one = ModelSpec.of_config(DiTConfig(), "fp8", OneDevice("meta"), 4)
+    roomy = plan_memory(one, shape, True, memory_cap_gib=80)
+    main = roomy.devices[0]
+    activations = main.parts["tick activations"]
+    assert roomy.room_for_graphs() and main.limit - main.total > activations
+    fixed, share = ALLOCATOR_RESERVE  # the allocator reserve grows with the cap
+    without_reserve = main.total - fixed - share * main.limit
+    cap = (without_reserve + fixed + activations / 2) / (1 - share)  # half a tick's activations to spare
+    tight = plan_memory(one, shape, True, memory_cap_gib=cap / GIB)
+    assert tight.devices[0].fits and tight.trim == roomy.trim
+    assert 0 < tight.devices[0].limit - tight.devices[0].total < activations and not tight.room_for_graphs()

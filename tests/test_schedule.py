@@ -109,7 +109,9 @@ def test_tick_groups_consecutive_steps_with_one_sink_and_equal_rings():
     views = rings.views()
 
     def tick(items, valid, cap=0):
-        kv = TickKV([BlockStepKV(ring, s, 30, 0) for ring, s in items], (2, 2), 8, Kernels(), cap)
+        tables = [(torch.ones(4, 1, 4), torch.zeros(4, 1, 4))] * len(items)
+        kv = TickKV([BlockStepKV(ring, s, 30, 0) for ring, s in items], tables, torch.zeros(len(items), 4), Kernels(),
+                    cap)
         kv.valid = valid
         return kv._groups()
 

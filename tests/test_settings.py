@@ -261,9 +261,9 @@ def test_loader_declares_the_options_after_warm_up():
     from nodes.loader import LiveAvatarModelLoader
     inputs = LiveAvatarModelLoader.INPUT_TYPES()
     assert "compile" not in inputs["required"] and "memory_cap_gib" in inputs["required"]
-    assert list(inputs["optional"]) == ["warm_up", "kernels", "attention", "fp8_compute"]
+    assert list(inputs["optional"]) == ["warm_up", "kernels", "attention", "fp8_compute", "cuda_graphs"]
     for name, choices in (("kernels", ["auto", "on", "off"]), ("attention", ["auto", "gather"]),
-                          ("fp8_compute", ["auto", "dequantize"])):
+                          ("fp8_compute", ["auto", "dequantize"]), ("cuda_graphs", ["auto", "off"])):
         spec, options = inputs["optional"][name]
         assert spec == choices and options["default"] == "auto" and options["tooltip"]
 

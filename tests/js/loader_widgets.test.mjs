@@ -25,7 +25,7 @@ const COPY = {
     optional: {
       warm_up: [["auto", "off", "384*256", "704*384"], { default: "auto" }],
       kernels: [["auto", "on", "off"], { default: "auto" }], attention: [["auto", "gather"], { default: "auto" }],
-      fp8_compute: [["auto", "dequantize"], { default: "auto" }],
+      fp8_compute: [["auto", "dequantize"], { default: "auto" }], cuda_graphs: [["auto", "off"], { default: "auto" }],
     },
   },
 };
@@ -46,10 +46,12 @@ const MODEL = ["wan2.2_s2v_14B_bf16.safetensors", "liveavatar.safetensors", 0.75
 const SET_BEFORE = { model_name: MODEL[0], lora_name: MODEL[1], lora_strength: 0.75, weight_dtype: "fp8_e4m3fn",
                      placement: "one GPU", offload_blocks: 12, kv_cache: "fp8" };
 
-test("the loader's inputs are the old ones without compile, then kernels, attention, fp8_compute", () => {
+test("the loader's inputs are the old ones without compile, then kernels, attention, fp8_compute, cuda_graphs", () => {
   assert.deepEqual(names, ["model_name", "lora_name", "lora_strength", "weight_dtype", "placement", "offload_blocks",
-                           "kv_cache", "memory_cap_gib", "warm_up", "kernels", "attention", "fp8_compute"]);
-  assert.deepEqual([defaults.kernels, defaults.attention, defaults.fp8_compute, defaults.warm_up], ["auto", "auto", "auto", "auto"]);
+                           "kv_cache", "memory_cap_gib", "warm_up", "kernels", "attention", "fp8_compute",
+                           "cuda_graphs"]);
+  assert.deepEqual([defaults.kernels, defaults.attention, defaults.fp8_compute, defaults.cuda_graphs, defaults.warm_up],
+                   ["auto", "auto", "auto", "auto", "auto"]);
 });
 
 test("a list saved with compile and warm_up: every value in its widget, the new ones auto", () => {
@@ -58,7 +60,7 @@ test("a list saved with compile and warm_up: every value in its widget, the new 
   assert.equal(valuesOf(widgets).memory_cap_gib, true); // what ComfyUI alone leaves: shifted
   assert.equal(restoreLoaderWidgets(widgets, saved, defaults), true);
   assert.deepEqual(valuesOf(widgets), { ...SET_BEFORE, memory_cap_gib: 24.5, warm_up: "704*384", kernels: "auto",
-                                        attention: "auto", fp8_compute: "auto" });
+                                        attention: "auto", fp8_compute: "auto", cuda_graphs: "auto" });
 });
 
 test("lists from before warm_up and before memory_cap_gib", () => {
@@ -66,12 +68,12 @@ test("lists from before warm_up and before memory_cap_gib", () => {
   let widgets = configuredWidgets(saved);
   assert.equal(restoreLoaderWidgets(widgets, saved, defaults), true);
   assert.deepEqual(valuesOf(widgets), { ...SET_BEFORE, memory_cap_gib: 8, warm_up: "auto", kernels: "auto",
-                                        attention: "auto", fp8_compute: "auto" });
+                                        attention: "auto", fp8_compute: "auto", cuda_graphs: "auto" });
   saved = [...MODEL, false];
   widgets = configuredWidgets(saved);
   assert.equal(restoreLoaderWidgets(widgets, saved, defaults), true);
   assert.deepEqual(valuesOf(widgets), { ...SET_BEFORE, memory_cap_gib: 0, warm_up: "auto", kernels: "auto",
-                                        attention: "auto", fp8_compute: "auto" });
+                                        attention: "auto", fp8_compute: "auto", cuda_graphs: "auto" });
 });
 
 test("a current list is left as ComfyUI set it", () => {
@@ -96,5 +98,5 @@ test("widgets that are not saved (serialize false) are not counted", () => {
   assert.equal(preview.value, "keep");
   assert.deepEqual(valuesOf(widgets.filter((w) => w !== preview)),
                    { ...SET_BEFORE, memory_cap_gib: 2.0, warm_up: "384*256", kernels: "auto", attention: "auto",
-                     fp8_compute: "auto" });
+                     fp8_compute: "auto", cuda_graphs: "auto" });
 });
