@@ -48,7 +48,8 @@ class TickGraphs:
     def __init__(self, model, text_kv: list, ffn_rows: int, attention_items: int, capture=None):
         self.model, self.text_kv, self.ffn_rows, self.attention_items = model, text_kv, ffn_rows, attention_items
         if capture is None:
-            model.capture_stream = model.capture_stream or CaptureStream(model.device)
+            if model.capture_stream is None or model.capture_stream.stream.device != model.device:
+                model.capture_stream = CaptureStream(model.device)
             capture = CudaCapture(model.capture_stream)
         self.capture = capture
         self.graphs: dict = {}
