@@ -526,8 +526,8 @@ class LiveAvatarDiT(nn.Module):
         # the reference tokens' grid at each block-step's rolling time (rolling sink)
         reference = [rope.grid_tables(item.kv.ref_time, 1, hp, wp, self.cfg.head_dim, self.device) for item in items]
         tokens, global_ = (torch.cat(parts) for parts in zip(*(item.audio for item in items)))
-        ring_rows = torch.stack([item.kv.ring.group.rows(item.kv.token_start, frames * hp * wp, self.device)
-                                 for item in items])
+        ring_rows = torch.stack([item.kv.ring.group.rows(item.kv.ring.index, item.kv.token_start, frames * hp * wp,
+                                                         self.device) for item in items])
         return TickInputs(torch.stack([item.latents for item in items]).to(self.device),
                           *(torch.cat(t) for t in zip(*(item.rope_cache[self.device] for item in items))),
                           *(torch.stack(t) for t in zip(*reference)), ring_rows,
@@ -585,7 +585,7 @@ class TickInputs:
     sin: torch.Tensor
     ref_cos: torch.Tensor  # [B, ft, 1, head_dim/2] RoPE of the reference tokens at each rolling time
     ref_sin: torch.Tensor
-    ring_rows: torch.Tensor  # [B, F*ft] int64: the ring rows each block-step's tokens go to
+    ring_rows: torch.Tensor  # [B, F*ft] int64: the rows each block-step's tokens go to (StepRings.rows)
     time_emb: torch.Tensor  # [B*F, dim] timestep embedding
     mod: torch.Tensor  # [B*F, 6, dim] its six modulation vectors
     audio_tokens: torch.Tensor  # [B*F, k, dim]

@@ -129,30 +129,32 @@ class StepRings:
             return None, None
         return self.key_scales[layer][index, rows], self.value_scales[layer][index, rows]
 
-    def rows(self, token_start: int, count: int, device) -> torch.Tensor:
-        """The ring rows of tokens token_start .. + count ([count] int64 on `device`, made there)."""
-        return torch.arange(count, device=device) + token_start % self.ring_len
+    def rows(self, index: int, token_start: int, count: int, device) -> torch.Tensor:
+        """Where tokens token_start .. + count of step `index` go, as rows of a layer's buffer seen
+        as [steps * ring_len, ...] ([count] int64 on `device`, made there)."""
+        return torch.arange(count, device=device) + (index * self.ring_len + token_start % self.ring_len)
 
-    def write(self, layer: int, index: int, token_start: int, rows: torch.Tensor, norm_k, k, v, cos, sin,
-              kernels: Kernels) -> int:
-        """A block's keys (k [n, dim] straight from the projection: normed and roped in one pass)
-        and values [n, H, D] into ring rows `rows` ([n] on the ring's device: token_start + i
-        modulo ring_len, a tensor so that a tick replayed as a CUDA graph writes where its block
-        goes); returns how many ring tokens are valid now."""
-        n, ring_k, ring_v = k.shape[0], self.keys[layer][index], self.values[layer][index]
-        new_k = torch.empty((n, *ring_k.shape[1:]), dtype=ring_k.dtype, device=k.device)
+    def valid_after(self, token_start: int, count: int) -> int:
+        """Ring tokens valid once tokens token_start .. + count are written."""
+        return self.ring_len if token_start >= self.ring_len else token_start + count
+
+    def write(self, layer: int, rows: torch.Tensor, norm_k, k, v, cos, sin, kernels: Kernels):
+        """Tokens of any of this group's steps into their rows (`rows` [N] from StepRings.rows, a
+        tensor so that a tick replayed as a CUDA graph writes where its blocks go): keys k [N, dim]
+        straight from the projection, normed and roped in one pass; values [N, H, D]."""
+        n, keys, values = k.shape[0], self.keys[layer].flatten(0, 1), self.values[layer].flatten(0, 1)
+        new_k = torch.empty((n, *keys.shape[1:]), dtype=keys.dtype, device=k.device)
         k_scales = torch.empty(n, device=k.device) if self.fp8 else None
-        norm_k.forward_rope(k, cos, sin, ring_k.shape[1], out=new_k, out_scales=k_scales)
-        _bytes(ring_k).index_copy_(0, rows, _bytes(new_k))
-        if self.fp8:
-            new_v, v_scales = torch.empty(v.shape, dtype=FP8, device=v.device), torch.empty(n, device=v.device)
-            kernels.write_tokens(v, new_v, v_scales)
-            _bytes(ring_v).index_copy_(0, rows, _bytes(new_v))
-            self.key_scales[layer][index].index_copy_(0, rows, k_scales)
-            self.value_scales[layer][index].index_copy_(0, rows, v_scales)
-        else:
-            ring_v.index_copy_(0, rows, v)
-        return self.ring_len if token_start >= self.ring_len else token_start + n
+        norm_k.forward_rope(k, cos, sin, keys.shape[1], out=new_k, out_scales=k_scales)
+        _bytes(keys).index_copy_(0, rows, _bytes(new_k))
+        if not self.fp8:
+            values.index_copy_(0, rows, v)
+            return
+        new_v, v_scales = torch.empty(v.shape, dtype=FP8, device=v.device), torch.empty(n, device=v.device)
+        kernels.write_tokens(v, new_v, v_scales)
+        _bytes(values).index_copy_(0, rows, _bytes(new_v))
+        self.key_scales[layer].view(-1).index_copy_(0, rows, k_scales)
+        self.value_scales[layer].view(-1).index_copy_(0, rows, v_scales)
 
     def segment(self, layer: int, index, valid: int) -> KV:
         """Ring tokens [0, valid) of step(s) `index` (an int, or a slice of consecutive steps)."""
@@ -199,13 +201,14 @@ class TickKV:
         self._inputs = {ring_rows.device: (ref_tables, ring_rows)}  # device -> (tables, rows) there
 
     def write(self, layer: int, norm_k, k, v, cos, sin):
-        """k [B*n, dim] (projections), v [B*n, H, D], cos/sin per token: each item's rows into its ring."""
+        """k [B*n, dim] (projections), v [B*n, H, D], cos/sin per token: each item's rows into its
+        ring, in one pass (a forward's items are one model copy's: one StepRings)."""
+        group = self.items[0].ring.group
+        if any(item.ring.group is not group for item in self.items):
+            raise RuntimeError("the block-steps of one forward write the rings of one model copy")
+        group.write(layer, self._on(k.device)[1].flatten(), norm_k, k, v, cos, sin, self.kernels)
         n = k.shape[0] // len(self.items)
-        rows = self._on(k.device)[1]
-        for j, item in enumerate(self.items):
-            part = slice(j * n, (j + 1) * n)
-            self.valid[j] = item.ring.group.write(layer, item.ring.index, item.token_start, rows[j], norm_k, k[part],
-                                                  v[part], cos[part], sin[part], self.kernels)
+        self.valid = [group.valid_after(item.token_start, n) for item in self.items]
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q [B, n, H, D] (roped) -> attention over each item's sink and ring, [B, n, H, D]."""

@@ -103,7 +103,7 @@ def test_a_tick_attends_each_block_step_to_its_sink_and_ring():
         rings.keys[0][view.index].normal_(generator=g)
         rings.values[0][view.index].normal_(generator=g)
     reference = [rope.grid_tables(item.ref_time, 1, hp, wp, head_dim, "cpu") for item in items]
-    rows = torch.stack([rings.rows(item.token_start, ft, "cpu") for item in items])
+    rows = torch.stack([rings.rows(item.ring.index, item.token_start, ft, "cpu") for item in items])
     tick = TickKV(items, reference, rows, Kernels())
     k_new, v_new = torch.randn(3 * ft, dim, generator=g), torch.randn(3 * ft, heads, head_dim, generator=g)
     cos, sin = rope.grid_tables(5, 1, hp, wp, head_dim, "cpu")

@@ -140,7 +140,8 @@ def test_a_loader_saved_with_the_compile_widget_opens_with_its_values_in_place(c
                           .map(w => [w.name, w.value]))""", loader["id"])
     assert widgets == {"model_name": model, "lora_name": lora, "lora_strength": 0.75, "weight_dtype": "fp16",
                        "placement": "one GPU", "offload_blocks": 12, "kv_cache": "fp8", "memory_cap_gib": 24.5,
-                       "warm_up": "off", "kernels": "auto", "attention": "auto", "fp8_compute": "auto"}
+                       "warm_up": "off", "kernels": "auto", "attention": "auto", "fp8_compute": "auto",
+                       "cuda_graphs": "auto"}
     output = page.js("async () => (await window.app.graphToPrompt()).output")
     inputs = output[str(loader["id"])]["inputs"]
     assert "compile" not in inputs and inputs["memory_cap_gib"] == 24.5 and inputs["kernels"] == "auto"
